@@ -1,0 +1,160 @@
+"""Outer and inner sigma schedules, built from any scheduler.
+
+A *schedule function* maps a step count ``n`` to ``n + 1`` decreasing sigmas ending with 0, the way
+ComfyUI's ``calculate_sigmas(model_sampling, scheduler, n)`` does. Everything here works on such a
+function, so every scheduler and every model sampling (eps, v, flow with its shift) is handled alike.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import NestedDiffusionError
+
+ScheduleFn = Callable[[int], torch.Tensor]
+
+MAX_TOTAL_STEPS = 10000
+
+
+def check_schedule(sigmas: torch.Tensor, what: str = "sigmas") -> None:
+    """Raise unless ``sigmas`` is finite, strictly decreasing and ends with exactly one 0."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise NestedDiffusionError(f"{what} must hold at least two values (a start and a final 0), got {sigmas.numel()}")
+    if not torch.isfinite(sigmas).all():
+        raise NestedDiffusionError(f"{what} must be finite, got {sigmas.tolist()}")
+    if float(sigmas[-1]) != 0.0:
+        raise NestedDiffusionError(f"{what} must end with 0, got {float(sigmas[-1])}")
+    if not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise NestedDiffusionError(f"{what} must be strictly decreasing, got {sigmas.tolist()}")
+
+
+def is_valid_schedule(sigmas: torch.Tensor) -> bool:
+    try:
+        check_schedule(sigmas)
+    except NestedDiffusionError:
+        return False
+    return True
+
+
+def check_steps(value: int, name: str, minimum: int = 1, maximum: int = MAX_TOTAL_STEPS) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise NestedDiffusionError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
+    return value
+
+
+def _sigma_before_tail(schedule_fn: ScheduleFn, total_steps: int, tail_steps: int) -> Optional[float]:
+    """First sigma of the last ``tail_steps`` steps of a ``total_steps`` schedule; None if it can't be built."""
+    try:
+        sigmas = schedule_fn(total_steps)
+    except Exception:  # schedulers have their own resolution limits (ddim_uniform stops at 1000 steps)
+        return None
+    if sigmas.numel() != total_steps + 1:
+        return None
+    return float(sigmas[-(tail_steps + 1)])
+
+
+def _pinned_tail(schedule_fn: ScheduleFn, total_steps: int, tail_steps: int, start_sigma: float) -> Optional[torch.Tensor]:
+    try:
+        sigmas = schedule_fn(total_steps)
+    except Exception:
+        return None
+    tail = sigmas[-(tail_steps + 1):].detach().to(dtype=torch.float32, device="cpu").clone()
+    tail[0] = start_sigma
+    return tail if is_valid_schedule(tail) else None
+
+
+def _closer_first(start_sigma: float, candidates: Sequence[int], values: dict[int, float]) -> list[int]:
+    def log_gap(total: int) -> float:
+        return abs(math.log(max(values[total], 1e-12)) - math.log(start_sigma))
+
+    return sorted(candidates, key=log_gap)
+
+
+def truncated_schedule(schedule_fn: ScheduleFn, steps: int, start_sigma: float, max_total_steps: int = MAX_TOTAL_STEPS) -> torch.Tensor:
+    """The last ``steps`` steps of the scheduler's own schedule, pinned to start exactly at ``start_sigma``.
+
+    This is KSampler's ``denoise`` truncation run backwards: find the schedule length whose tail of
+    ``steps`` steps starts closest to ``start_sigma``, then set its first sigma to exactly that value.
+    It keeps each scheduler's spacing (and a flow model's shift) instead of re-deriving sigmas from
+    timesteps, which for flow models would apply the shift twice and end with two zeros.
+    """
+    check_steps(steps, "steps", maximum=max_total_steps)
+    if not (math.isfinite(start_sigma) and start_sigma > 0):
+        raise NestedDiffusionError(f"start sigma must be a finite number above 0, got {start_sigma}")
+
+    values: dict[int, float] = {}
+
+    def value(total: int) -> Optional[float]:
+        if total not in values:
+            found = _sigma_before_tail(schedule_fn, total, steps)
+            if found is None:
+                return None
+            values[total] = found
+        return values[total]
+
+    first = value(steps)
+    if first is None:
+        raise NestedDiffusionError(f"the scheduler cannot build a schedule of {steps} steps")
+    if first <= start_sigma * (1 + 1e-6):
+        tail = _pinned_tail(schedule_fn, steps, steps, start_sigma)
+        if tail is not None:
+            return tail
+
+    # Exponential then binary search for the first length whose tail starts at or below start_sigma.
+    low, high = steps, None
+    probe = steps * 2
+    while probe <= max_total_steps:
+        found = value(probe)
+        if found is None or found <= start_sigma:
+            high = probe
+            break
+        low = probe
+        probe *= 2
+    if high is None:
+        high = max_total_steps
+    while high - low > 1:
+        middle = (low + high) // 2
+        found = value(middle)
+        if found is None or found <= start_sigma:
+            high = middle
+        else:
+            low = middle
+
+    candidates = [total for total in range(max(steps, low - 2), min(max_total_steps, high + 2) + 1) if value(total) is not None]
+    for total in _closer_first(start_sigma, candidates, values):
+        tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
+        if tail is not None:
+            return tail
+    raise NestedDiffusionError(
+        f"{steps} steps starting at sigma {start_sigma:.6g} is beyond this scheduler's resolution "
+        f"(it cannot place that many distinct sigmas below the start); use fewer steps or another scheduler"
+    )
+
+
+def denoise_start_sigma(schedule_fn: ScheduleFn, total_steps: int, denoise: float) -> Optional[float]:
+    """Where a vanilla KSampler with ``total_steps`` steps and this ``denoise`` starts; None for a full run."""
+    if not (math.isfinite(denoise) and 0.0 < denoise <= 1.0):
+        raise NestedDiffusionError(f"denoise must be above 0 and at most 1, got {denoise}")
+    if denoise > 0.9999:
+        return None
+    full = schedule_fn(int(total_steps / denoise))
+    return float(full[-(total_steps + 1)])
+
+
+def outer_schedule(schedule_fn: ScheduleFn, outer_steps: int, start_sigma: Optional[float] = None) -> torch.Tensor:
+    """``outer_steps`` sigmas and a final 0: the scheduler's ``outer_steps + 1`` steps without the last non-zero sigma.
+
+    The last inner process already ends at 0, so an outer step at the schedule's smallest sigma would
+    spend a whole inner process refining an almost clean image (the paper's reference does the same).
+    """
+    check_steps(outer_steps, "outer_steps")
+    if start_sigma is None:
+        full = schedule_fn(outer_steps + 1).detach().to(dtype=torch.float32, device="cpu")
+    else:
+        full = truncated_schedule(schedule_fn, outer_steps + 1, start_sigma)
+    sigmas = torch.cat([full[:-2], full[-1:]])
+    check_schedule(sigmas, "outer schedule")
+    return sigmas
+

@@ -1,0 +1,60 @@
+"""Inner steps per outer step, and what they cost in model evaluations (NFEs)."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from .errors import NestedDiffusionError
+from .schedules import MAX_TOTAL_STEPS
+
+# Solvers that evaluate the model twice per step, except on a step that ends at sigma 0 (plain Euler there).
+TWO_STAGE_SOLVERS = frozenset({
+    "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "seeds_2",
+})
+THREE_STAGE_SOLVERS = frozenset({"seeds_3"})
+# Solvers whose model calls cannot be known before running: the progress total is then an estimate.
+ADAPTIVE_SOLVERS = frozenset({"dpm_adaptive"})
+
+_LIST_PATTERN = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
+
+
+def parse_step_schedule(text: str, outer_steps: int) -> list[int]:
+    """Parse ``"20,10,5,5"``: one positive inner step count per outer step."""
+    if not _LIST_PATTERN.match(text or ""):
+        raise NestedDiffusionError(
+            f"step_schedule must be a comma-separated list of positive integers such as '20,10,5,5', got {text!r}"
+        )
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if len(counts) != outer_steps:
+        raise NestedDiffusionError(
+            f"step_schedule lists {len(counts)} inner step counts but outer_steps is {outer_steps}: give exactly one per outer step"
+        )
+    for index, count in enumerate(counts):
+        if not 1 <= count <= MAX_TOTAL_STEPS:
+            raise NestedDiffusionError(
+                f"step_schedule entry {index + 1} is {count}: each must be from 1 to {MAX_TOTAL_STEPS}"
+            )
+    return counts
+
+
+def inner_steps_per_outer(outer_steps: int, inner_steps: int, step_schedule: str = "") -> list[int]:
+    """The inner step count of every outer step: ``step_schedule`` if given, else ``inner_steps`` each."""
+    if step_schedule and step_schedule.strip():
+        return parse_step_schedule(step_schedule, outer_steps)
+    return [inner_steps] * outer_steps
+
+
+def nfe_for_inner_process(solver_name: str, steps: int) -> int:
+    """Model evaluations one inner process of ``steps`` steps (ending at sigma 0) costs with this solver."""
+    if solver_name in TWO_STAGE_SOLVERS:
+        return 2 * steps - 1
+    if solver_name in THREE_STAGE_SOLVERS:
+        return 3 * steps - 2
+    if solver_name == "heunpp2":  # 3 evaluations, 2 on the step before last, 1 on the last
+        return max(1, 3 * steps - 3)
+    return steps
+
+
+def total_nfe(solver_name: str, steps_per_outer: Sequence[int]) -> int:
+    return sum(nfe_for_inner_process(solver_name, steps) for steps in steps_per_outer)

@@ -1,0 +1,53 @@
+"""InnerSolverSelect: choose the solver, scheduler and steps of every inner diffusion."""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..nested_core import NestedDiffusionError, parse_step_schedule
+from .sampling import InnerSolverSpec
+
+InnerSolver = io.Custom("NESTED_INNER_SOLVER")
+
+
+def check_step_schedule_text(step_schedule: str) -> None:
+    """Reject malformed text early; whether it matches outer_steps is checked by the sampler."""
+    if step_schedule.strip():
+        entries = len([part for part in step_schedule.split(",") if part.strip()])
+        parse_step_schedule(step_schedule, max(entries, 1))
+
+
+class InnerSolverSelect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InnerSolverSelect",
+            display_name="Inner Solver (nested)",
+            category="sampling/nested",
+            description="The diffusion that runs inside every outer step of a nested sampler. The default, "
+                        "euler_ancestral with eta 0.85, is the paper's DDIM with eta 0.85 in ComfyUI's terms "
+                        "(ComfyUI's 'ddim' is the deterministic eta 0 case).",
+            inputs=[
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+                io.Int.Input("steps", default=10, min=1, max=10000, tooltip="Inner steps per outer step."),
+                io.Float.Input("eta", default=0.85, min=0.0, max=100.0, step=0.01, round=False,
+                               tooltip="Noise of ancestral and SDE solvers (ignored by deterministic ones)."),
+                io.Float.Input("s_noise", default=1.0, min=0.0, max=100.0, step=0.01, round=False,
+                               tooltip="Noise scale of ancestral and SDE solvers."),
+                io.String.Input("step_schedule", default="", optional=True,
+                                tooltip="Inner steps per outer step, e.g. '20,10,5,5'; overrides steps."),
+            ],
+            outputs=[InnerSolver.Output(display_name="inner_solver")],
+        )
+
+    @classmethod
+    def execute(cls, sampler_name, scheduler, steps, eta, s_noise, step_schedule="") -> io.NodeOutput:
+        step_schedule = step_schedule or ""
+        check_step_schedule_text(step_schedule)
+        spec = InnerSolverSpec(sampler_name=sampler_name, scheduler=scheduler, steps=steps, eta=eta,
+                               s_noise=s_noise, step_schedule=step_schedule.strip())
+        return io.NodeOutput(spec)
+
+
+__all__ = ["InnerSolver", "InnerSolverSelect", "NestedDiffusionError"]

@@ -1,0 +1,95 @@
+"""OuterStepPreview: decode a nested sampler's outer_previews and show them, labelled, in the node."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from comfy_api.latest import io, ui
+
+from ..nested_core import NestedDiffusionError
+
+MIN_LABELLED_SIZE = 256
+LABEL_HEIGHT = 28
+
+
+def preview_labels(previews: dict) -> list[str]:
+    """'outer k/K · n NFE' for every image, outer-major, from the metadata NestedKSampler writes."""
+    count = int(previews["samples"].shape[0])
+    outer_steps = int(previews.get("nested_outer_steps") or 0)
+    batch = int(previews.get("nested_batch_size") or 0)
+    nfe = list(previews.get("nested_nfe") or [])
+    if outer_steps <= 0 or batch <= 0 or outer_steps * batch != count:
+        return [f"image {index + 1}" for index in range(count)]
+    labels = []
+    for index in range(count):
+        step = index // batch
+        spent = f" · {nfe[step]} NFE" if step < len(nfe) else ""
+        item = f" · #{index % batch + 1}" if batch > 1 else ""
+        labels.append(f"outer {step + 1}/{outer_steps}{spent}{item}")
+    return labels
+
+
+def _label_font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed bitmap font
+        return ImageFont.load_default()
+
+
+def labelled_image(image: torch.Tensor, label: str) -> Image.Image:
+    """The image enlarged (nearest) to at least MIN_LABELLED_SIZE wide, with its label on a bar beneath."""
+    pixels = Image.fromarray(np.clip(image.cpu().numpy() * 255.0, 0, 255).astype(np.uint8))
+    scale = max(1, -(-MIN_LABELLED_SIZE // pixels.width))
+    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (pixels.width, pixels.height + LABEL_HEIGHT), (20, 20, 20))
+    canvas.paste(pixels.convert("RGB"), (0, 0))
+    ImageDraw.Draw(canvas).text((6, pixels.height + 5), label, fill=(235, 235, 235), font=_label_font(16))
+    return canvas
+
+
+def to_image_batch(images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0) for image in images])
+
+
+def check_previews_for_vae(previews: dict, vae) -> None:
+    samples = previews.get("samples") if isinstance(previews, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] == 0:
+        raise NestedDiffusionError("previews must be the outer_previews output of a nested sampler (it holds no images)")
+    expected = getattr(vae, "latent_channels", None)
+    if expected is not None and samples.shape[1] != expected:
+        raise NestedDiffusionError(
+            f"previews have {samples.shape[1]} latent channels but this vae decodes {expected}-channel latents: "
+            f"connect the VAE that matches the sampler's model"
+        )
+
+
+class OuterStepPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OuterStepPreview",
+            display_name="Outer Step Preview (nested)",
+            category="sampling/nested",
+            description="Decodes the inner result of every outer step and shows them, labelled with the outer step "
+                        "and the NFEs spent so far.",
+            inputs=[
+                io.Latent.Input("previews", tooltip="The outer_previews output of a nested sampler."),
+                io.Vae.Input("vae"),
+            ],
+            outputs=[io.Image.Output(display_name="images")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, previews, vae) -> io.NodeOutput:
+        check_previews_for_vae(previews, vae)
+        images = vae.decode(previews["samples"])
+        if images.ndim == 5:  # video VAEs decode to [batch, frames, H, W, C]
+            images = images.reshape(-1, *images.shape[-3:])
+        labels = preview_labels(previews)
+        if len(labels) != images.shape[0]:
+            labels = [f"image {index + 1}" for index in range(images.shape[0])]
+        shown = to_image_batch([labelled_image(image, label) for image, label in zip(images, labels)])
+        preview = ui.PreviewImage(shown, cls=cls)
+        return io.NodeOutput(images, ui={**preview.as_dict(), "nested_labels": labels})

@@ -1,0 +1,261 @@
+"""ComfyUI glue for nested sampling: solvers, schedules, progress, previews and events.
+
+Everything model-specific comes from ComfyUI itself (``sampler_object``, ``calculate_sigmas``,
+``latent_preview``, ``ProgressBar``, ``PromptServer``); the algorithm lives in ``nested_core``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..nested_core import (
+    ADAPTIVE_SOLVERS,
+    NestedDiffusionError,
+    denoise_start_sigma,
+    inner_steps_per_outer,
+    outer_schedule,
+    sample_nested,
+    total_nfe,
+    truncated_schedule,
+)
+
+OUTER_STEP_EVENT = "nested_diffusion.outer_step"
+PREVIEW_FORMAT = "JPEG"
+
+
+@dataclass(frozen=True)
+class InnerSolverSpec:
+    """What runs inside every outer step (the NESTED_INNER_SOLVER value passed between nodes)."""
+
+    sampler_name: str
+    scheduler: str
+    steps: int
+    eta: Optional[float] = None
+    s_noise: Optional[float] = None
+    step_schedule: str = ""
+
+    def steps_per_outer(self, outer_steps: int) -> list[int]:
+        return inner_steps_per_outer(outer_steps, self.steps, self.step_schedule)
+
+
+def check_solver_names(spec: InnerSolverSpec) -> None:
+    if spec.sampler_name not in comfy.samplers.SAMPLER_NAMES:
+        raise NestedDiffusionError(f"sampler_name {spec.sampler_name!r} is not one of ComfyUI's samplers: {', '.join(comfy.samplers.SAMPLER_NAMES)}")
+    if spec.scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise NestedDiffusionError(f"scheduler {spec.scheduler!r} is not one of ComfyUI's schedulers: {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+
+
+def schedule_function(model_sampling: Any, scheduler: str, sampler_name: Optional[str] = None) -> Callable[[int], torch.Tensor]:
+    """Step count -> sigmas, exactly as KSampler builds them for this scheduler (and sampler)."""
+    discard_penultimate = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+
+    def sigmas_for(steps: int) -> torch.Tensor:
+        if discard_penultimate:
+            sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
+            return torch.cat([sigmas[:-2], sigmas[-1:]]).cpu()
+        return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
+
+    return sigmas_for
+
+
+def inner_solver_function(spec: InnerSolverSpec) -> tuple[Callable[..., torch.Tensor], dict]:
+    """ComfyUI's own solver for ``sampler_name``, with eta / s_noise bound where it takes them."""
+    sampler = comfy.samplers.sampler_object(spec.sampler_name)
+    options = dict(sampler.extra_options)
+    accepted = inspect.signature(sampler.sampler_function).parameters
+    for name in ("eta", "s_noise"):
+        value = getattr(spec, name)
+        if value is not None and name in accepted:
+            options[name] = value
+    return functools.partial(sampler.sampler_function, **options), dict(sampler.inpaint_options)
+
+
+def is_flow_model(model_sampling: Any) -> bool:
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+@dataclass
+class NestedPlan:
+    """Everything one nested run needs, resolved and checked before any model call."""
+
+    outer_sigmas: torch.Tensor
+    steps_per_outer: list[int]
+    nfe_total: int
+    nfe_exact: bool
+    inner_schedule: Callable[[int, float], torch.Tensor]
+    solver: Callable[..., torch.Tensor]
+    inpaint_options: dict
+    flow: bool
+    inner_sigmas: list[torch.Tensor] = field(default_factory=list)
+
+
+def plan_nested_run(model: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: str, denoise: float = 1.0,
+                    outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
+    """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input."""
+    check_solver_names(spec)
+    model_sampling = model.get_model_object("model_sampling")
+    steps = spec.steps_per_outer(outer_steps)
+    inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
+    if outer_sigmas is None:
+        start = denoise_start_sigma(inner_fn, sum(steps), denoise)
+        if start is None:
+            start = float(inner_fn(steps[0])[0])
+        outer_sigmas = outer_schedule(schedule_function(model_sampling, outer_scheduler), outer_steps, start)
+    inner_sigmas = [truncated_schedule(inner_fn, steps[k], float(outer_sigmas[k])) for k in range(len(outer_sigmas) - 1)]
+    solver, inpaint_options = inner_solver_function(spec)
+    return NestedPlan(
+        outer_sigmas=outer_sigmas,
+        steps_per_outer=steps,
+        nfe_total=total_nfe(spec.sampler_name, steps),
+        nfe_exact=spec.sampler_name not in ADAPTIVE_SOLVERS,
+        inner_schedule=lambda index, sigma: inner_sigmas[index],
+        solver=solver,
+        inpaint_options=inpaint_options,
+        flow=is_flow_model(model_sampling),
+        inner_sigmas=inner_sigmas,
+    )
+
+
+def send_to_prompt_client(event: str, data: dict) -> None:
+    """Send a websocket event to the client that queued the running prompt (as ComfyUI's progress does)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(event, data, server.client_id)
+
+
+def executing_prompt_id() -> Optional[str]:
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return context.prompt_id if context is not None else None
+
+
+class NestedRunReporter:
+    """One progress bar per node run, counted in NFEs; a preview and an event after every inner process."""
+
+    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan):
+        self.node_id = node_id
+        self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
+        self.outer_steps = len(self.outer_sigmas) - 1
+        self.nfe_total = max(plan.nfe_total, 1)
+        self.nfe_done = 0
+        self.progress = comfy.utils.ProgressBar(self.nfe_total)
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        self.inner_results: list[torch.Tensor] = []
+        self.nfe_at_outer_step: list[int] = []
+        self.sigma_at_outer_step: list[float] = []
+
+    def on_model_call(self, calls: int) -> None:
+        self.nfe_done = calls
+        if calls > self.nfe_total:  # adaptive solvers can only be estimated beforehand
+            self.nfe_total = calls
+        self.progress.update_absolute(calls, self.nfe_total)
+
+    def on_outer_step(self, index: int, x0: torch.Tensor, sigma: float) -> None:
+        self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
+        self.nfe_at_outer_step.append(self.nfe_done)
+        self.sigma_at_outer_step.append(sigma)
+        self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
+        send_to_prompt_client(OUTER_STEP_EVENT, {
+            "node": self.node_id,
+            "prompt_id": executing_prompt_id(),
+            "outer_step": index + 1,
+            "outer_steps": self.outer_steps,
+            "nfe": self.nfe_done,
+            "nfe_total": self.nfe_total,
+            "sigma": sigma,
+        })
+
+    def preview_bytes(self, x0: torch.Tensor):
+        if self.previewer is None:
+            return None
+        try:
+            return self.previewer.decode_latent_to_preview_image(PREVIEW_FORMAT, x0)
+        except Exception as error:  # a preview must never fail the run
+            logging.warning("nested diffusion: preview failed: %s", error)
+            return None
+
+    def ksampler_callback(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        """The ``callback(step, x0, x, total_steps)`` KSAMPLER calls once per outer step."""
+        self.on_outer_step(step, x0, self.outer_sigmas[step])
+
+
+def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 1.0,
+                           on_model_call: Optional[Callable[[int], None]] = None,
+                           stop_after: Optional[Callable[[int, int], bool]] = None) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI SAMPLER whose sampler function is the nested outer loop."""
+    options = {
+        "inner_solver": plan.solver,
+        "inner_schedule": plan.inner_schedule,
+        "outer_eta": outer_eta,
+        "outer_s_noise": s_noise,
+        "flow": plan.flow,
+        "on_model_call": on_model_call,
+        "stop_after": stop_after,
+    }
+    return comfy.samplers.KSAMPLER(sample_nested, extra_options=options, inpaint_options=plan.inpaint_options)
+
+
+def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
+    """All inner results, outer-major, with what a downstream node needs to label them."""
+    batch = reporter.inner_results[0].shape[0] if reporter.inner_results else 0
+    samples = torch.cat([model.model.process_latent_out(x0) for x0 in reporter.inner_results]) if reporter.inner_results else torch.zeros(0)
+    return {
+        "samples": samples,
+        "nested_outer_steps": len(reporter.inner_results),
+        "nested_batch_size": batch,
+        "nested_nfe": list(reporter.nfe_at_outer_step),
+        "nested_nfe_total": reporter.nfe_total,
+        "nested_sigmas": list(reporter.sigma_at_outer_step),
+    }
+
+
+def check_latent(model: Any, latent_image: torch.Tensor) -> None:
+    """Refuse latents the model cannot denoise, before any model call."""
+    expected = model.get_model_object("latent_format").latent_channels
+    if not latent_image.is_nested and latent_image.ndim >= 2 and latent_image.shape[1] != expected:
+        raise NestedDiffusionError(
+            f"latent_image has {latent_image.shape[1]} channels but this model works on {expected}-channel latents: "
+            f"use an empty latent or a VAE that matches the model"
+        )
+    if not latent_image.is_nested and not bool(torch.isfinite(latent_image).all()):
+        raise NestedDiffusionError("latent_image contains NaN or Inf values: it must be finite")
+
+
+def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, latent: dict, plan: NestedPlan,
+                        outer_eta: float, node_id: Optional[str], add_noise: bool = True) -> tuple[dict, dict]:
+    """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews)."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
+    check_latent(model, latent_image)
+    if add_noise:
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    else:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+    reporter = NestedRunReporter(model, node_id, plan)
+    sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call)
+    samples = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent_image,
+        noise_mask=latent.get("noise_mask"), callback=reporter.ksampler_callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )
+    out = latent.copy()
+    out["samples"] = samples
+    return out, outer_previews_latent(reporter, model)

@@ -1,0 +1,54 @@
+"""Helpers for tests that run inside ComfyUI on the exact exemplar-mixture model."""
+from __future__ import annotations
+
+import torch
+
+SPREAD = 0.05
+IMAGE_SIZE = 32
+
+
+def exemplar_setup(pack, prediction: str, shift: float = 1.0):
+    """(model, conditioning, exemplars) for one model family."""
+    from comfyui_nested_diffusion.nested_core.exemplars import default_exemplars
+    from comfyui_nested_diffusion.nodes.exemplar_model import build_exemplar_model, empty_conditioning
+
+    exemplars = default_exemplars(IMAGE_SIZE)
+    model = build_exemplar_model(exemplars, SPREAD, prediction, shift=shift)
+    return model, empty_conditioning(), exemplars
+
+
+def empty_latent(batch: int) -> dict:
+    return {"samples": torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE)}
+
+
+def ksampler(model, cond, latent, seed, steps, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0,
+             x0_at_step=None):
+    """ComfyUI's own KSampler path; optionally also returns its x0 prediction after step ``x0_at_step``."""
+    import comfy.sample
+    import latent_preview  # noqa: F401
+    import nodes
+
+    if x0_at_step is None:
+        return nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, cond, cond, latent, denoise=denoise)[0]["samples"]
+    captured = {}
+
+    def callback(step, x0, x, total):
+        if step == x0_at_step:
+            captured["x0"] = model.model.process_latent_out(x0.cpu().clone())
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, cond, cond, latent_image,
+                              denoise=denoise, callback=callback, disable_pbar=True, seed=seed)
+    return out, captured["x0"]
+
+
+def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, sampler_name="euler",
+           scheduler="normal", denoise=1.0, inner_solver=None, outer_eta=0.0):
+    """NestedKSampler's own code path; returns (samples LATENT, outer_previews LATENT)."""
+    from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
+    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
+
+    spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
+    plan = plan_nested_run(model, spec, outer_steps, scheduler, denoise)
+    return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test")
