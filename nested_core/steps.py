@@ -7,10 +7,11 @@ from typing import Sequence
 from .errors import NestedDiffusionError
 from .schedules import MAX_TOTAL_STEPS
 
-# Solvers that evaluate the model twice per step, except on a step that ends at sigma 0 (plain Euler there).
+# Solvers that evaluate the model twice per step, except on the step that ends at sigma 0 (plain Euler, or
+# for sa_solver_pece no corrector evaluation there). Checked against counted model calls in the tests.
 TWO_STAGE_SOLVERS = frozenset({
     "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "seeds_2",
+    "dpmpp_sde", "dpmpp_sde_gpu", "seeds_2", "sa_solver_pece",
 })
 THREE_STAGE_SOLVERS = frozenset({"seeds_3"})
 # Solvers whose model calls cannot be known before running: the progress total is then an estimate.

@@ -1,0 +1,51 @@
+"""Every ComfyUI sampler as the inner solver: model calls counted by ComfyUI's own wrapper equal the NFEs
+the node plans and reports, and every inner result lands on the data manifold."""
+import pytest
+
+from comfy_helpers import SPREAD, empty_latent, exemplar_setup, nested
+
+
+def all_sampler_names():
+    from conftest import import_comfy
+
+    import_comfy()
+    import comfy.samplers
+
+    return list(comfy.samplers.SAMPLER_NAMES)
+
+
+@pytest.fixture(scope="module")
+def eps_family(pack):
+    return exemplar_setup(pack, "eps")
+
+
+def counting_clone(model):
+    """A clone of the MODEL whose every diffusion-model evaluation is counted (ComfyUI's unet wrapper)."""
+    calls = {"n": 0}
+
+    def wrapper(apply_model, args):
+        calls["n"] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone, calls
+
+
+@pytest.mark.parametrize("sampler_name", all_sampler_names())
+def test_counted_model_calls_equal_reported_and_planned_nfes(eps_family, pack, sampler_name):
+    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
+    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+
+    model, cond, exemplars = eps_family
+    counted, calls = counting_clone(model)
+    outer, inner = 3, 8
+    plan = plan_nested_run(counted, solver_spec(sampler_name, "karras", inner), outer, "karras")
+    _, previews = nested(pack, counted, cond, empty_latent(1), seed=1, outer_steps=outer, inner_steps=inner,
+                         sampler_name=sampler_name, scheduler="karras")
+    assert previews["nested_nfe"][-1] == calls["n"]
+    if plan.nfe_exact:
+        assert plan.nfe_total == calls["n"], f"{sampler_name}: planned {plan.nfe_total}, counted {calls['n']}"
+    distances, _ = manifold_distance(previews["samples"], exemplars)
+    assert float(distances.max()) <= 3 * SPREAD, f"{sampler_name}: {distances.tolist()}"
