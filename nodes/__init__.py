@@ -1,16 +1,15 @@
 """ComfyUI adapters: thin V3 nodes over ``nested_core``."""
 from __future__ import annotations
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    from .nested_ksampler import NestedKSampler
-    from .inner_solver import InnerSolverSelect
-    from .outer_preview import OuterStepPreview
     from .exemplar_model import NestedExemplarModel
+    from .inner_solver import InnerSolverSelect
+    from .nested_ksampler import NestedKSampler
+    from .outer_preview import OuterStepPreview
 
     return [NestedKSampler, InnerSolverSelect, OuterStepPreview, NestedExemplarModel]
 

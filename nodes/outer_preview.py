@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-
 from comfy_api.latest import io, ui
+from PIL import Image, ImageDraw, ImageFont
 
 from ..nested_core import NestedDiffusionError
 

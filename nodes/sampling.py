@@ -11,14 +11,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
-
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 
 from ..nested_core import (
     ADAPTIVE_SOLVERS,

@@ -26,6 +26,7 @@ def ksampler(model, cond, latent, seed, steps, cfg=1.0, sampler_name="euler", sc
     """ComfyUI's own KSampler path; optionally also returns its x0 prediction after step ``x0_at_step``."""
     import comfy.sample
     import latent_preview  # noqa: F401
+
     import nodes
 
     if x0_at_step is None:

@@ -42,8 +42,8 @@ def import_comfy() -> Path:
         module = sys.modules.get(name)
         if module is not None and not str(getattr(module, "__file__", "") or "").startswith(str(path)):
             del sys.modules[name]
-    import torch
     import comfy.cli_args
+    import torch
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True  # what `main.py --cpu` does, before the device is chosen

@@ -1,7 +1,6 @@
 """Every ComfyUI sampler as the inner solver: model calls counted by ComfyUI's own wrapper equal the NFEs
 the node plans and reports, and every inner result lands on the data manifold."""
 import pytest
-
 from comfy_helpers import SPREAD, empty_latent, exemplar_setup, nested
 
 

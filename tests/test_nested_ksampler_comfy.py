@@ -1,7 +1,6 @@
 """NestedKSampler inside a real ComfyUI, on the exact exemplar-mixture model (eps, v-prediction, flow)."""
 import pytest
 import torch
-
 from comfy_helpers import SPREAD, empty_latent, exemplar_setup, ksampler, nested
 
 PREDICTIONS = ["eps", "v_prediction", "flow"]
@@ -87,8 +86,8 @@ def test_one_outer_step_with_denoise_is_exactly_ksampler_img2img(family, pack):
 
 
 def test_one_inner_step_is_euler_over_the_outer_schedule(family, pack):
-    import comfy.samplers
     import comfy.sample
+    import comfy.samplers
     from comfyui_nested_diffusion.nested_core import outer_schedule
     from comfyui_nested_diffusion.nodes.sampling import schedule_function
 
