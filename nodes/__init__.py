@@ -9,9 +9,10 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from .exemplar_model import NestedExemplarModel
     from .inner_solver import InnerSolverSelect
     from .nested_ksampler import NestedKSampler
+    from .nested_sampler import NestedSampler
     from .outer_preview import OuterStepPreview
 
-    return [NestedKSampler, InnerSolverSelect, OuterStepPreview, NestedExemplarModel]
+    return [NestedKSampler, NestedSampler, InnerSolverSelect, OuterStepPreview, NestedExemplarModel]
 
 
 class NestedDiffusionExtension(ComfyExtension):

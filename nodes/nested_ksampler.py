@@ -58,7 +58,7 @@ class NestedKSampler(io.ComfyNode):
     def execute(cls, model, seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, inner_solver=None, outer_eta=0.0) -> io.NodeOutput:
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
-        plan = plan_nested_run(model, spec, outer_steps, scheduler, denoise)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
         samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan,
                                                 outer_eta, cls.hidden.unique_id)
         return io.NodeOutput(samples, previews)

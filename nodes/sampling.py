@@ -100,11 +100,32 @@ class NestedPlan:
     inner_sigmas: list[torch.Tensor] = field(default_factory=list)
 
 
-def plan_nested_run(model: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: str, denoise: float = 1.0,
-                    outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
-    """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input."""
+def outer_sigmas_from(sigmas: torch.Tensor) -> torch.Tensor:
+    """Connected SIGMAS as outer steps, read the way NestedKSampler builds its own schedule.
+
+    A schedule that ends at 0 loses its last non-zero sigma (the scheduler's floor, where no inner
+    diffusion can run; the last inner process ends at 0 anyway), so BasicScheduler with N + 1 steps
+    gives N outer steps. A schedule that ends above 0 (the first half of SplitSigmas) is kept whole
+    and the result is the noisy outer state at its last sigma.
+    """
+    sigmas = sigmas.detach().to(dtype=torch.float32, device="cpu").flatten()
+    if sigmas.numel() < 2 or not bool(torch.isfinite(sigmas).all()) or float(sigmas[-1]) < 0:
+        raise NestedDiffusionError(f"sigmas must hold at least 2 finite values >= 0 (one outer step), got {sigmas.tolist()}")
+    if not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise NestedDiffusionError(f"sigmas must be strictly decreasing to be used as outer steps, got {sigmas.tolist()}")
+    if float(sigmas[-1]) == 0.0 and sigmas.numel() >= 3:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas
+
+
+def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: Optional[str] = None,
+                    denoise: float = 1.0, outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
+    """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input.
+
+    The outer schedule is ``outer_scheduler``'s (with KSampler's ``denoise`` start), or ``outer_sigmas``
+    as given (already checked by ``outer_sigmas_from``).
+    """
     check_solver_names(spec)
-    model_sampling = model.get_model_object("model_sampling")
     steps = spec.steps_per_outer(outer_steps)
     inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
     if outer_sigmas is None:
@@ -138,26 +159,36 @@ def send_to_prompt_client(event: str, data: dict) -> None:
         server.send_sync(event, data, server.client_id)
 
 
-def executing_prompt_id() -> Optional[str]:
+def _executing_context():
     try:
         from comfy_execution.utils import get_executing_context
-    except ImportError:
+    except ImportError:  # ComfyUI releases before the execution context existed
         return None
-    context = get_executing_context()
+    return get_executing_context()
+
+
+def executing_prompt_id() -> Optional[str]:
+    context = _executing_context()
     return context.prompt_id if context is not None else None
+
+
+def executing_node_id() -> Optional[str]:
+    context = _executing_context()
+    return context.node_id if context is not None else None
 
 
 class NestedRunReporter:
     """One progress bar per node run, counted in NFEs; a preview and an event after every inner process."""
 
-    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan):
+    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True):
         self.node_id = node_id
         self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
         self.outer_steps = len(self.outer_sigmas) - 1
         self.nfe_total = max(plan.nfe_total, 1)
         self.nfe_done = 0
-        self.progress = comfy.utils.ProgressBar(self.nfe_total)
-        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
+        self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format) if own_progress_bar else None
         self.inner_results: list[torch.Tensor] = []
         self.nfe_at_outer_step: list[int] = []
         self.sigma_at_outer_step: list[float] = []
@@ -166,13 +197,17 @@ class NestedRunReporter:
         self.nfe_done = calls
         if calls > self.nfe_total:  # adaptive solvers can only be estimated beforehand
             self.nfe_total = calls
-        self.progress.update_absolute(calls, self.nfe_total)
+        if self.progress is not None:
+            self.progress.update_absolute(calls, self.nfe_total)  # its hook also honours Cancel
+        else:
+            comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_outer_step(self, index: int, x0: torch.Tensor, sigma: float) -> None:
         self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
         self.nfe_at_outer_step.append(self.nfe_done)
         self.sigma_at_outer_step.append(sigma)
-        self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
+        if self.progress is not None:
+            self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
         send_to_prompt_client(OUTER_STEP_EVENT, {
             "node": self.node_id,
             "prompt_id": executing_prompt_id(),
@@ -258,3 +293,25 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
     out = latent.copy()
     out["samples"] = samples
     return out, outer_previews_latent(reporter, model)
+
+
+class NestedSamplerObject(comfy.samplers.KSAMPLER):
+    """The SAMPLER NestedSampler outputs: the connected SIGMAS are the outer steps, the guider guides every inner step."""
+
+    def __init__(self, spec: InnerSolverSpec, outer_eta: float):
+        super().__init__(sample_nested)
+        self.spec = spec
+        self.outer_eta = outer_eta
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        outer_sigmas = outer_sigmas_from(sigmas)
+        plan = plan_nested_run(model_wrap.inner_model.model_sampling, self.spec, len(outer_sigmas) - 1, outer_sigmas=outer_sigmas)
+        reporter = NestedRunReporter(model_wrap.model_patcher, executing_node_id(), plan, own_progress_bar=False)
+
+        def outer_callback(step, x0, x, total_steps):
+            reporter.ksampler_callback(step, x0, x, total_steps)
+            if callback is not None:
+                callback(step, x0, x, total_steps)
+
+        sampler = nested_ksampler_object(plan, self.outer_eta, on_model_call=reporter.on_model_call)
+        return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise, latent_image, denoise_mask, disable_pbar)

@@ -51,5 +51,5 @@ def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, s
     from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
 
     spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
-    plan = plan_nested_run(model, spec, outer_steps, scheduler, denoise)
+    plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
     return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test")

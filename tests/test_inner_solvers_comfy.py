@@ -40,7 +40,7 @@ def test_counted_model_calls_equal_reported_and_planned_nfes(eps_family, pack, s
     model, cond, exemplars = eps_family
     counted, calls = counting_clone(model)
     outer, inner = 3, 8
-    plan = plan_nested_run(counted, solver_spec(sampler_name, "karras", inner), outer, "karras")
+    plan = plan_nested_run(counted.get_model_object("model_sampling"), solver_spec(sampler_name, "karras", inner), outer, "karras")
     _, previews = nested(pack, counted, cond, empty_latent(1), seed=1, outer_steps=outer, inner_steps=inner,
                          sampler_name=sampler_name, scheduler="karras")
     assert previews["nested_nfe"][-1] == calls["n"]
