@@ -1,7 +1,9 @@
 """Every ComfyUI sampler as the inner solver: model calls counted by ComfyUI's own wrapper equal the NFEs
 the node plans and reports, and every inner result lands on the data manifold."""
 import pytest
-from comfy_helpers import SPREAD, empty_latent, exemplar_setup, nested
+from comfy_helpers import SPREAD, empty_latent, exemplar_setup, ksampler, nested
+
+STOP_AT_SIGMA_MIN = {"dpm_fast", "dpm_adaptive"}
 
 
 def all_sampler_names():
@@ -47,4 +49,10 @@ def test_counted_model_calls_equal_reported_and_planned_nfes(eps_family, pack, s
     if plan.nfe_exact:
         assert plan.nfe_total == calls["n"], f"{sampler_name}: planned {plan.nfe_total}, counted {calls['n']}"
     distances, _ = manifold_distance(previews["samples"], exemplars)
-    assert float(distances.max()) <= 3 * SPREAD, f"{sampler_name}: {distances.tolist()}"
+    if sampler_name in STOP_AT_SIGMA_MIN:
+        # These stop at the schedule's smallest sigma, keeping its noise, in KSampler too: match vanilla.
+        vanilla = ksampler(model, cond, empty_latent(1), seed=1, steps=inner, sampler_name=sampler_name, scheduler="karras")
+        vanilla_distance, _ = manifold_distance(vanilla, exemplars)
+        assert float(distances.max()) <= 1.5 * float(vanilla_distance.max()), f"{sampler_name}: {distances.tolist()}"
+    else:
+        assert float(distances.max()) <= 3 * SPREAD, f"{sampler_name}: {distances.tolist()}"

@@ -25,7 +25,7 @@ def manifold_distance(images, exemplars):
 
 def test_nfes_equal_outer_times_inner_and_previews_are_on_the_manifold(family, pack):
     prediction, model, cond, exemplars = family
-    outer, inner, batch = 4, 6, 8
+    outer, inner, batch = 4, 8, 8
     samples, previews = nested(pack, model, cond, empty_latent(batch), seed=3, outer_steps=outer, inner_steps=inner,
                                sampler_name="euler", scheduler=scheduler_for(prediction))
     assert previews["nested_nfe"] == [inner * (k + 1) for k in range(outer)]
@@ -39,7 +39,7 @@ def test_nfes_equal_outer_times_inner_and_previews_are_on_the_manifold(family, p
 
 def test_vanilla_x0_at_the_first_outer_boundary_is_off_the_manifold(family, pack):
     prediction, model, cond, exemplars = family
-    outer, inner, batch = 4, 6, 8
+    outer, inner, batch = 4, 8, 8
     _, vanilla_x0 = ksampler(model, cond, empty_latent(batch), seed=3, steps=outer * inner, sampler_name="euler",
                              scheduler=scheduler_for(prediction), x0_at_step=inner - 1)
     _, previews = nested(pack, model, cond, empty_latent(batch), seed=3, outer_steps=outer, inner_steps=inner,
@@ -54,7 +54,7 @@ def test_final_images_as_good_and_as_diverse_as_ksampler(family, pack):
     from comfyui_nested_diffusion.nested_core.exemplars import distinct_exemplars
 
     prediction, model, cond, exemplars = family
-    outer, inner, batch = 4, 6, 16
+    outer, inner, batch = 4, 8, 16
     vanilla = ksampler(model, cond, empty_latent(batch), seed=11, steps=outer * inner, scheduler=scheduler_for(prediction))
     samples, _ = nested(pack, model, cond, empty_latent(batch), seed=11, outer_steps=outer, inner_steps=inner,
                         scheduler=scheduler_for(prediction))
