@@ -1,0 +1,307 @@
+"""The pack in a real ComfyUI server, driven over HTTP + websocket like any API user would.
+
+One server (CPU, previews on) is started for the whole file by tools/comfy_server.py and driven with
+tools/comfy_api_client.py. The model is the pack's exact exemplar-mixture model (no weights needed),
+decoded with ComfyUI's built-in 'pixel_space' VAE, so every run takes well under a second.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+
+import pytest
+
+pytest.importorskip("requests")
+pytest.importorskip("websocket")
+Image = pytest.importorskip("PIL.Image")
+
+from tools.comfy_api_client import (  # noqa: E402
+    ComfyAPIClient,
+    ExecutionError,
+    ExecutionInterrupted,
+    PromptValidationError,
+)
+from tools.comfy_server import ComfyServer  # noqa: E402
+
+OUTER, INNER, BATCH, SIZE = 4, 5, 2, 32
+SAMPLER = "3"  # node ids of nested_prompt()
+SAVE = "6"
+PREVIEW = "7"
+OUTER_STEP_EVENT = "nested_diffusion.outer_step"
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """One real ComfyUI server with this pack installed, shared by every test of the session."""
+    with ComfyServer(startup_timeout=120) as server:
+        yield server
+
+
+@pytest.fixture
+def client(comfy_server):
+    with ComfyAPIClient(comfy_server.url) as api:
+        yield api
+
+
+def widget_defaults(node_info: dict) -> dict:
+    """The default of every required widget input (INT, FLOAT, STRING, BOOLEAN, COMBO) of one node."""
+    defaults = {}
+    for name, spec in node_info["input"]["required"].items():
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list):  # V1 combo: the list of choices
+            defaults[name] = options.get("default", kind[0])
+        elif kind == "COMBO":
+            defaults[name] = options.get("default", options["options"][0])
+        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in options:
+            defaults[name] = options["default"]
+    return defaults
+
+
+@pytest.fixture(scope="session")
+def exemplar_defaults(comfy_server) -> dict:
+    """NestedExemplarModel's widget defaults as the server reports them (the node may gain inputs)."""
+    with ComfyAPIClient(comfy_server.url) as api:
+        return widget_defaults(api.object_info("NestedExemplarModel")["NestedExemplarModel"])
+
+
+def nested_prompt(seed: int, *, outer_steps: int = OUTER, inner_steps: int = INNER, prefix: str = "nested_api",
+                  step_schedule: str | None = None, exemplar_defaults: dict | None = None) -> dict:
+    """Exemplar model -> NestedKSampler -> VAEDecode(pixel_space) -> SaveImage, plus OuterStepPreview.
+
+    ComfyUI caches node outputs between prompts: give every prompt that must really sample its own seed.
+    """
+    prompt = {
+        "1": {"class_type": "NestedExemplarModel",
+              "inputs": {**(exemplar_defaults or {}),
+                         "prediction": "eps", "spread": 0.05, "image_size": SIZE, "shift": 1.0}},
+        "2": {"class_type": "EmptyChromaRadianceLatentImage",
+              "inputs": {"width": SIZE, "height": SIZE, "batch_size": BATCH}},
+        SAMPLER: {"class_type": "NestedKSampler",
+                  "inputs": {"model": ["1", 0], "seed": seed, "outer_steps": outer_steps, "inner_steps": inner_steps,
+                             "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                             "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0], "denoise": 1.0}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": [SAMPLER, 0], "vae": ["4", 0]}},
+        SAVE: {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}},
+        PREVIEW: {"class_type": "OuterStepPreview", "inputs": {"previews": [SAMPLER, 1], "vae": ["4", 0]}},
+    }
+    if step_schedule is not None:
+        prompt["8"] = {"class_type": "InnerSolverSelect",
+                       "inputs": {"sampler_name": "euler", "scheduler": "normal", "steps": inner_steps, "eta": 0.85,
+                                  "s_noise": 1.0, "step_schedule": step_schedule}}
+        prompt[SAMPLER]["inputs"]["inner_solver"] = ["8", 0]
+    return prompt
+
+
+def of_type(events: list[dict], kind: str, node: str | None = None) -> list[dict]:
+    return [e for e in events if e["type"] == kind and (node is None or e["data"].get("node") == node)]
+
+
+def decode(image_bytes: bytes):
+    image = Image.open(io.BytesIO(image_bytes))
+    image.load()
+    return image
+
+
+def mean_abs_difference(a, b) -> float:
+    """Mean absolute difference of two same-size RGB images, in 0..255 units."""
+    return sum(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes())) / len(a.tobytes())
+
+
+def check_outer_step_events(events: list[dict], prompt_id: str) -> list[dict]:
+    steps = of_type(events, OUTER_STEP_EVENT, SAMPLER)
+    assert [e["data"]["outer_step"] for e in steps] == list(range(1, OUTER + 1))
+    assert [e["data"]["nfe"] for e in steps] == [INNER * k for k in range(1, OUTER + 1)]
+    assert {e["data"]["outer_steps"] for e in steps} == {OUTER}
+    assert {e["data"]["nfe_total"] for e in steps} == {OUTER * INNER}
+    assert {e["data"]["prompt_id"] for e in steps} == {prompt_id}
+    sigmas = [e["data"]["sigma"] for e in steps]
+    assert all(a > b > 0 for a, b in zip(sigmas, sigmas[1:])), sigmas
+    return steps
+
+
+def previews_per_outer_step(events: list[dict]) -> list[list[dict]]:
+    """The binary previews of the sampler node, grouped by the outer-step event that follows them
+    (the node sends its inner result as a preview, then the event)."""
+    groups: list[list[dict]] = [[]]
+    for event in events:
+        if event["type"] == "preview_image" and event["data"]["node"] == SAMPLER:
+            groups[-1].append(event)
+        elif event["type"] == OUTER_STEP_EVENT and event["data"].get("node") == SAMPLER:
+            groups.append([])
+    return groups
+
+
+def test_nodes_are_registered_with_their_schema(client):
+    info = client.object_info()
+    expected = {
+        "NestedKSampler": "Nested KSampler (anytime)",
+        "InnerSolverSelect": "Inner Solver (nested)",
+        "OuterStepPreview": "Outer Step Preview (nested)",
+    }
+    for node, display_name in expected.items():
+        assert node in info, f"{node} missing from /object_info"
+        assert info[node]["display_name"] == display_name
+        assert info[node]["category"] == "sampling/nested"
+    assert "NestedExemplarModel" in info
+
+    sampler = info["NestedKSampler"]
+    assert sampler["input_order"]["required"] == [
+        "model", "seed", "outer_steps", "inner_steps", "cfg", "sampler_name", "scheduler",
+        "positive", "negative", "latent_image", "denoise",
+    ]
+    assert list(sampler["input"]["required"]) == sampler["input_order"]["required"]
+    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta"]
+    assert sampler["input"]["optional"]["inner_solver"][0] == "NESTED_INNER_SOLVER"
+    assert sampler["output"] == ["LATENT", "LATENT"]
+    assert sampler["output_name"] == ["samples", "outer_previews"]
+    assert info["OuterStepPreview"]["output_node"] is True
+
+    def options(node: str, name: str) -> list:
+        spec = info[node]["input"]["required"][name]
+        return spec[1]["options"] if spec[0] == "COMBO" else spec[0]  # V3 combo, or a V1 list
+
+    assert options("NestedKSampler", "sampler_name") == options("KSampler", "sampler_name")
+    assert options("NestedKSampler", "scheduler") == options("KSampler", "scheduler")
+    assert options("InnerSolverSelect", "sampler_name") == options("KSampler", "sampler_name")
+
+
+def test_prompt_streams_outer_steps_previews_and_progress(client, exemplar_defaults):
+    prompt_id = client.queue_prompt(nested_prompt(seed=7, prefix="nested_stream", exemplar_defaults=exemplar_defaults))
+    events = list(client.stream(prompt_id, timeout=120))
+
+    assert of_type(events, "execution_success")
+    assert events[-1]["type"] == "executing" and events[-1]["data"]["node"] is None
+    check_outer_step_events(events, prompt_id)
+
+    # Binary previews: all sent while the sampler node was executing, at least one per outer step.
+    executing = [e["data"]["node"] for e in of_type(events, "executing")]
+    assert SAMPLER in executing
+    start = events.index(next(e for e in events if e["type"] == "executing" and e["data"]["node"] == SAMPLER))
+    after = [i for i, e in enumerate(events) if e["type"] == "executing" and i > start]
+    window = events[start:after[0]]
+    previews = of_type(window, "preview_image", SAMPLER)
+    assert len(previews) >= OUTER
+    assert len(of_type(events, "preview_image", SAMPLER)) == len(previews), "sampler previews outside its execution"
+    groups = previews_per_outer_step(window)
+    assert [len(group) >= 1 for group in groups[:OUTER]] == [True] * OUTER, [len(g) for g in groups]
+    for preview in previews:
+        data = preview["data"]
+        assert data["binary_type"] == 4 and data["prompt_id"] == prompt_id  # this client asked for metadata
+        image = decode(data["image"])
+        assert image.format == {"image/jpeg": "JPEG", "image/png": "PNG"}[data["image_type"]]
+        assert image.width > 0 and image.height > 0
+
+    # Progress is counted in NFEs over the whole nested run.
+    progress = of_type(events, "progress", SAMPLER)
+    assert progress and {e["data"]["max"] for e in progress} == {OUTER * INNER}
+    values = [e["data"]["value"] for e in progress]
+    assert values == sorted(values) and values[-1] == OUTER * INNER
+
+    # History: the saved result and the labelled anytime images.
+    entry = client.history(prompt_id)
+    assert entry["status"]["completed"] is True and entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    saved = outputs[SAVE]["images"]
+    assert len(saved) == BATCH
+    shown = outputs[PREVIEW]
+    assert len(shown["images"]) == OUTER * BATCH
+    labels = shown["nested_labels"]
+    assert len(labels) == OUTER * BATCH
+    assert labels[0].startswith(f"outer 1/{OUTER}") and labels[-1].startswith(f"outer {OUTER}/{OUTER}")
+    assert f"{OUTER * INNER} NFE" in labels[-1]
+
+    finals = []
+    for item in saved:
+        image = decode(client.fetch_image(item["filename"], item["subfolder"], item["type"]))
+        assert image.format == "PNG" and image.size == (SIZE, SIZE)
+        finals.append(image.convert("RGB"))
+    labelled = decode(client.fetch_image(shown["images"][0]["filename"], shown["images"][0]["subfolder"],
+                                         shown["images"][0]["type"]))
+    assert labelled.format == "PNG" and labelled.width >= SIZE
+
+    # The last preview is the last inner result, i.e. the returned sample (batch item 0). The preview is
+    # upscaled (bilinear) and JPEG-encoded: sample it at the source pixel centres. Measured: 1-2 against
+    # item 0, ~85 against item 1.
+    last = decode(previews[-1]["data"]["image"]).convert("RGB")
+    assert last.width % SIZE == 0 and last.width == last.height
+    last = last.resize((SIZE, SIZE), Image.NEAREST)
+    assert mean_abs_difference(last, finals[0]) < 8, "the final preview does not show the returned sample"
+
+
+def test_other_clients_get_no_events_of_this_prompt(comfy_server, client, exemplar_defaults):
+    observer = ComfyAPIClient(comfy_server.url, client_id=f"observer-{uuid.uuid4().hex}").connect()
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def listen():
+        while not stop.is_set():
+            seen.extend(observer.events(timeout=0.5))
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    try:
+        prompt_id = client.queue_prompt(nested_prompt(seed=11, prefix="nested_private", exemplar_defaults=exemplar_defaults))
+        events = list(client.stream(prompt_id, timeout=120))
+        check_outer_step_events(events, prompt_id)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        observer.close()
+    assert not thread.is_alive()
+    # The observer was listening: it got the queue-status broadcasts of this prompt...
+    assert any(e["type"] == "status" and e["data"]["status"]["exec_info"]["queue_remaining"] >= 1 for e in seen)
+    # ... but none of the events ComfyUI (and the pack) address to the prompt's own client.
+    assert of_type(seen, OUTER_STEP_EVENT) == []
+    assert of_type(seen, "preview_image") == []
+    assert of_type(seen, "progress") == []
+
+
+def test_bad_inputs_give_clear_errors_and_the_server_recovers(comfy_server, client, exemplar_defaults):
+    with pytest.raises(PromptValidationError) as rejected:
+        client.queue_prompt(nested_prompt(seed=21, outer_steps=0, exemplar_defaults=exemplar_defaults))
+    error = rejected.value
+    assert error.status_code == 400
+    assert SAMPLER in error.node_errors
+    assert any((item.get("extra_info") or {}).get("input_name") == "outer_steps"
+               for item in error.node_errors[SAMPLER]["errors"])
+    assert "outer_steps" in str(error)
+
+    prompt_id = client.queue_prompt(nested_prompt(seed=22, step_schedule="1,x", exemplar_defaults=exemplar_defaults))
+    with pytest.raises(ExecutionError) as failed:
+        list(client.stream(prompt_id, timeout=120))
+    assert failed.value.node_type == "InnerSolverSelect"
+    assert "step_schedule" in failed.value.exception_message
+    assert client.history(prompt_id)["status"]["status_str"] == "error"
+
+    # A good prompt right after, on a client that takes plain (type 1) preview frames.
+    with ComfyAPIClient(comfy_server.url, preview_metadata=False) as legacy:
+        prompt_id = legacy.queue_prompt(nested_prompt(seed=23, prefix="nested_after_error",
+                                                  exemplar_defaults=exemplar_defaults))
+        events = list(legacy.stream(prompt_id, timeout=120))
+    check_outer_step_events(events, prompt_id)
+    previews = of_type(events, "preview_image", SAMPLER)
+    assert len(previews) >= OUTER
+    assert {p["data"]["binary_type"] for p in previews} == {1}
+    assert all(decode(p["data"]["image"]).format in ("JPEG", "PNG") for p in previews)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    assert len(entry["outputs"][SAVE]["images"]) == BATCH
+
+
+def test_interrupt_stops_a_nested_run_between_outer_steps(client, exemplar_defaults):
+    outer = 200  # long enough to still be running when the interrupt arrives
+    prompt_id = client.queue_prompt(nested_prompt(seed=31, outer_steps=outer, prefix="nested_cut",
+                                              exemplar_defaults=exemplar_defaults))
+    events = []
+    with pytest.raises(ExecutionInterrupted):
+        for event in client.stream(prompt_id, timeout=120):
+            events.append(event)
+            if event["type"] == OUTER_STEP_EVENT and event["data"]["outer_step"] == 1:
+                client.interrupt(prompt_id)
+    steps = of_type(events, OUTER_STEP_EVENT, SAMPLER)
+    assert 1 <= len(steps) < outer
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "error"
+    assert SAVE not in entry.get("outputs", {})
