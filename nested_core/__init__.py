@@ -1,4 +1,5 @@
 """The nested diffusion algorithm in pure torch: no ComfyUI imports, testable alone."""
+from .budget import StopRule
 from .errors import NestedDiffusionError
 from .nested import CountedModel, derive_seed, outer_step, sample_nested, seeded_outer_noise
 from .schedules import (
@@ -12,14 +13,16 @@ from .schedules import (
 )
 from .steps import (
     ADAPTIVE_SOLVERS,
+    STEP_SCHEDULE_PRESETS,
     inner_steps_per_outer,
     nfe_for_inner_process,
     parse_step_schedule,
+    preset_step_schedule,
     total_nfe,
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "CountedModel", "NestedDiffusionError", "check_schedule", "check_steps",
+    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedDiffusionError", "check_schedule", "check_steps",
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
     "truncated_schedule",

@@ -91,7 +91,8 @@ class CountedModel:
 
 
 def _inner_extra_args(extra_args: dict, index: int) -> dict:
-    """Every inner process draws its own solver noise (ancestral/SDE), derived from the run's seed."""
+    """Every inner process draws its own solver noise (ancestral/SDE), derived from the run's seed and
+    the outer step's index in the whole schedule (so a run split into stages draws the same noise)."""
     if index == 0 or extra_args.get("seed") is None:
         return extra_args
     return {**extra_args, "seed": derive_seed(extra_args["seed"], 0, index)}
@@ -102,12 +103,13 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
                   disable=None, *, inner_solver: InnerSolver, inner_schedule: InnerScheduleFn,
                   outer_eta: float = 0.0, outer_s_noise: float = 1.0, flow: bool = False,
                   outer_noise: Optional[OuterNoiseFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
-                  stop_after: Optional[Callable[[int, int], bool]] = None) -> torch.Tensor:
+                  stop_after: Optional[Callable[[int, int], bool]] = None, index_offset: int = 0) -> torch.Tensor:
     """Nested diffusion over the outer ``sigmas``, with the k-diffusion sampler signature.
 
     ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per outer step, ``denoised``
     being the inner result: the anytime image. ``on_model_call(n)`` sees every model evaluation.
     ``stop_after(outer_index, nfe_done)`` returning True ends the run with that inner result.
+    ``index_offset``: where ``sigmas`` starts in the whole outer schedule (a later stage of a split run).
     """
     extra_args = {} if extra_args is None else extra_args
     if outer_eta < 0:
@@ -118,11 +120,12 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
     for index in range(len(outer_sigmas) - 1):
         sigma, sigma_next = outer_sigmas[index], outer_sigmas[index + 1]
         inner_sigmas = inner_schedule(index, sigma).to(device=x.device)
-        x0 = inner_solver(counted, x, inner_sigmas, extra_args=_inner_extra_args(extra_args, index), callback=None, disable=True)
+        x0 = inner_solver(counted, x, inner_sigmas, extra_args=_inner_extra_args(extra_args, index + index_offset),
+                          callback=None, disable=True)
         if callback is not None:
             callback({"x": x, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
         if stop_after is not None and stop_after(index, counted.calls):
             return x0
-        noise = noise_fn(index, x) if outer_eta > 0 and sigma_next > 0 else None
+        noise = noise_fn(index + index_offset, x) if outer_eta > 0 and sigma_next > 0 else None
         x = outer_step(x, x0, sigma, sigma_next, outer_eta, outer_s_noise, noise, flow)
     return x

@@ -8,11 +8,13 @@ from typing_extensions import override
 def all_nodes() -> list[type[io.ComfyNode]]:
     from .exemplar_model import NestedExemplarModel
     from .inner_solver import InnerSolverSelect
-    from .nested_ksampler import NestedKSampler
+    from .nested_ksampler import NestedKSampler, NestedKSamplerAdvanced
     from .nested_sampler import NestedSampler
     from .outer_preview import OuterStepPreview
+    from .pick_candidate import NestedPickCandidate
 
-    return [NestedKSampler, NestedSampler, InnerSolverSelect, OuterStepPreview, NestedExemplarModel]
+    return [NestedKSampler, NestedKSamplerAdvanced, NestedSampler, InnerSolverSelect, OuterStepPreview,
+            NestedPickCandidate, NestedExemplarModel]
 
 
 class NestedDiffusionExtension(ComfyExtension):
@@ -22,4 +24,7 @@ class NestedDiffusionExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> NestedDiffusionExtension:
+    from .finish import register_routes
+
+    register_routes()
     return NestedDiffusionExtension()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..nested_core import NestedDiffusionError, parse_step_schedule
+from ..nested_core import STEP_SCHEDULE_PRESETS, NestedDiffusionError, parse_step_schedule
 from .sampling import InnerSolverSpec
 
 InnerSolver = io.Custom("NESTED_INNER_SOLVER")
@@ -12,7 +12,7 @@ InnerSolver = io.Custom("NESTED_INNER_SOLVER")
 
 def check_step_schedule_text(step_schedule: str) -> None:
     """Reject malformed text early; whether it matches outer_steps is checked by the sampler."""
-    if step_schedule.strip():
+    if step_schedule.strip() and step_schedule.strip().lower() not in STEP_SCHEDULE_PRESETS:
         entries = len([part for part in step_schedule.split(",") if part.strip()])
         parse_step_schedule(step_schedule, max(entries, 1))
 
@@ -36,7 +36,9 @@ class InnerSolverSelect(io.ComfyNode):
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=100.0, step=0.01, round=False,
                                tooltip="Noise scale of ancestral and SDE solvers."),
                 io.String.Input("step_schedule", default="", optional=True,
-                                tooltip="Inner steps per outer step, e.g. '20,10,5,5'; overrides steps."),
+                                tooltip="Inner steps per outer step, e.g. '20,10,5,5' (overrides steps), or a preset "
+                                        "that keeps outer x steps in total: uniform, front-loaded (more inner "
+                                        "steps early), back-loaded (more late)."),
             ],
             outputs=[InnerSolver.Output(display_name="inner_solver")],
         )

@@ -1,11 +1,17 @@
-"""NestedKSampler: a drop-in for KSampler that shows a real image after every inner diffusion."""
+"""NestedKSampler and NestedKSamplerAdvanced: KSampler drop-ins that show a real image after every inner diffusion."""
 from __future__ import annotations
 
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..nested_core import NestedDiffusionError
 from .inner_solver import InnerSolver
-from .sampling import InnerSolverSpec, plan_nested_run, run_nested_sampling
+from .sampling import InnerSolverSpec, RunLimits, plan_nested_run, run_nested_sampling
+
+OUTPUTS = [
+    io.Latent.Output(display_name="samples"),
+    io.Latent.Output(display_name="outer_previews", tooltip="The inner result of every outer step, outer-major."),
+]
 
 
 def solver_spec(sampler_name: str, scheduler: str, inner_steps: int, inner_solver=None) -> InnerSolverSpec:
@@ -13,6 +19,35 @@ def solver_spec(sampler_name: str, scheduler: str, inner_steps: int, inner_solve
     if inner_solver is not None:
         return inner_solver
     return InnerSolverSpec(sampler_name=sampler_name, scheduler=scheduler, steps=inner_steps)
+
+
+def step_inputs() -> list:
+    return [
+        io.Int.Input("outer_steps", default=4, min=1, max=1000, tooltip="Outer steps: how many anytime images the run produces."),
+        io.Int.Input("inner_steps", default=10, min=1, max=10000, tooltip="Steps of the inner diffusion run at every outer step."),
+        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, tooltip="The inner solver."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                       tooltip="Spaces the outer steps, and the inner steps unless inner_solver is connected."),
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        io.Latent.Input("latent_image"),
+    ]
+
+
+def optional_inputs() -> list:
+    """Inputs every nested sampler node shares: the inner solver override, outer eta and the early-finish budgets."""
+    return [
+        InnerSolver.Input("inner_solver", optional=True, tooltip="Overrides sampler_name, scheduler (inner only) and inner_steps."),
+        io.Float.Input("outer_eta", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip="0: deterministic outer DDIM steps (the paper). Above 0: ancestral outer steps."),
+        io.Int.Input("max_nfe", default=0, min=0, max=1000000, optional=True,
+                     tooltip="0: no limit. Otherwise stop after the last outer step that fits in this many model "
+                             "evaluations and return its image."),
+        io.Float.Input("max_seconds", default=0.0, min=0.0, max=86400.0, step=0.5, optional=True,
+                       tooltip="0: no limit. Otherwise don't start an outer step that would end past this time "
+                               "(at the speed measured so far) and return the latest image."),
+    ]
 
 
 class NestedKSampler(io.ComfyNode):
@@ -28,37 +63,67 @@ class NestedKSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
-                io.Int.Input("outer_steps", default=4, min=1, max=1000,
-                             tooltip="Outer steps: how many anytime images the run produces."),
-                io.Int.Input("inner_steps", default=10, min=1, max=10000,
-                             tooltip="Steps of the inner diffusion run at every outer step."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES,
-                               tooltip="The inner solver."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
-                               tooltip="Spaces the outer steps, and the inner steps unless inner_solver is connected."),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
+                *step_inputs(),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
-                InnerSolver.Input("inner_solver", optional=True,
-                                  tooltip="Overrides sampler_name, scheduler (inner only) and inner_steps."),
-                io.Float.Input("outer_eta", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="0: deterministic outer DDIM steps (the paper). Above 0: ancestral outer steps."),
+                *optional_inputs(),
             ],
-            outputs=[
-                io.Latent.Output(display_name="samples"),
-                io.Latent.Output(display_name="outer_previews",
-                                 tooltip="The inner result of every outer step, outer-major."),
-            ],
+            outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive, negative,
-                latent_image, denoise, inner_solver=None, outer_eta=0.0) -> io.NodeOutput:
+                latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0) -> io.NodeOutput:
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
         plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
-        samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan,
-                                                outer_eta, cls.hidden.unique_id)
+        samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan, outer_eta,
+                                                cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds))
+        return io.NodeOutput(samples, previews)
+
+
+def check_stage(start: int, end: int, outer_steps: int) -> int:
+    """The stage's end, clamped to outer_steps like KSamplerAdvanced clamps end_at_step."""
+    end = min(end, outer_steps)
+    if start >= end:
+        raise NestedDiffusionError(
+            f"start_at_outer_step ({start}) must be below end_at_outer_step ({end}) and outer_steps ({outer_steps})"
+        )
+    return end
+
+
+class NestedKSamplerAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NestedKSamplerAdvanced",
+            display_name="Nested KSampler (anytime, advanced)",
+            category="sampling/nested",
+            description="Runs outer steps start_at_outer_step to end_at_outer_step - 1 of a nested schedule, like "
+                        "KSamplerAdvanced. With return_with_leftover_noise its samples are the noisy outer state, so "
+                        "a second stage continues exactly where this one stopped, with its own prompt if you like.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("add_noise", options=["enable", "disable"]),
+                io.Int.Input("noise_seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                *step_inputs(),
+                io.Int.Input("start_at_outer_step", default=0, min=0, max=1000),
+                io.Int.Input("end_at_outer_step", default=1000, min=1, max=1000),
+                io.Combo.Input("return_with_leftover_noise", options=["disable", "enable"]),
+                *optional_inputs(),
+            ],
+            outputs=OUTPUTS,
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, add_noise, noise_seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive,
+                negative, latent_image, start_at_outer_step, end_at_outer_step, return_with_leftover_noise,
+                inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0) -> io.NodeOutput:
+        end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
+        spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler)
+        stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
+        samples, previews = run_nested_sampling(model, noise_seed, cfg, positive, negative, latent_image, stage, outer_eta,
+                                                cls.hidden.unique_id, add_noise=add_noise == "enable",
+                                                limits=RunLimits(max_nfe, max_seconds))
         return io.NodeOutput(samples, previews)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .inner_solver import InnerSolver
-from .sampling import InnerSolverSpec, NestedSamplerObject
+from .nested_ksampler import optional_inputs
+from .sampling import InnerSolverSpec, NestedSamplerObject, RunLimits
 
 # The paper's inner default: DDIM with eta 0.85, which is ComfyUI's euler_ancestral with eta 0.85.
 PAPER_INNER_SOLVER = InnerSolverSpec(sampler_name="euler_ancestral", scheduler="normal", steps=10, eta=0.85, s_noise=1.0)
@@ -22,14 +22,10 @@ class NestedSampler(io.ComfyNode):
                         "As in NestedKSampler, a schedule ending at 0 drops its last non-zero sigma, so "
                         "BasicScheduler with N+1 steps gives N outer steps. Without inner_solver: euler_ancestral "
                         "(eta 0.85), normal, 10 steps.",
-            inputs=[
-                InnerSolver.Input("inner_solver", optional=True),
-                io.Float.Input("outer_eta", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="0: deterministic outer DDIM steps (the paper). Above 0: ancestral outer steps."),
-            ],
+            inputs=optional_inputs(),
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, inner_solver=None, outer_eta=0.0) -> io.NodeOutput:
-        return io.NodeOutput(NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta))
+    def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0) -> io.NodeOutput:
+        return io.NodeOutput(NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds)))

@@ -18,14 +18,15 @@ def preview_labels(previews: dict) -> list[str]:
     outer_steps = int(previews.get("nested_outer_steps") or 0)
     batch = int(previews.get("nested_batch_size") or 0)
     nfe = list(previews.get("nested_nfe") or [])
-    if outer_steps <= 0 or batch <= 0 or outer_steps * batch != count:
+    numbers = list(previews.get("nested_outer_step_numbers") or range(1, outer_steps + 1))
+    if outer_steps <= 0 or batch <= 0 or len(numbers) * batch != count:
         return [f"image {index + 1}" for index in range(count)]
     labels = []
     for index in range(count):
         step = index // batch
         spent = f" · {nfe[step]} NFE" if step < len(nfe) else ""
         item = f" · #{index % batch + 1}" if batch > 1 else ""
-        labels.append(f"outer {step + 1}/{outer_steps}{spent}{item}")
+        labels.append(f"outer {numbers[step]}/{outer_steps}{spent}{item}")
     return labels
 
 

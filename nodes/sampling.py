@@ -22,13 +22,15 @@ import torch
 from ..nested_core import (
     ADAPTIVE_SOLVERS,
     NestedDiffusionError,
+    StopRule,
     denoise_start_sigma,
     inner_steps_per_outer,
+    nfe_for_inner_process,
     outer_schedule,
     sample_nested,
-    total_nfe,
     truncated_schedule,
 )
+from .finish import finishable_run
 
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 PREVIEW_FORMAT = "JPEG"
@@ -87,17 +89,46 @@ def is_flow_model(model_sampling: Any) -> bool:
 
 @dataclass
 class NestedPlan:
-    """Everything one nested run needs, resolved and checked before any model call."""
+    """Everything one nested run (or one stage of it) needs, resolved and checked before any model call."""
 
     outer_sigmas: torch.Tensor
     steps_per_outer: list[int]
-    nfe_total: int
+    nfe_per_outer: list[int]
     nfe_exact: bool
-    inner_schedule: Callable[[int, float], torch.Tensor]
     solver: Callable[..., torch.Tensor]
     inpaint_options: dict
     flow: bool
     inner_sigmas: list[torch.Tensor] = field(default_factory=list)
+    first_outer_index: int = 0  # where this stage starts in the whole outer schedule
+    total_outer_steps: int = 0
+    nfe_before: int = 0  # NFEs the earlier stages spend
+
+    @property
+    def nfe_total(self) -> int:
+        return sum(self.nfe_per_outer)
+
+    def inner_schedule(self, index: int, sigma: float) -> torch.Tensor:
+        return self.inner_sigmas[index]
+
+    def stage(self, start: int, end: int, full_denoise: bool = False) -> "NestedPlan":
+        """Outer steps ``start`` to ``end - 1`` of this plan, as a plan of their own. It ends at the noisy outer
+        state at sigma ``end``, or with ``full_denoise`` at its last inner result (its last sigma becomes 0)."""
+        outer_sigmas = self.outer_sigmas[start:end + 1].clone()
+        if full_denoise:
+            outer_sigmas[-1] = 0.0
+        return NestedPlan(
+            outer_sigmas=outer_sigmas,
+            steps_per_outer=self.steps_per_outer[start:end],
+            nfe_per_outer=self.nfe_per_outer[start:end],
+            nfe_exact=self.nfe_exact,
+            solver=self.solver,
+            inpaint_options=self.inpaint_options,
+            flow=self.flow,
+            inner_sigmas=self.inner_sigmas[start:end],
+            first_outer_index=self.first_outer_index + start,
+            total_outer_steps=self.total_outer_steps,
+            nfe_before=self.nfe_before + sum(self.nfe_per_outer[:start]),
+        )
 
 
 def outer_sigmas_from(sigmas: torch.Tensor) -> torch.Tensor:
@@ -138,13 +169,13 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     return NestedPlan(
         outer_sigmas=outer_sigmas,
         steps_per_outer=steps,
-        nfe_total=total_nfe(spec.sampler_name, steps),
+        nfe_per_outer=[nfe_for_inner_process(spec.sampler_name, count) for count in steps],
         nfe_exact=spec.sampler_name not in ADAPTIVE_SOLVERS,
-        inner_schedule=lambda index, sigma: inner_sigmas[index],
         solver=solver,
         inpaint_options=inpaint_options,
         flow=is_flow_model(model_sampling),
         inner_sigmas=inner_sigmas,
+        total_outer_steps=len(outer_sigmas) - 1,
     )
 
 
@@ -183,15 +214,18 @@ class NestedRunReporter:
     def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True):
         self.node_id = node_id
         self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
-        self.outer_steps = len(self.outer_sigmas) - 1
+        self.first_outer_index = plan.first_outer_index
+        self.outer_steps = plan.total_outer_steps or len(self.outer_sigmas) - 1
+        self.nfe_before = plan.nfe_before
         self.nfe_total = max(plan.nfe_total, 1)
         self.nfe_done = 0
         # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
         self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format) if own_progress_bar else None
         self.inner_results: list[torch.Tensor] = []
-        self.nfe_at_outer_step: list[int] = []
+        self.nfe_at_outer_step: list[int] = []  # counted over the whole schedule, earlier stages included
         self.sigma_at_outer_step: list[float] = []
+        self.outer_step_numbers: list[int] = []  # 1-based, in the whole schedule
 
     def on_model_call(self, calls: int) -> None:
         self.nfe_done = calls
@@ -204,14 +238,15 @@ class NestedRunReporter:
 
     def on_outer_step(self, index: int, x0: torch.Tensor, sigma: float) -> None:
         self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
-        self.nfe_at_outer_step.append(self.nfe_done)
+        self.nfe_at_outer_step.append(self.nfe_before + self.nfe_done)
         self.sigma_at_outer_step.append(sigma)
+        self.outer_step_numbers.append(self.first_outer_index + index + 1)
         if self.progress is not None:
             self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
         send_to_prompt_client(OUTER_STEP_EVENT, {
             "node": self.node_id,
             "prompt_id": executing_prompt_id(),
-            "outer_step": index + 1,
+            "outer_step": self.first_outer_index + index + 1,
             "outer_steps": self.outer_steps,
             "nfe": self.nfe_done,
             "nfe_total": self.nfe_total,
@@ -232,9 +267,28 @@ class NestedRunReporter:
         self.on_outer_step(step, x0, self.outer_sigmas[step])
 
 
+class NestedKSAMPLER(comfy.samplers.KSAMPLER):
+    """KSAMPLER running the nested outer loop. A run that ends early returns its last inner result as a
+    clean image, even in a stage whose schedule ends above sigma 0."""
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        latest = {}
+
+        def keep_latest(step, x0, x, total_steps):
+            latest["x0"] = x0
+            if callback is not None:
+                callback(step, x0, x, total_steps)
+
+        samples = super().sample(model_wrap, sigmas, extra_args, keep_latest, noise, latent_image, denoise_mask, disable_pbar)
+        stop_rule = self.extra_options.get("stop_after")
+        if getattr(stop_rule, "reason", None) is not None and float(sigmas[-1]) > 0 and "x0" in latest:
+            samples = model_wrap.inner_model.model_sampling.inverse_noise_scaling(sigmas.new_zeros(()), latest["x0"])
+        return samples
+
+
 def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 1.0,
                            on_model_call: Optional[Callable[[int], None]] = None,
-                           stop_after: Optional[Callable[[int, int], bool]] = None) -> comfy.samplers.KSAMPLER:
+                           stop_after: Optional[Callable[[int, int], bool]] = None) -> NestedKSAMPLER:
     """A ComfyUI SAMPLER whose sampler function is the nested outer loop."""
     options = {
         "inner_solver": plan.solver,
@@ -244,8 +298,9 @@ def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 
         "flow": plan.flow,
         "on_model_call": on_model_call,
         "stop_after": stop_after,
+        "index_offset": plan.first_outer_index,
     }
-    return comfy.samplers.KSAMPLER(sample_nested, extra_options=options, inpaint_options=plan.inpaint_options)
+    return NestedKSAMPLER(sample_nested, extra_options=options, inpaint_options=plan.inpaint_options)
 
 
 def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
@@ -254,10 +309,11 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
     samples = torch.cat([model.model.process_latent_out(x0) for x0 in reporter.inner_results]) if reporter.inner_results else torch.zeros(0)
     return {
         "samples": samples,
-        "nested_outer_steps": len(reporter.inner_results),
+        "nested_outer_steps": reporter.outer_steps,
+        "nested_outer_step_numbers": list(reporter.outer_step_numbers),
         "nested_batch_size": batch,
         "nested_nfe": list(reporter.nfe_at_outer_step),
-        "nested_nfe_total": reporter.nfe_total,
+        "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
         "nested_sigmas": list(reporter.sigma_at_outer_step),
     }
 
@@ -274,8 +330,26 @@ def check_latent(model: Any, latent_image: torch.Tensor) -> None:
         raise NestedDiffusionError("latent_image contains NaN or Inf values: it must be finite")
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """Ways to end a run early and keep its latest image (0 = no limit)."""
+
+    max_nfe: int = 0
+    max_seconds: float = 0.0
+
+
+def stop_rule_for(plan: NestedPlan, limits: RunLimits, finish_flag=None) -> StopRule:
+    return StopRule(
+        nfe_per_outer=plan.nfe_per_outer,
+        max_nfe=limits.max_nfe,
+        max_seconds=limits.max_seconds,
+        finish_requested=finish_flag.is_set if finish_flag is not None else None,
+    )
+
+
 def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, latent: dict, plan: NestedPlan,
-                        outer_eta: float, node_id: Optional[str], add_noise: bool = True) -> tuple[dict, dict]:
+                        outer_eta: float, node_id: Optional[str], add_noise: bool = True,
+                        limits: RunLimits = RunLimits()) -> tuple[dict, dict]:
     """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews)."""
     latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
     check_latent(model, latent_image)
@@ -284,12 +358,16 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
     else:
         noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
     reporter = NestedRunReporter(model, node_id, plan)
-    sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call)
-    samples = comfy.sample.sample_custom(
-        model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent_image,
-        noise_mask=latent.get("noise_mask"), callback=reporter.ksampler_callback,
-        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
-    )
+    with finishable_run(executing_prompt_id(), node_id) as finish_flag:
+        stop_rule = stop_rule_for(plan, limits, finish_flag)
+        sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule)
+        samples = comfy.sample.sample_custom(
+            model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent_image,
+            noise_mask=latent.get("noise_mask"), callback=reporter.ksampler_callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        )
+    if stop_rule.reason is not None:
+        logging.info("nested diffusion: finished early (%s) after %d NFEs", stop_rule.reason, reporter.nfe_done)
     out = latent.copy()
     out["samples"] = samples
     return out, outer_previews_latent(reporter, model)
@@ -298,10 +376,11 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
 class NestedSamplerObject(comfy.samplers.KSAMPLER):
     """The SAMPLER NestedSampler outputs: the connected SIGMAS are the outer steps, the guider guides every inner step."""
 
-    def __init__(self, spec: InnerSolverSpec, outer_eta: float):
+    def __init__(self, spec: InnerSolverSpec, outer_eta: float, limits: RunLimits = RunLimits()):
         super().__init__(sample_nested)
         self.spec = spec
         self.outer_eta = outer_eta
+        self.limits = limits
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         outer_sigmas = outer_sigmas_from(sigmas)
@@ -313,5 +392,8 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
             if callback is not None:
                 callback(step, x0, x, total_steps)
 
-        sampler = nested_ksampler_object(plan, self.outer_eta, on_model_call=reporter.on_model_call)
-        return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise, latent_image, denoise_mask, disable_pbar)
+        with finishable_run(executing_prompt_id(), reporter.node_id) as finish_flag:
+            sampler = nested_ksampler_object(plan, self.outer_eta, on_model_call=reporter.on_model_call,
+                                             stop_after=stop_rule_for(plan, self.limits, finish_flag))
+            return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise,
+                                  latent_image, denoise_mask, disable_pbar)

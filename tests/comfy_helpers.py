@@ -53,3 +53,20 @@ def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, s
     spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
     return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test")
+
+
+def run_node(node_cls, unique_id: str = "test", **inputs):
+    """Execute a V3 node the way ComfyUI's executor does (a class clone holding the hidden inputs); returns its outputs."""
+    from comfy_api.latest import io
+
+    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+    return clone.execute(**inputs).args
+
+
+def advanced_inputs(model, cond, latent, seed, outer_steps, inner_steps, start, end, leftover, add_noise=True,
+                    sampler_name="euler", scheduler="normal", **optional):
+    """NestedKSamplerAdvanced's inputs, for run_node."""
+    return dict(model=model, add_noise="enable" if add_noise else "disable", noise_seed=seed, outer_steps=outer_steps,
+                inner_steps=inner_steps, cfg=1.0, sampler_name=sampler_name, scheduler=scheduler, positive=cond,
+                negative=cond, latent_image=latent, start_at_outer_step=start, end_at_outer_step=end,
+                return_with_leftover_noise="enable" if leftover else "disable", **optional)
