@@ -72,3 +72,32 @@ def comfy() -> Path:
 @pytest.fixture(scope="session")
 def pack(comfy):
     return import_pack()
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """One real ComfyUI server with this pack installed (tools/comfy_server.py), shared by the session."""
+    from tools.comfy_server import ComfyServer
+
+    with ComfyServer(startup_timeout=120) as server:
+        yield server
+
+
+@pytest.fixture
+def client(comfy_server):
+    """A websocket-connected API client of the shared server (tools/comfy_api_client.py)."""
+    from tools.comfy_api_client import ComfyAPIClient
+
+    with ComfyAPIClient(comfy_server.url) as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def exemplar_defaults(comfy_server) -> dict:
+    """NestedExemplarModel's widget defaults as the server reports them (the node may gain inputs)."""
+    from api_helpers import widget_defaults
+
+    from tools.comfy_api_client import ComfyAPIClient
+
+    with ComfyAPIClient(comfy_server.url) as api:
+        return widget_defaults(api.object_info("NestedExemplarModel")["NestedExemplarModel"])

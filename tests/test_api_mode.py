@@ -1,136 +1,39 @@
 """The pack in a real ComfyUI server, driven over HTTP + websocket like any API user would.
 
-One server (CPU, previews on) is started for the whole file by tools/comfy_server.py and driven with
-tools/comfy_api_client.py. The model is the pack's exact exemplar-mixture model (no weights needed),
+One server (CPU, previews on; the `comfy_server` fixture in conftest.py) is shared by the session and driven
+with tools/comfy_api_client.py. The model is the pack's exact exemplar-mixture model (no weights needed),
 decoded with ComfyUI's built-in 'pixel_space' VAE, so every run takes well under a second.
 """
 from __future__ import annotations
 
-import io
 import threading
 import uuid
 
 import pytest
+from api_helpers import (
+    BATCH,
+    INNER,
+    OUTER,
+    OUTER_STEP_EVENT,
+    PREVIEW,
+    SAMPLER,
+    SAVE,
+    SIZE,
+    check_outer_step_events,
+    decode,
+    mean_abs_difference,
+    nested_prompt,
+    of_type,
+    previews_per_outer_step,
+)
+from PIL import Image
 
-pytest.importorskip("requests")
-pytest.importorskip("websocket")
-Image = pytest.importorskip("PIL.Image")
-
-from tools.comfy_api_client import (  # noqa: E402
+from tools.comfy_api_client import (
     ComfyAPIClient,
     ExecutionError,
     ExecutionInterrupted,
     PromptValidationError,
 )
-from tools.comfy_server import ComfyServer  # noqa: E402
-
-OUTER, INNER, BATCH, SIZE = 4, 5, 2, 32
-SAMPLER = "3"  # node ids of nested_prompt()
-SAVE = "6"
-PREVIEW = "7"
-OUTER_STEP_EVENT = "nested_diffusion.outer_step"
-
-
-@pytest.fixture(scope="session")
-def comfy_server():
-    """One real ComfyUI server with this pack installed, shared by every test of the session."""
-    with ComfyServer(startup_timeout=120) as server:
-        yield server
-
-
-@pytest.fixture
-def client(comfy_server):
-    with ComfyAPIClient(comfy_server.url) as api:
-        yield api
-
-
-def widget_defaults(node_info: dict) -> dict:
-    """The default of every required widget input (INT, FLOAT, STRING, BOOLEAN, COMBO) of one node."""
-    defaults = {}
-    for name, spec in node_info["input"]["required"].items():
-        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):  # V1 combo: the list of choices
-            defaults[name] = options.get("default", kind[0])
-        elif kind == "COMBO":
-            defaults[name] = options.get("default", options["options"][0])
-        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in options:
-            defaults[name] = options["default"]
-    return defaults
-
-
-@pytest.fixture(scope="session")
-def exemplar_defaults(comfy_server) -> dict:
-    """NestedExemplarModel's widget defaults as the server reports them (the node may gain inputs)."""
-    with ComfyAPIClient(comfy_server.url) as api:
-        return widget_defaults(api.object_info("NestedExemplarModel")["NestedExemplarModel"])
-
-
-def nested_prompt(seed: int, *, outer_steps: int = OUTER, inner_steps: int = INNER, prefix: str = "nested_api",
-                  step_schedule: str | None = None, exemplar_defaults: dict | None = None) -> dict:
-    """Exemplar model -> NestedKSampler -> VAEDecode(pixel_space) -> SaveImage, plus OuterStepPreview.
-
-    ComfyUI caches node outputs between prompts: give every prompt that must really sample its own seed.
-    """
-    prompt = {
-        "1": {"class_type": "NestedExemplarModel",
-              "inputs": {**(exemplar_defaults or {}),
-                         "prediction": "eps", "spread": 0.05, "image_size": SIZE, "shift": 1.0}},
-        "2": {"class_type": "EmptyChromaRadianceLatentImage",
-              "inputs": {"width": SIZE, "height": SIZE, "batch_size": BATCH}},
-        SAMPLER: {"class_type": "NestedKSampler",
-                  "inputs": {"model": ["1", 0], "seed": seed, "outer_steps": outer_steps, "inner_steps": inner_steps,
-                             "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-                             "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0], "denoise": 1.0}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": [SAMPLER, 0], "vae": ["4", 0]}},
-        SAVE: {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}},
-        PREVIEW: {"class_type": "OuterStepPreview", "inputs": {"previews": [SAMPLER, 1], "vae": ["4", 0]}},
-    }
-    if step_schedule is not None:
-        prompt["8"] = {"class_type": "InnerSolverSelect",
-                       "inputs": {"sampler_name": "euler", "scheduler": "normal", "steps": inner_steps, "eta": 0.85,
-                                  "s_noise": 1.0, "step_schedule": step_schedule}}
-        prompt[SAMPLER]["inputs"]["inner_solver"] = ["8", 0]
-    return prompt
-
-
-def of_type(events: list[dict], kind: str, node: str | None = None) -> list[dict]:
-    return [e for e in events if e["type"] == kind and (node is None or e["data"].get("node") == node)]
-
-
-def decode(image_bytes: bytes):
-    image = Image.open(io.BytesIO(image_bytes))
-    image.load()
-    return image
-
-
-def mean_abs_difference(a, b) -> float:
-    """Mean absolute difference of two same-size RGB images, in 0..255 units."""
-    return sum(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes())) / len(a.tobytes())
-
-
-def check_outer_step_events(events: list[dict], prompt_id: str) -> list[dict]:
-    steps = of_type(events, OUTER_STEP_EVENT, SAMPLER)
-    assert [e["data"]["outer_step"] for e in steps] == list(range(1, OUTER + 1))
-    assert [e["data"]["nfe"] for e in steps] == [INNER * k for k in range(1, OUTER + 1)]
-    assert {e["data"]["outer_steps"] for e in steps} == {OUTER}
-    assert {e["data"]["nfe_total"] for e in steps} == {OUTER * INNER}
-    assert {e["data"]["prompt_id"] for e in steps} == {prompt_id}
-    sigmas = [e["data"]["sigma"] for e in steps]
-    assert all(a > b > 0 for a, b in zip(sigmas, sigmas[1:])), sigmas
-    return steps
-
-
-def previews_per_outer_step(events: list[dict]) -> list[list[dict]]:
-    """The binary previews of the sampler node, grouped by the outer-step event that follows them
-    (the node sends its inner result as a preview, then the event)."""
-    groups: list[list[dict]] = [[]]
-    for event in events:
-        if event["type"] == "preview_image" and event["data"]["node"] == SAMPLER:
-            groups[-1].append(event)
-        elif event["type"] == OUTER_STEP_EVENT and event["data"].get("node") == SAMPLER:
-            groups.append([])
-    return groups
 
 
 def test_nodes_are_registered_with_their_schema(client):
@@ -152,7 +55,7 @@ def test_nodes_are_registered_with_their_schema(client):
         "positive", "negative", "latent_image", "denoise",
     ]
     assert list(sampler["input"]["required"]) == sampler["input_order"]["required"]
-    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta"]
+    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta", "max_nfe", "max_seconds"]
     assert sampler["input"]["optional"]["inner_solver"][0] == "NESTED_INNER_SOLVER"
     assert sampler["output"] == ["LATENT", "LATENT"]
     assert sampler["output_name"] == ["samples", "outer_previews"]

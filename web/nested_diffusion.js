@@ -1,0 +1,56 @@
+// Nested Diffusion for ComfyUI: a "Finish now" button on the nested samplers.
+// While the node samples, the button asks the server to end the run after the current inner
+// diffusion; the node returns that image and the graph goes on (decode, save). Cancel is unchanged.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const FINISHABLE = new Set(["NestedKSampler", "NestedKSamplerAdvanced"]);
+
+function notify(severity, detail) {
+  const toast = app.extensionManager?.toast;
+  if (toast?.add) {
+    toast.add({ severity, summary: "Nested Diffusion", detail, life: 4000 });
+  } else {
+    console.log(`[nested diffusion] ${detail}`);
+  }
+}
+
+function isThisNode(run, node) {
+  const id = String(node.id);
+  return run.node_id === id || run.node_id.endsWith(`:${id}`);
+}
+
+async function finishNow(node) {
+  const listing = await api.fetchApi("/nested_diffusion/running");
+  const { running = [] } = await listing.json();
+  const run = running.find((entry) => isThisNode(entry, node));
+  if (!run) {
+    notify("info", "Nothing to finish: this node is not sampling right now.");
+    return;
+  }
+  const response = await api.fetchApi("/nested_diffusion/finish", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(run),
+  });
+  const answer = await response.json();
+  if (response.ok) {
+    notify("success", "Finishing after the current inner diffusion; its image will be the result.");
+  } else {
+    notify("warn", answer.error ?? `Finish request refused (${response.status})`);
+  }
+}
+
+app.registerExtension({
+  name: "nested_diffusion.finish_now",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!FINISHABLE.has(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const button = this.addWidget("button", "Finish now", null, () => finishNow(this));
+      button.serialize = false; // not an input: keep it out of saved widget values
+      return result;
+    };
+  },
+});
