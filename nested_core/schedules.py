@@ -16,6 +16,7 @@ from .errors import NestedDiffusionError
 ScheduleFn = Callable[[int], torch.Tensor]
 
 MAX_TOTAL_STEPS = 10000
+LINEAR_SCAN_LIMIT = 2000
 
 
 def check_schedule(sigmas: torch.Tensor, what: str = "sigmas") -> None:
@@ -50,7 +51,7 @@ def _sigma_before_tail(schedule_fn: ScheduleFn, total_steps: int, tail_steps: in
         sigmas = schedule_fn(total_steps)
     except Exception:  # schedulers have their own resolution limits (ddim_uniform stops at 1000 steps)
         return None
-    if sigmas.numel() != total_steps + 1:
+    if sigmas.numel() < tail_steps + 1:  # some schedulers (ddim_uniform) return more or fewer sigmas than asked
         return None
     return float(sigmas[-(tail_steps + 1)])
 
@@ -59,6 +60,8 @@ def _pinned_tail(schedule_fn: ScheduleFn, total_steps: int, tail_steps: int, sta
     try:
         sigmas = schedule_fn(total_steps)
     except Exception:
+        return None
+    if sigmas.numel() < tail_steps + 1:
         return None
     tail = sigmas[-(tail_steps + 1):].detach().to(dtype=torch.float32, device="cpu").clone()
     tail[0] = start_sigma
@@ -124,6 +127,12 @@ def truncated_schedule(schedule_fn: ScheduleFn, steps: int, start_sigma: float, 
 
     candidates = [total for total in range(max(steps, low - 2), min(max_total_steps, high + 2) + 1) if value(total) is not None]
     for total in _closer_first(start_sigma, candidates, values):
+        tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
+        if tail is not None:
+            return tail
+    # Schedulers whose sigmas don't move monotonically with the step count: try every length (rare, slow path).
+    for total in _closer_first(start_sigma, [t for t in range(steps, min(max_total_steps, LINEAR_SCAN_LIMIT) + 1)
+                                             if value(t) is not None], values):
         tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
         if tail is not None:
             return tail
