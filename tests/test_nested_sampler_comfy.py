@@ -80,3 +80,22 @@ def test_bad_sigmas_get_a_clear_error(family, pack):
     _, model, cond, _ = family
     with pytest.raises(NestedDiffusionError, match="strictly decreasing"):
         custom_advanced(model, cond, empty_latent(1), 2, nested_sampler(), torch.tensor([1.0, 2.0, 0.0]))
+
+
+def test_basic_and_dual_cfg_guiders_drive_the_nested_sampler(family, pack):
+    from comfy_extras.nodes_custom_sampler import BasicGuider, BasicScheduler, DualCFGGuider, RandomNoise, SamplerCustomAdvanced
+    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+
+    prediction, model, cond, exemplars = family
+    sigmas = BasicScheduler.execute(model, "normal", 4, 1.0).args[0]
+    sampler = nested_sampler(spec("euler", "normal", 6))
+    guiders = [BasicGuider.execute(model, cond).args[0], DualCFGGuider.execute(model, cond, cond, cond, 2.0, 1.5, "regular").args[0]]
+    outputs = []
+    for guider in guiders:
+        output, denoised = SamplerCustomAdvanced.execute(RandomNoise.execute(5).args[0], guider, sampler, sigmas,
+                                                         empty_latent(2)).args
+        distances, _ = manifold_distance(output["samples"], exemplars)
+        assert float(distances.max()) <= 3 * SPREAD
+        outputs.append(output["samples"])
+    # the exact model ignores conditioning, so every guider must give the same image
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
