@@ -4,7 +4,7 @@
     ./scripts/demo.sh [--outer 4] [--inner 10] [--seed 42] [--out demo_output] [--port P] [--workflow FILE]
 
 Starts ComfyUI (CPU, ``--preview-method auto``) with this pack in ``custom_nodes``, queues
-``example_workflows/nested_vs_vanilla_exemplar_api.json`` over HTTP, listens on the websocket while it runs
+``example_workflows/api/nested_vs_vanilla_exemplar_api.json`` over HTTP, listens on the websocket while it runs
 (progress in NFEs, the nested sampler's anytime preview after every outer step, the KSampler's x0 preview
 after every step), then fetches the saved images through ``/history`` and ``/view`` and writes everything
 to one folder:
@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402  (installed with Comfy
 from tools.comfy_api_client import ComfyAPIClient, ComfyAPIError  # noqa: E402
 from tools.comfy_server import ComfyServer, ComfyServerError  # noqa: E402
 
-DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "nested_vs_vanilla_exemplar_api.json"
+DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 OUTPUT_MARKER = ".nested_demo_output"  # only folders carrying it are ever cleaned
 NESTED, VANILLA = "nested", "vanilla"

@@ -22,7 +22,7 @@ from tools.comfy_server import comfyui_path, default_python, free_port  # noqa: 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO = REPO_ROOT / "scripts" / "demo.py"
-WORKFLOW = REPO_ROOT / "example_workflows" / "nested_vs_vanilla_exemplar_api.json"
+WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 OUTER, INNER, BATCH, SIZE = 3, 4, 4, 32
 
 

@@ -49,7 +49,9 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       const button = this.addWidget("button", "Finish now", null, () => finishNow(this));
-      button.serialize = false; // not an input: keep it out of saved widget values
+      // not an input: keep it out of saved widget values and out of the queued prompt
+      button.serialize = false;
+      button.options = { ...(button.options ?? {}), serialize: false };
       return result;
     };
   },

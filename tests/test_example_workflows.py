@@ -1,0 +1,256 @@
+"""The example workflows in example_workflows/, checked on a real ComfyUI server with this pack installed.
+
+* The files are what example_workflows/build_workflows.py writes (editor format, API twin, thumbnail).
+* Every editor-format workflow is checked against the server's /object_info: node types exist, links join
+  matching types, widget values are valid (file names that this server lacks excepted), and it stands for
+  exactly its API twin.
+* Every API-format workflow is queued: the exemplar-model ones run and produce their outputs; the ones that
+  need model weights pass ComfyUI's validation up to the missing files (and, with placeholder files in place,
+  entirely: their first failure is then a loader reading the placeholder).
+* ComfyUI's templates route lists the examples and serves their JSON and thumbnails.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+
+import pytest
+
+pytest.importorskip("requests")
+pytest.importorskip("websocket")
+Image = pytest.importorskip("PIL.Image")
+import requests  # noqa: E402
+import workflow_checks as wc  # noqa: E402
+
+from tools.comfy_api_client import ComfyAPIClient, ExecutionError, PromptValidationError  # noqa: E402
+from tools.comfy_server import PACK_DIR_NAME  # noqa: E402
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("build_workflows", wc.EXAMPLES_DIR / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+builder = _load_builder()
+WORKFLOWS = {w.name: w for w in builder.all_workflows()}
+RUNNABLE = sorted(name for name, w in WORKFLOWS.items() if w.runnable)
+NEEDS_WEIGHTS = sorted(name for name, w in WORKFLOWS.items() if not w.runnable)
+PAIRS = {name: (editor, api) for name, editor, api in wc.example_pairs()}
+LOADER_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPLoader"}
+OUTER_STEP_EVENT = "nested_diffusion.outer_step"
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    """The session's real ComfyUI server (tests/conftest.py); ``client`` is a websocket client of it."""
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return requests.get(f"{server.url}/object_info", timeout=30).json()
+
+
+def api_prompt(name: str) -> dict:
+    return wc.load(PAIRS[name][1])
+
+
+def images_of(client: ComfyAPIClient, output: dict) -> list:
+    return [Image.open(io.BytesIO(client.fetch_image(item["filename"], item["subfolder"], item["type"]))).convert("RGB")
+            for item in output["images"]]
+
+
+def mean_abs(a, b) -> float:
+    return sum(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes())) / len(a.tobytes())
+
+
+def node_id(name: str, title: str) -> str:
+    return str(next(n.id for n in WORKFLOWS[name].nodes if n.title == title))
+
+
+# -- the files --------------------------------------------------------------------------------------------------
+def test_files_are_what_the_build_script_writes():
+    assert builder.check_files() == [], "run: python example_workflows/build_workflows.py"
+
+
+def test_every_example_has_editor_file_api_twin_and_thumbnail():
+    assert sorted(PAIRS) == sorted(WORKFLOWS), "editor-format files and build_workflows.py disagree"
+    for name in WORKFLOWS:
+        editor, api = PAIRS[name]
+        assert wc.is_editor_format(wc.load(editor)), editor
+        assert wc.is_api_format(wc.load(api)), api
+        thumbnail = Image.open(wc.EXAMPLES_DIR / f"{name}.jpg")
+        assert thumbnail.format == "JPEG" and thumbnail.size == (builder.THUMBNAIL_SIZE, builder.THUMBNAIL_SIZE)
+    assert {"sd15_txt2img_nested", "sdxl_txt2img_nested", "sd15_img2img_nested", "sd15_inpaint_nested",
+            "flux_custom_advanced_nested", "nested_vs_vanilla_exemplar", "exemplar_img2img_inpaint_nested",
+            "exemplar_custom_advanced_nested"} <= set(WORKFLOWS)
+
+
+# -- editor format against /object_info -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_editor_workflow_matches_object_info(name, object_info):
+    workflow = wc.load(PAIRS[name][0])
+    assert wc.editor_problems(workflow, object_info) == []
+    types = {node["type"] for node in workflow["nodes"]}
+    assert types & {"NestedKSampler", "NestedSampler"}, "an example without a nested sampler"
+    # Only file names may be missing here, and only in the workflows that need downloads.
+    missing = wc.missing_files(workflow, object_info)
+    if WORKFLOWS[name].runnable:
+        assert missing == []
+    else:
+        assert missing and {input_name for _, input_name, _ in missing} <= wc.FILE_INPUTS
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_editor_and_api_twins_agree(name, object_info):
+    editor, api = PAIRS[name]
+    from_editor = wc.editor_to_api(wc.load(editor), object_info)
+    assert wc.api_differences(wc.load(api), from_editor, object_info) == []
+
+
+def test_seed_widgets_are_fixed_so_examples_reproduce(object_info):
+    for name in WORKFLOWS:
+        for node in wc.load(PAIRS[name][0])["nodes"]:
+            if node["type"] in wc.VIRTUAL_NODE_TYPES:
+                continue
+            layout = wc.widget_inputs(object_info[node["type"]])
+            for (widget, _, _), value in zip(layout, node["widgets_values"]):
+                if widget == "control_after_generate":
+                    assert value == "fixed", f"{name}: node {node['id']} {node['type']}"
+
+
+# -- API format on the real server ------------------------------------------------------------------------------
+def test_nested_vs_vanilla_exemplar_runs(client):
+    prompt = api_prompt("nested_vs_vanilla_exemplar")
+    prompt_id, events = client.run(prompt, timeout=120)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    batch = prompt["2"]["inputs"]["batch_size"]
+    outer = prompt["3"]["inputs"]["outer_steps"]
+    nested, vanilla = images_of(client, outputs["7"]), images_of(client, outputs["9"])
+    assert len(nested) == len(vanilla) == batch
+    assert {image.size for image in nested + vanilla} == {(32, 32)}
+    assert len(outputs["10"]["images"]) == outer * batch
+    assert outputs["10"]["nested_labels"][-1].startswith(f"outer {outer}/{outer}")
+    steps = [e for e in events if e["type"] == OUTER_STEP_EVENT and e["data"]["node"] == "3"]
+    assert [e["data"]["outer_step"] for e in steps] == list(range(1, outer + 1))
+    previews = [e for e in events if e["type"] == "preview_image" and e["data"]["node"] == "3"]
+    assert len(previews) >= outer
+
+
+def test_exemplar_img2img_inpaint_runs_and_keeps_the_unmasked_half(client):
+    name = "exemplar_img2img_inpaint_nested"
+    prompt_id, _ = client.run(api_prompt(name), timeout=120)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    source = images_of(client, outputs[node_id(name, "Save source")])
+    img2img = images_of(client, outputs[node_id(name, "Save img2img")])
+    inpaint = images_of(client, outputs[node_id(name, "Save inpaint")])
+    assert len(source) == len(img2img) == len(inpaint) == 2
+    for before, redrawn, filled in zip(source, img2img, inpaint):
+        # img2img at denoise 0.6 resamples the picture but stays on it (measured 1.2-1.5 of 255, vs ~100 to
+        # another exemplar); inpainting keeps the unmasked left half exactly.
+        assert 0.2 < mean_abs(before, redrawn) < 12
+        left = (0, 0, 16, 32)
+        assert mean_abs(before.crop(left), filled.crop(left)) < 0.5
+    for title in ("Outer steps: img2img", "Outer steps: inpaint"):
+        assert len(outputs[node_id(name, title)]["images"]) == 4 * 2
+
+
+def test_exemplar_custom_advanced_runs(client):
+    name = "exemplar_custom_advanced_nested"
+    prompt = api_prompt(name)
+    prompt_id, events = client.run(prompt, timeout=120)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    save = str(next(n.id for n in WORKFLOWS[name].nodes if n.type == "SaveImage"))
+    sampler = str(next(n.id for n in WORKFLOWS[name].nodes if n.type == "SamplerCustomAdvanced"))
+    images = images_of(client, entry["outputs"][save])
+    assert len(images) == 4 and {image.size for image in images} == {(32, 32)}
+    outer = next(n for n in WORKFLOWS[name].nodes if n.type == "BasicScheduler").widgets["steps"] - 1
+    previews = [e for e in events if e["type"] == "preview_image" and e["data"]["node"] == sampler]
+    assert len(previews) >= outer, "SamplerCustomAdvanced should preview every outer step's inner result"
+
+
+def test_every_runnable_example_is_tested_here():
+    assert RUNNABLE == ["exemplar_custom_advanced_nested", "exemplar_img2img_inpaint_nested",
+                        "nested_vs_vanilla_exemplar"]
+
+
+@pytest.mark.parametrize("name", NEEDS_WEIGHTS)
+def test_example_validates_up_to_missing_weights(name, client):
+    prompt = api_prompt(name)
+    with pytest.raises(PromptValidationError) as rejected:
+        client.queue_prompt(prompt)
+    error = rejected.value
+    assert error.status_code == 400
+    loaders = wc.file_loaders(prompt)
+    assert set(error.node_errors) == set(loaders), str(error)
+    for failing_id, failure in error.node_errors.items():
+        expected = dict(loaders[failing_id])
+        for item in failure["errors"]:
+            input_name = (item.get("extra_info") or {}).get("input_name")
+            assert input_name in expected, str(error)
+            if item["type"] == "value_not_in_list":
+                assert item["extra_info"]["received_value"] == expected[input_name]
+            else:  # LoadImage checks its file itself
+                assert item["type"] == "custom_validation_failed" and input_name == "image", str(error)
+                assert f"Invalid image file: {expected['image']}" in item["details"]
+
+
+@pytest.mark.parametrize("name", NEEDS_WEIGHTS)
+def test_example_passes_validation_with_placeholder_files(name, server, client):
+    """With empty files under the expected names the prompt is accepted whole; it then fails in a loader."""
+    prompt = api_prompt(name)
+    created = []
+    folders = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
+               "clip_name2": "text_encoders", "vae_name": "vae", "image": None}
+    try:
+        for values in wc.file_loaders(prompt).values():
+            for input_name, file_name in values:
+                if folders[input_name] is None:
+                    path = server.base_dir / "input" / file_name
+                    picture = Image.new("RGBA", (64, 64), (90, 120, 200, 255))
+                    picture.paste((0, 0, 0, 0), (16, 16, 48, 48))  # a transparent hole: the inpainting mask
+                    picture.save(path)
+                else:
+                    path = server.base_dir / "models" / folders[input_name] / file_name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(b"")
+                created.append(path)
+        prompt_id = client.queue_prompt(prompt)
+        with pytest.raises(ExecutionError) as failed:
+            list(client.stream(prompt_id, timeout=120))
+        assert failed.value.node_type in LOADER_TYPES, failed.value
+    finally:
+        for path in created:
+            path.unlink(missing_ok=True)
+
+
+# -- the templates browser --------------------------------------------------------------------------------------
+def test_templates_route_lists_and_serves_the_examples(server):
+    listed = requests.get(f"{server.url}/api/workflow_templates", timeout=30).json()
+    assert PACK_DIR_NAME in listed, listed
+    names = set(listed[PACK_DIR_NAME])
+    # API twins live in example_workflows/api/ so that the Templates dialog, which loads what it lists with
+    # app.loadGraphData, offers editor-format files only: exactly the examples are listed.
+    assert names == set(WORKFLOWS)
+    for name in WORKFLOWS:
+        base = f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}"
+        served = requests.get(f"{base}.json", timeout=30)
+        assert served.status_code == 200 and served.json() == wc.load(PAIRS[name][0])
+        thumbnail = requests.get(f"{base}.jpg", timeout=30)  # the frontend asks for <name>.jpg
+        assert thumbnail.status_code == 200 and thumbnail.headers["Content-Type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
+
+
+def test_api_twins_are_not_offered_as_templates(server):
+    listed = set(requests.get(f"{server.url}/api/workflow_templates", timeout=30).json()[PACK_DIR_NAME])
+    twins = {path.stem for _, path in PAIRS.values() if path.parent.name == "api"}
+    assert twins and not twins & listed
