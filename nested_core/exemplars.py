@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -169,12 +170,14 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def posterior_mean(
-    x: torch.Tensor, sigma: SigmaLike, exemplars: torch.Tensor, spread: float, alpha: SigmaLike = 1.0
+    x: torch.Tensor, sigma: SigmaLike, exemplars: torch.Tensor, spread: float, alpha: SigmaLike = 1.0,
+    log_prior: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exact ``E[x0 | x]`` for ``x = alpha * x0 + sigma * eps``, x0 from the exemplar mixture.
 
     ``sigma`` and ``alpha`` are floats or per-item ``[B]`` tensors; ``alpha = 0`` (pure noise)
-    gives the mixture mean. Computed in float64 with a log-sum-exp softmax.
+    gives the mixture mean. ``log_prior`` ([B, K] or [K]) reweights the mixture components, which
+    makes the model class-conditional (uniform when None). Computed in float64 with a log-sum-exp softmax.
     """
     if spread <= 0:
         raise ValueError(f"spread must be > 0, got {spread}")
@@ -189,6 +192,8 @@ def posterior_mean(
     var = a**2 * spread**2 + s**2  # [B, 1]: variance of x around alpha * mu_k
     # -|x - a mu_k|^2 / (2 var) without the |x|^2 term, which is the same for every k.
     logits = (a * (xs @ mu.T) - 0.5 * a**2 * (mu**2).sum(-1)[None]) / var  # [B, K]
+    if log_prior is not None:
+        logits = logits + log_prior.to(device=x.device, dtype=dtype).expand_as(logits)
     weights = torch.softmax(logits, dim=-1)
     gain = a * spread**2 / var  # [B, 1]: shrinkage of (x - alpha * mu_k) kept in the mean
     # sum_k w_k (mu_k + gain (x - alpha mu_k)) with sum_k w_k = 1:
@@ -196,19 +201,21 @@ def posterior_mean(
     return mean.reshape(x.shape).to(x.dtype)
 
 
-def posterior_mean_ve(x: torch.Tensor, sigma: SigmaLike, exemplars: torch.Tensor, spread: float) -> torch.Tensor:
+def posterior_mean_ve(x: torch.Tensor, sigma: SigmaLike, exemplars: torch.Tensor, spread: float,
+                      log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact ``E[x0 | x]`` under the variance-exploding form ``x = x0 + sigma * eps``."""
-    return posterior_mean(x, sigma, exemplars, spread, alpha=1.0)
+    return posterior_mean(x, sigma, exemplars, spread, alpha=1.0, log_prior=log_prior)
 
 
-def posterior_mean_flow(x: torch.Tensor, sigma: SigmaLike, exemplars: torch.Tensor, spread: float) -> torch.Tensor:
+def posterior_mean_flow(x: torch.Tensor, sigma: SigmaLike, exemplars: torch.Tensor, spread: float,
+                        log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact ``E[x0 | x]`` under the rectified-flow form ``x = (1 - sigma) * x0 + sigma * eps``.
 
     Equal to ``posterior_mean_ve(x / (1 - sigma), sigma / (1 - sigma))`` for sigma < 1, and finite
     at sigma = 1 (where it is the mixture mean).
     """
     s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-    return posterior_mean(x, s, exemplars, spread, alpha=1.0 - s)
+    return posterior_mean(x, s, exemplars, spread, alpha=1.0 - s, log_prior=log_prior)
 
 
 def prediction_from_mean(x: torch.Tensor, sigma: SigmaLike, mean: torch.Tensor, prediction: str) -> torch.Tensor:
@@ -229,6 +236,17 @@ def prediction_from_mean(x: torch.Tensor, sigma: SigmaLike, mean: torch.Tensor, 
     else:
         raise ValueError(f"unknown prediction {prediction!r}: use 'eps', 'v_prediction' or 'flow'")
     return torch.where(s > 0, out, torch.zeros_like(out)).to(x.dtype)
+
+
+EXCLUDED_LOG_PRIOR = -1e4  # a finite "never": keeps the softmax free of NaN even if a row excludes everything
+
+
+def log_prior_from_weights(weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, K] non-negative class weights -> log prior; a row of zeros means no preference (uniform)."""
+    weights = weights.to(torch.float64).clamp_min(0.0)
+    uniform = weights.sum(-1, keepdim=True) <= 0
+    weights = torch.where(uniform, torch.ones_like(weights), weights)
+    return torch.where(weights > 0, weights.log(), torch.full_like(weights, EXCLUDED_LOG_PRIOR))
 
 
 def rms_distances(images: torch.Tensor, exemplars: torch.Tensor) -> torch.Tensor:

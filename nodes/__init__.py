@@ -6,7 +6,7 @@ from typing_extensions import override
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    from .exemplar_model import NestedExemplarModel
+    from .exemplar_model import NestedExemplarModel, NestedExemplarPrompt
     from .inner_solver import InnerSolverSelect
     from .nested_ksampler import NestedKSampler, NestedKSamplerAdvanced
     from .nested_sampler import NestedSampler
@@ -14,7 +14,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from .pick_candidate import NestedPickCandidate
 
     return [NestedKSampler, NestedKSamplerAdvanced, NestedSampler, InnerSolverSelect, OuterStepPreview,
-            NestedPickCandidate, NestedExemplarModel]
+            NestedPickCandidate, NestedExemplarModel, NestedExemplarPrompt]
 
 
 class NestedDiffusionExtension(ComfyExtension):

@@ -25,8 +25,11 @@ import comfy.supported_models_base
 import torch
 from comfy_api.latest import io
 
+from ..nested_core import NestedDiffusionError
 from ..nested_core.exemplars import (
+    EXEMPLAR_NAMES,
     default_exemplars,
+    log_prior_from_weights,
     posterior_mean_flow,
     posterior_mean_ve,
     prediction_from_mean,
@@ -89,6 +92,7 @@ class ExemplarDenoiser(torch.nn.Module):
         self.prediction = prediction
         self.spread = float(spread)
         self.dtype = torch.float32
+        self.names: tuple[str, ...] = ()
         self.register_buffer("exemplars", torch.zeros(exemplar_shape, dtype=torch.float32, device=device))
         settings = dict(sampling_settings or {})
         self.multiplier = float(settings.get("multiplier", 1000))
@@ -110,21 +114,32 @@ class ExemplarDenoiser(torch.nn.Module):
         sigma = self.sigma_from_timestep(timesteps.reshape(-1)).to(x.device, torch.float64)
         return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
 
+    def log_prior(self, context, batch: int) -> torch.Tensor | None:
+        """The conditioning picks exemplars: its first token holds one weight per exemplar (zeros: all of them).
+        Conditioning of another width (a CLIP embedding, the 8-wide empty one with other exemplars) means no choice."""
+        if not torch.is_tensor(context) or context.ndim != 3 or context.shape[-1] != self.exemplars.shape[0]:
+            return None
+        weights = context[:, 0, :]
+        if weights.shape[0] != batch:
+            weights = weights[:1].expand(batch, -1)
+        return log_prior_from_weights(weights)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None, transformer_options=None, **kwargs):
         sigma = self._sigma(x, timesteps, transformer_options)
         scale = (sigma**2 + 1).sqrt().reshape(-1, 1, 1, 1)
+        prior = self.log_prior(context, x.shape[0])
         if self.prediction == "flow":
             latent = x.to(torch.float64)
-            mean = posterior_mean_flow(latent, sigma, self.exemplars, self.spread)
+            mean = posterior_mean_flow(latent, sigma, self.exemplars, self.spread, prior)
         else:
             latent = x.to(torch.float64) * scale  # undo EPS.calculate_input
-            mean = posterior_mean_ve(latent, sigma, self.exemplars, self.spread)
+            mean = posterior_mean_ve(latent, sigma, self.exemplars, self.spread, prior)
         return prediction_from_mean(latent, sigma, mean, self.prediction).to(x.dtype)
 
 
 def build_exemplar_model(
     exemplars: torch.Tensor, spread: float, prediction: str, shift: float = 1.0,
-    latent_scale: float = DEFAULT_LATENT_SCALE,
+    latent_scale: float = DEFAULT_LATENT_SCALE, names: tuple[str, ...] = (),
 ) -> comfy.model_patcher.ModelPatcher:
     """A ComfyUI MODEL whose denoiser is exact for the mixture of ``exemplars`` ([K, 3, H, W], [-1, 1]).
 
@@ -158,6 +173,7 @@ def build_exemplar_model(
     )
     with torch.no_grad():
         model.diffusion_model.exemplars.copy_(exemplars.detach().to(torch.float32) * latent_scale)
+    model.diffusion_model.names = tuple(names)
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(), offload_device=offload_device
     )
@@ -166,6 +182,34 @@ def build_exemplar_model(
 def empty_conditioning() -> list:
     """A CONDITIONING the exemplar model accepts: one 8-dim zero token, no extras (needs no CLIP)."""
     return [[torch.zeros(1, 1, 8), {}]]
+
+
+def exemplar_names(model) -> list[str]:
+    """Names a prompt can use: the built-in set's names, or "exemplar 1".. for exemplars from images."""
+    denoiser = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(denoiser, ExemplarDenoiser):
+        raise NestedDiffusionError("model must come from Exemplar Mixture Model (testing): only it understands exemplar prompts")
+    count = denoiser.exemplars.shape[0]
+    return list(denoiser.names) if denoiser.names else [f"exemplar {index + 1}" for index in range(count)]
+
+
+def prompt_weights(text: str, names: list[str]) -> torch.Tensor:
+    """'red disc, smiley' or '1, 8' (1-based) -> one weight per exemplar; empty text = no preference."""
+    weights = torch.zeros(len(names))
+    lowered = [name.lower() for name in names]
+    for part in (piece.strip().lower() for piece in text.split(",")):
+        if not part:
+            continue
+        if part.isdigit() and 1 <= int(part) <= len(names):
+            weights[int(part) - 1] = 1.0
+        elif part in lowered:
+            weights[lowered.index(part)] = 1.0
+        else:
+            raise NestedDiffusionError(
+                f"text names {part!r}, which is not an exemplar of this model: use {', '.join(names)} "
+                f"or their numbers 1 to {len(names)}"
+            )
+    return weights
 
 
 def image_to_exemplars(image: torch.Tensor) -> torch.Tensor:
@@ -213,5 +257,31 @@ class NestedExemplarModel(io.ComfyNode):
     def execute(cls, prediction: str, spread: float, image_size: int, shift: float = 1.0,
                 latent_scale: float = DEFAULT_LATENT_SCALE, exemplars: torch.Tensor | None = None) -> io.NodeOutput:
         mus = image_to_exemplars(exemplars) if exemplars is not None else default_exemplars(image_size)
-        model = build_exemplar_model(mus, spread=spread, prediction=prediction, shift=shift, latent_scale=latent_scale)
+        names = () if exemplars is not None else EXEMPLAR_NAMES
+        model = build_exemplar_model(mus, spread=spread, prediction=prediction, shift=shift, latent_scale=latent_scale,
+                                     names=names)
         return io.NodeOutput(model, empty_conditioning())
+
+
+class NestedExemplarPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedExemplarPrompt",
+            display_name="Exemplar Prompt (testing)",
+            category="sampling/nested/testing",
+            description="A 'prompt' for the Exemplar Mixture Model: the exemplars you want, by name (red disc, blue "
+                        "square, green triangle, yellow cross, cyan ring, orange stripes, checker, smiley) or number. "
+                        "The model then samples only those (exactly: the class-conditional mixture), so CFG and "
+                        "prompt changes between stages behave as with a text model. Empty text: any exemplar.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Exemplar Mixture Model this prompt is for."),
+                io.String.Input("text", default="red disc, smiley", tooltip="Exemplar names or 1-based numbers, comma-separated."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, text: str) -> io.NodeOutput:
+        weights = prompt_weights(text, exemplar_names(model))
+        return io.NodeOutput([[weights.reshape(1, 1, -1), {}]])

@@ -178,3 +178,29 @@ def test_pixel_space_vae_shows_the_exemplars(em, exemplars):
     image = vae.decode(exemplars)
     assert image.shape == (8, 32, 32, 3)
     assert torch.allclose(em.image_to_exemplars(image), exemplars, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "flow"])
+def test_exemplar_prompt_samples_only_the_named_exemplars(em, exemplars, prediction):
+    model, _ = em.NestedExemplarModel.execute(prediction=prediction, spread=SPREAD, image_size=32,
+                                              shift=1.0, latent_scale=0.125).result
+    (wanted,) = em.NestedExemplarPrompt.execute(model=model, text="Red Disc, 8").result
+    anything = em.empty_conditioning()
+    images = ksample(model, 3, 1.0, "normal", wanted, anything, batch=8)
+    distance, nearest = manifold_distance(images, exemplars)
+    assert distance.max() < 3 * SPREAD
+    assert set(nearest.tolist()) <= {0, 7} and len(set(nearest.tolist())) == 2
+    unconditional = ksample(model, 3, 1.0, "normal", anything, anything, batch=8)
+    assert len(set(manifold_distance(unconditional, exemplars)[1].tolist())) > 2
+    guided = ksample(model, 3, 3.0, "normal", wanted, anything, batch=8)  # CFG towards the prompt still lands on it
+    assert set(manifold_distance(guided, exemplars)[1].tolist()) <= {0, 7}
+
+
+def test_exemplar_prompt_rejects_unknown_names(em):
+    from comfyui_nested_diffusion.nested_core import NestedDiffusionError
+
+    model, _ = em.NestedExemplarModel.execute(prediction="eps", spread=SPREAD, image_size=32).result
+    with pytest.raises(NestedDiffusionError, match="purple elephant.*red disc"):
+        em.NestedExemplarPrompt.execute(model=model, text="red disc, purple elephant")
+    with pytest.raises(NestedDiffusionError, match="numbers 1 to 8"):
+        em.NestedExemplarPrompt.execute(model=model, text="9")
