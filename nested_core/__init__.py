@@ -1,6 +1,6 @@
 """The nested diffusion algorithm in pure torch: no ComfyUI imports, testable alone."""
 from .budget import StopRule
-from .errors import NestedDiffusionError
+from .errors import NestedDiffusionError, check_number
 from .nested import CountedModel, derive_seed, outer_step, sample_nested, seeded_outer_noise
 from .schedules import (
     MAX_TOTAL_STEPS,
@@ -8,6 +8,7 @@ from .schedules import (
     check_steps,
     denoise_start_sigma,
     is_valid_schedule,
+    largest_count_that_works,
     outer_schedule,
     truncated_schedule,
 )
@@ -22,8 +23,8 @@ from .steps import (
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedDiffusionError", "check_schedule", "check_steps",
-    "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "nfe_for_inner_process",
+    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
+    "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
     "truncated_schedule",
 ]

@@ -2,6 +2,7 @@
 Checked after every inner diffusion, never inside one."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -28,8 +29,8 @@ class StopRule:
     def __post_init__(self) -> None:
         if self.max_nfe < 0:
             raise NestedDiffusionError(f"max_nfe must be 0 (no limit) or positive, got {self.max_nfe}")
-        if self.max_seconds < 0:
-            raise NestedDiffusionError(f"max_seconds must be 0 (no limit) or positive, got {self.max_seconds}")
+        if not math.isfinite(self.max_seconds) or self.max_seconds < 0:
+            raise NestedDiffusionError(f"max_seconds must be 0 (no limit) or a positive number of seconds, got {self.max_seconds}")
         if self.max_nfe and self.nfe_per_outer and self.nfe_per_outer[0] > self.max_nfe:
             raise NestedDiffusionError(
                 f"max_nfe {self.max_nfe} is below the cost of the first inner diffusion ({self.nfe_per_outer[0]} NFEs): "

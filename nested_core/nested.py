@@ -112,8 +112,8 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
     ``index_offset``: where ``sigmas`` starts in the whole outer schedule (a later stage of a split run).
     """
     extra_args = {} if extra_args is None else extra_args
-    if outer_eta < 0:
-        raise NestedDiffusionError(f"outer_eta must be at least 0, got {outer_eta}")
+    if not math.isfinite(outer_eta) or outer_eta < 0:
+        raise NestedDiffusionError(f"outer_eta must be a number from 0 to 1, got {outer_eta}")
     counted = CountedModel(model, on_model_call)
     noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"))
     outer_sigmas = [float(s) for s in sigmas]

@@ -75,7 +75,8 @@ def _closer_first(start_sigma: float, candidates: Sequence[int], values: dict[in
     return sorted(candidates, key=log_gap)
 
 
-def truncated_schedule(schedule_fn: ScheduleFn, steps: int, start_sigma: float, max_total_steps: int = MAX_TOTAL_STEPS) -> torch.Tensor:
+def truncated_schedule(schedule_fn: ScheduleFn, steps: int, start_sigma: float, max_total_steps: int = MAX_TOTAL_STEPS,
+                       scan_all: bool = True) -> torch.Tensor:
     """The last ``steps`` steps of the scheduler's own schedule, pinned to start exactly at ``start_sigma``.
 
     This is KSampler's ``denoise`` truncation run backwards: find the schedule length whose tail of
@@ -131,8 +132,8 @@ def truncated_schedule(schedule_fn: ScheduleFn, steps: int, start_sigma: float, 
         if tail is not None:
             return tail
     # Schedulers whose sigmas don't move monotonically with the step count: try every length (rare, slow path).
-    for total in _closer_first(start_sigma, [t for t in range(steps, min(max_total_steps, LINEAR_SCAN_LIMIT) + 1)
-                                             if value(t) is not None], values):
+    scan_limit = min(max_total_steps, LINEAR_SCAN_LIMIT) if scan_all else steps - 1
+    for total in _closer_first(start_sigma, [t for t in range(steps, scan_limit + 1) if value(t) is not None], values):
         tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
         if tail is not None:
             return tail
@@ -164,6 +165,24 @@ def outer_schedule(schedule_fn: ScheduleFn, outer_steps: int, start_sigma: Optio
     else:
         full = truncated_schedule(schedule_fn, outer_steps + 1, start_sigma)
     sigmas = torch.cat([full[:-2], full[-1:]])
+    if sigmas.numel() != outer_steps + 1:
+        raise NestedDiffusionError(
+            f"the scheduler gives {full.numel() - 1} steps when asked for {outer_steps + 1}: it cannot space {outer_steps} outer steps"
+        )
     check_schedule(sigmas, "outer schedule")
     return sigmas
 
+
+
+def largest_count_that_works(build: Callable[[int], object], upper: int) -> int:
+    """The largest step count below ``upper`` for which ``build`` succeeds (binary search; 0 if none does).
+    Used to tell the user what fits when a count is beyond a scheduler's resolution."""
+    low, high = 0, upper
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            build(middle)
+            low = middle
+        except NestedDiffusionError:
+            high = middle
+    return low

@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..nested_core import STEP_SCHEDULE_PRESETS, NestedDiffusionError, parse_step_schedule
+from ..nested_core import STEP_SCHEDULE_PRESETS, NestedDiffusionError, check_number, parse_step_schedule
 from .sampling import InnerSolverSpec
 
 InnerSolver = io.Custom("NESTED_INNER_SOLVER")
@@ -47,8 +47,9 @@ class InnerSolverSelect(io.ComfyNode):
     def execute(cls, sampler_name, scheduler, steps, eta, s_noise, step_schedule="") -> io.NodeOutput:
         step_schedule = step_schedule or ""
         check_step_schedule_text(step_schedule)
+        eta, s_noise = check_number("eta", eta, 0.0, 100.0), check_number("s_noise", s_noise, 0.0, 100.0)
         spec = InnerSolverSpec(sampler_name=sampler_name, scheduler=scheduler, steps=steps, eta=eta,
-                               s_noise=s_noise, step_schedule=step_schedule.strip())
+                               s_noise=s_noise, step_schedule=step_schedule.strip(), steps_input="inner solver steps")
         return io.NodeOutput(spec)
 
 

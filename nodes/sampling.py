@@ -23,8 +23,10 @@ from ..nested_core import (
     ADAPTIVE_SOLVERS,
     NestedDiffusionError,
     StopRule,
+    check_number,
     denoise_start_sigma,
     inner_steps_per_outer,
+    largest_count_that_works,
     nfe_for_inner_process,
     outer_schedule,
     sample_nested,
@@ -46,6 +48,7 @@ class InnerSolverSpec:
     eta: Optional[float] = None
     s_noise: Optional[float] = None
     step_schedule: str = ""
+    steps_input: str = "inner_steps"  # how error messages name the steps: the input the user set them with
 
     def steps_per_outer(self, outer_steps: int) -> list[int]:
         return inner_steps_per_outer(outer_steps, self.steps, self.step_schedule)
@@ -149,6 +152,39 @@ def outer_sigmas_from(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas
 
 
+BETTER_SCHEDULERS = "such as normal or karras"
+
+
+def build_outer_sigmas(model_sampling: Any, scheduler: str, outer_steps: int, start: Optional[float]) -> torch.Tensor:
+    schedule_fn = schedule_function(model_sampling, scheduler)
+    try:
+        return outer_schedule(schedule_fn, outer_steps, start)
+    except NestedDiffusionError as error:
+        fits = largest_count_that_works(lambda count: outer_schedule(schedule_fn, count, start), outer_steps)
+        raise NestedDiffusionError(
+            f"outer_steps {outer_steps} is beyond the resolution of scheduler '{scheduler}' for this model: at most "
+            f"{fits} outer steps fit; use fewer or another scheduler {BETTER_SCHEDULERS} ({error})"
+        ) from None
+
+
+def build_inner_sigmas(inner_fn: Callable[[int], torch.Tensor], spec: InnerSolverSpec, steps: list[int],
+                       outer_sigmas: torch.Tensor) -> list[torch.Tensor]:
+    inner_sigmas = []
+    for index, count in enumerate(steps):
+        sigma = float(outer_sigmas[index])
+        try:
+            inner_sigmas.append(truncated_schedule(inner_fn, count, sigma))
+        except NestedDiffusionError:
+            fits = largest_count_that_works(lambda n: truncated_schedule(inner_fn, n, sigma, scan_all=False), count)
+            name = f"step_schedule entry {index + 1}" if spec.step_schedule else spec.steps_input
+            raise NestedDiffusionError(
+                f"{name} {count} is beyond the resolution of scheduler '{spec.scheduler}' for this model at outer step "
+                f"{index + 1} (sigma {sigma:.3g}): at most {fits} inner steps fit there; use fewer or another "
+                f"scheduler {BETTER_SCHEDULERS}"
+            ) from None
+    return inner_sigmas
+
+
 def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: Optional[str] = None,
                     denoise: float = 1.0, outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
     """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input.
@@ -161,10 +197,10 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
     if outer_sigmas is None:
         start = denoise_start_sigma(inner_fn, sum(steps), denoise)
-        if start is None:
+        if start is None and outer_steps == 1:  # exactly KSampler with the inner steps
             start = float(inner_fn(steps[0])[0])
-        outer_sigmas = outer_schedule(schedule_function(model_sampling, outer_scheduler), outer_steps, start)
-    inner_sigmas = [truncated_schedule(inner_fn, steps[k], float(outer_sigmas[k])) for k in range(len(outer_sigmas) - 1)]
+        outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
+    inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
     solver, inpaint_options = inner_solver_function(spec)
     return NestedPlan(
         outer_sigmas=outer_sigmas,
@@ -351,6 +387,8 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
                         outer_eta: float, node_id: Optional[str], add_noise: bool = True,
                         limits: RunLimits = RunLimits()) -> tuple[dict, dict]:
     """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews)."""
+    check_number("cfg", cfg, 0.0, 100.0)
+    check_number("outer_eta", outer_eta, 0.0, 1.0)
     latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
     check_latent(model, latent_image)
     if add_noise:
@@ -379,7 +417,7 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
     def __init__(self, spec: InnerSolverSpec, outer_eta: float, limits: RunLimits = RunLimits()):
         super().__init__(sample_nested)
         self.spec = spec
-        self.outer_eta = outer_eta
+        self.outer_eta = check_number("outer_eta", outer_eta, 0.0, 1.0)
         self.limits = limits
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
