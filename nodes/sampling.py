@@ -65,6 +65,7 @@ def schedule_function(model_sampling: Any, scheduler: str, sampler_name: Optiona
     """Step count -> sigmas, exactly as KSampler builds them for this scheduler (and sampler)."""
     discard_penultimate = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
 
+    @functools.lru_cache(maxsize=None)  # schedule searches ask for the same lengths again and again
     def sigmas_for(steps: int) -> torch.Tensor:
         if discard_penultimate:
             sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
@@ -152,7 +153,19 @@ def outer_sigmas_from(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas
 
 
-BETTER_SCHEDULERS = "such as normal or karras"
+def other_schedulers(scheduler: str) -> str:
+    return " or ".join([name for name in ("normal", "karras", "exponential") if name != scheduler][:2])
+
+
+def largest_outer_steps_that_fit(schedule_fn: Callable[[int], torch.Tensor], outer_steps: int, start: Optional[float]) -> int:
+    """Counted down one by one: some schedulers (ddim_uniform) fit 200 outer steps but not 150."""
+    for count in range(outer_steps - 1, 0, -1):
+        try:
+            outer_schedule(schedule_fn, count, start)
+            return count
+        except NestedDiffusionError:
+            continue
+    return 0
 
 
 def build_outer_sigmas(model_sampling: Any, scheduler: str, outer_steps: int, start: Optional[float]) -> torch.Tensor:
@@ -160,10 +173,10 @@ def build_outer_sigmas(model_sampling: Any, scheduler: str, outer_steps: int, st
     try:
         return outer_schedule(schedule_fn, outer_steps, start)
     except NestedDiffusionError as error:
-        fits = largest_count_that_works(lambda count: outer_schedule(schedule_fn, count, start), outer_steps)
+        fits = largest_outer_steps_that_fit(schedule_fn, outer_steps, start)
         raise NestedDiffusionError(
             f"outer_steps {outer_steps} is beyond the resolution of scheduler '{scheduler}' for this model: at most "
-            f"{fits} outer steps fit; use fewer or another scheduler {BETTER_SCHEDULERS} ({error})"
+            f"{fits} outer steps fit; use fewer or another scheduler such as {other_schedulers(scheduler)} ({error})"
         ) from None
 
 
@@ -180,7 +193,7 @@ def build_inner_sigmas(inner_fn: Callable[[int], torch.Tensor], spec: InnerSolve
             raise NestedDiffusionError(
                 f"{name} {count} is beyond the resolution of scheduler '{spec.scheduler}' for this model at outer step "
                 f"{index + 1} (sigma {sigma:.3g}): at most {fits} inner steps fit there; use fewer or another "
-                f"scheduler {BETTER_SCHEDULERS}"
+                f"scheduler such as {other_schedulers(spec.scheduler)}"
             ) from None
     return inner_sigmas
 
