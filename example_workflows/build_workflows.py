@@ -90,6 +90,16 @@ NODE_DEFS: dict[str, NodeDef] = {
     "InnerSolverSelect": _d("", "sampler_name:COMBO, scheduler:COMBO, steps:INT, eta:FLOAT, s_noise:FLOAT, "
                                 "step_schedule:STRING?=\"\"", "inner_solver:NESTED_INNER_SOLVER", pack=True),
     "OuterStepPreview": _d("previews:LATENT, vae:VAE", "", "images:IMAGE", pack=True),
+    "NestedKSamplerAdvanced": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING, latent_image:LATENT, "
+                                 "inner_solver:NESTED_INNER_SOLVER?",
+                                 "add_noise:COMBO, noise_seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, "
+                                 "sampler_name:COMBO, scheduler:COMBO, start_at_outer_step:INT, end_at_outer_step:INT, "
+                                 "return_with_leftover_noise:COMBO, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, "
+                                 "max_seconds:FLOAT?=0.0",
+                                 "samples:LATENT, outer_previews:LATENT", pack=True, seed="noise_seed"),
+    "NestedPickCandidate": _d("samples:LATENT, outer_previews:LATENT, vae:VAE?", "index:INT",
+                              "samples:LATENT, picked_preview:LATENT", pack=True),
+    "NestedExemplarPrompt": _d("model:MODEL", "text:STRING", "CONDITIONING:CONDITIONING", pack=True),
     "NestedExemplarModel": _d("exemplars:IMAGE?", "prediction:COMBO, spread:FLOAT, image_size:INT, shift:FLOAT, "
                                                   "latent_scale:FLOAT", "MODEL:MODEL, CONDITIONING:CONDITIONING",
                               pack=True),
@@ -132,7 +142,8 @@ DEFAULT_SIZES = {
     "SetLatentNoiseMask": (190, 46), "SolidMask": (260, 106), "MaskComposite": (260, 126),
     "UNETLoader": (320, 82), "DualCLIPLoader": (320, 130), "FluxGuidance": (280, 58), "BasicGuider": (180, 46),
     "CFGGuider": (280, 98), "BasicScheduler": (280, 106), "RandomNoise": (280, 82),
-    "SamplerCustomAdvanced": (300, 420), "MarkdownNote": (420, 220),
+    "SamplerCustomAdvanced": (300, 420), "MarkdownNote": (420, 220), "NestedKSamplerAdvanced": (320, 740),
+    "NestedPickCandidate": (420, 470), "NestedExemplarPrompt": (320, 82),
 }
 COLORS = {"positive": ("#232", "#353"), "negative": ("#322", "#533"), "note": ("#432", "#653"),
           "nested": ("#223", "#335")}
@@ -372,6 +383,11 @@ _API_ORDER = {
     "NestedSampler": "inner_solver outer_eta max_nfe max_seconds",
     "InnerSolverSelect": "sampler_name scheduler steps eta s_noise step_schedule",
     "OuterStepPreview": "previews vae",
+    "NestedKSamplerAdvanced": "model add_noise noise_seed outer_steps inner_steps cfg sampler_name scheduler positive "
+                              "negative latent_image start_at_outer_step end_at_outer_step return_with_leftover_noise "
+                              "inner_solver outer_eta max_nfe max_seconds",
+    "NestedPickCandidate": "samples outer_previews index vae",
+    "NestedExemplarPrompt": "model text",
     "NestedExemplarModel": "prediction spread image_size shift latent_scale exemplars",
     "CLIPTextEncode": "text clip",
     "KSampler": "model seed steps cfg sampler_name scheduler positive negative latent_image denoise",
@@ -657,9 +673,102 @@ def exemplar_custom_advanced_nested() -> Workflow:
     return w
 
 
+# Staged runs (NestedKSamplerAdvanced): the paper's section 5, generation with human feedback (Figure 7) and a
+# prompt that gains detail after the first outer step (Figure 8). Both stages share seed and steps, so stage 1
+# (outer step 1, leftover noise) + stage 2 (outer steps 2 to 4, added noise off) is one 4-step nested run.
+STAGED = {"noise_seed": 42, "outer_steps": 4, "inner_steps": 8, "sampler_name": "euler_ancestral",
+          "scheduler": "normal", "outer_eta": 0.0}
+STAGE_1 = {"add_noise": "enable", "start_at_outer_step": 0, "end_at_outer_step": 1,
+           "return_with_leftover_noise": "enable"}
+STAGE_2 = {"add_noise": "disable", "start_at_outer_step": 1, "end_at_outer_step": 4,
+           "return_with_leftover_noise": "disable"}
+
+
+def exemplar_pick_candidate_nested() -> Workflow:
+    w = Workflow("exemplar_pick_candidate_nested", "Pick a candidate after outer step 1 (paper Figure 7, exemplar model)",
+                 "Generation with human feedback: stage 1 (NestedKSamplerAdvanced, outer step 1 of 4) makes 4 "
+                 "candidates; Pick Candidate keeps #2 in every batch slot; stage 2 (outer steps 2-4) makes 4 "
+                 "variations of it with the paper's inner DDIM (eta 0.85). No downloads.", runnable=True)
+    # latent_scale 0.35 (not 0.125): the exemplars lie far enough apart that outer step 1 already settles which
+    # picture a candidate is, as a real model settles its composition early; at 0.125 the noise left at the
+    # second outer sigma can still turn a candidate into another exemplar.
+    model = w.add("NestedExemplarModel", (40, 110), {**EXEMPLAR, "latent_scale": 0.35},
+                  title="Exemplar Mixture Model (testing)")
+    latent = w.add("EmptyChromaRadianceLatentImage", (40, 360), {"width": 32, "height": 32, "batch_size": 4},
+                   title="Empty pixel latent (4 candidates)")
+    vae = w.add("VAELoader", (40, 530), {"vae_name": "pixel_space"}, title="Pixel-space VAE")
+    inner = w.add("InnerSolverSelect", (40, 660), {"sampler_name": "euler_ancestral", "scheduler": "normal",
+                                                   "steps": 8, "eta": 0.85, "s_noise": 1.0, "step_schedule": ""},
+                  title="Inner solver (the paper's DDIM, eta 0.85)", color="nested")
+    stage1 = w.add("NestedKSamplerAdvanced", (420, 110), {**STAGED, **STAGE_1, "cfg": 1.0},
+                   title="Stage 1: outer step 1 of 4", color="nested", model=model.out(0), positive=model.out(1),
+                   negative=model.out(1), latent_image=latent.out(0), inner_solver=inner.out(0))
+    candidates = w.add("OuterStepPreview", (780, 110), title="Stage 1 candidates", size=(420, 440),
+                       previews=stage1.out(1), vae=vae.out(0))
+    pick = w.add("NestedPickCandidate", (780, 620), {"index": 2}, title="Pick Candidate: set index, re-queue",
+                 color="nested", size=(420, 470), samples=stage1.out(0), outer_previews=stage1.out(1), vae=vae.out(0))
+    stage2 = w.add("NestedKSamplerAdvanced", (1260, 110), {**STAGED, **STAGE_2, "cfg": 1.0},
+                   title="Stage 2: outer steps 2-4", color="nested", model=model.out(0), positive=model.out(1),
+                   negative=model.out(1), latent_image=pick.out(0), inner_solver=inner.out(0))
+    decode = w.add("VAEDecode", (1620, 110), samples=stage2.out(0), vae=vae.out(0))
+    w.add("SaveImage", (1620, 220), {"filename_prefix": "nested_examples/picked"}, title="Variations of the pick",
+          size=(400, 400), images=decode.out(0))
+    w.add("OuterStepPreview", (1620, 690), title="Stage 2 outer steps", size=(400, 520), previews=stage2.out(1),
+          vae=vae.out(0))
+    w.note("**Pick a candidate (paper Figure 7).** Stage 1 runs only the first of 4 outer steps: after it, each of "
+           "the 4 batch items already is a finished image (*Stage 1 candidates*), at a quarter of the cost. Look at "
+           "them, set *Pick Candidate*'s `index` (0-3) and queue again: ComfyUI's cache keeps stage 1, so only the "
+           "pick and stage 2 run. The pick's noisy outer state replaces every batch slot, and stage 2 (outer steps "
+           "2-4, `add_noise` disable, same seed and steps) finishes 4 variations of it: the stochastic inner solver "
+           "(DDIM eta 0.85) makes them differ. Change the seed to get new candidates. The model's `latent_scale` is 0.35 "
+           "here so that outer step 1 already settles which picture a candidate is, as the composition of a real "
+           "model's image is settled early.", (40, 920), size=(340, 380))
+    w.group("Exact model, no downloads", [model, latent, vae, inner], "model")
+    w.group("Choose", [candidates, pick], "guide")
+    return w
+
+
+def exemplar_prompt_refine_nested() -> Workflow:
+    w = Workflow("exemplar_prompt_refine_nested", "Add detail to the prompt after outer step 1 (paper Figure 8, exemplar model)",
+                 "A prompt that gains detail mid-run: stage 1 (outer step 1 of 4) samples the broad prompt 'red disc, "
+                 "blue square, cyan ring, smiley'; stage 2 (outer steps 2-4) continues with 'smiley'. Exemplar "
+                 "Prompt makes the exact model class-conditional; cfg 1.5 against the empty conditioning. No "
+                 "downloads.", runnable=True)
+    model = w.add("NestedExemplarModel", (40, 110), EXEMPLAR, title="Exemplar Mixture Model (testing)")
+    latent = w.add("EmptyChromaRadianceLatentImage", (40, 360), {"width": 32, "height": 32, "batch_size": 4},
+                   title="Empty pixel latent")
+    vae = w.add("VAELoader", (40, 530), {"vae_name": "pixel_space"}, title="Pixel-space VAE")
+    broad = w.add("NestedExemplarPrompt", (420, 110), {"text": "red disc, blue square, cyan ring, smiley"},
+                  title="Stage 1 prompt (broad)", color="positive", size=(340, 82), model=model.out(0))
+    narrow = w.add("NestedExemplarPrompt", (420, 260), {"text": "smiley"}, title="Stage 2 prompt (the added detail)",
+                   color="positive", size=(340, 82), model=model.out(0))
+    stage1 = w.add("NestedKSamplerAdvanced", (820, 110), {**STAGED, **STAGE_1, "cfg": 1.5},
+                   title="Stage 1: outer step 1 of 4", color="nested", model=model.out(0), positive=broad.out(0),
+                   negative=model.out(1), latent_image=latent.out(0))
+    stage2 = w.add("NestedKSamplerAdvanced", (1180, 110), {**STAGED, **STAGE_2, "cfg": 1.5},
+                   title="Stage 2: outer steps 2-4", color="nested", model=model.out(0), positive=narrow.out(0),
+                   negative=model.out(1), latent_image=stage1.out(0))
+    decode = w.add("VAEDecode", (1540, 110), samples=stage2.out(0), vae=vae.out(0))
+    w.add("SaveImage", (1540, 220), {"filename_prefix": "nested_examples/refined"}, title="Final images",
+          size=(400, 400), images=decode.out(0))
+    w.add("OuterStepPreview", (420, 400), title="Stage 1 (broad prompt)", size=(340, 450), previews=stage1.out(1),
+          vae=vae.out(0))
+    w.add("OuterStepPreview", (1540, 690), title="Stage 2 outer steps (smiley)", size=(400, 520),
+          previews=stage2.out(1), vae=vae.out(0))
+    w.note("**Add detail to the prompt mid-run (paper Figure 8).** The *Exemplar Prompt* is this test model's "
+           "text prompt: the exemplars it may sample. Stage 1 runs outer step 1 of 4 with the broad prompt and "
+           "hands its noisy outer state (leftover noise) to stage 2, which runs outer steps 2-4 with the detailed "
+           "prompt. Every final image follows the detail. Edit the stage 2 prompt and queue again: ComfyUI's "
+           "cache keeps stage 1, so only stage 2 runs. With a real model, use two CLIPTextEncode prompts the same "
+           "way.", (40, 700), size=(340, 300))
+    w.group("Exact model, no downloads", [model, latent, vae], "model")
+    w.group("Prompts", [broad, narrow], "guide")
+    return w
+
+
 WORKFLOWS = [nested_vs_vanilla_exemplar, sd15_txt2img_nested, sdxl_txt2img_nested, sd15_img2img_nested,
              sd15_inpaint_nested, exemplar_img2img_inpaint_nested, flux_custom_advanced_nested,
-             exemplar_custom_advanced_nested]
+             exemplar_custom_advanced_nested, exemplar_pick_candidate_nested, exemplar_prompt_refine_nested]
 
 
 def all_workflows() -> list[Workflow]:
@@ -828,6 +937,8 @@ def render_thumbnail(workflow: Workflow, images: dict):
             draw.line([x, top, x, top + tile], fill=(255, 60, 200), width=2)
         _label(draw, (14, y0 + 2 * (tile + gap) + 4), "right half of the inpaint column redrawn, left kept", 13,
                (170, 170, 180))
+    elif workflow.name in ("exemplar_pick_candidate_nested", "exemplar_prompt_refine_nested"):
+        _staged_thumbnail(workflow, images, card, draw)
     else:
         save = next(n for n in workflow.nodes if n.type == "SaveImage")
         finals = images[str(save.id)]
@@ -838,6 +949,33 @@ def render_thumbnail(workflow: Workflow, images: dict):
             y = 40 + (index // 2) * (tile + gap)
             card.paste(_tile(image, tile), (x, y))
     return card
+
+
+def _staged_thumbnail(workflow: Workflow, images: dict, card, draw) -> None:
+    """Two rows: the 4 images after outer step 1 (stage 1), and the 4 final images of stage 2."""
+    ids = {n.title: str(n.id) for n in workflow.nodes}
+    if workflow.name == "exemplar_pick_candidate_nested":
+        heading = "pick a candidate after outer step 1"
+        top = [_crop_labelled(image) for image in images[ids["Pick Candidate: set index, re-queue"]]]
+        top_label, bottom_label = "outer step 1: 4 candidates, #2 picked", "outer step 4: variations of #2"
+        picked = next(n for n in workflow.nodes if n.type == "NestedPickCandidate").widgets["index"]
+    else:
+        heading = "add detail to the prompt mid-run"
+        top = [_crop_labelled(image) for image in images[ids["Stage 1 (broad prompt)"]]]
+        top_label, bottom_label = "outer step 1: 'red disc, blue square, ...'", "outer step 4: 'smiley'"
+        picked = None
+    bottom = images[ids["Variations of the pick" if picked is not None else "Final images"]]
+    _label(draw, (12, 8), heading, 16)
+    tile, gap, x0 = 86, 8, 14
+    for row, (label, row_images, y) in enumerate(((top_label, top, 36), (bottom_label, bottom, 216))):
+        _label(draw, (x0, y), label, 14, (200, 200, 210))
+        for index, image in enumerate(row_images[:4]):
+            x = x0 + index * (tile + gap)
+            card.paste(_tile(image, tile), (x, y + 24))
+            if row == 0 and index == picked:
+                draw.rectangle([x - 3, y + 21, x + tile + 2, y + 24 + tile + 2], outline=(40, 220, 90), width=3)
+    draw.line([200, 36 + 24 + tile + 14, 200, 216 - 8], fill=(150, 150, 160), width=2)
+    _label(draw, (x0, 370), "stage 1 = outer step 1 of 4; stage 2 = steps 2-4", 13, (170, 170, 180))
 
 
 def _crop_labelled(image):

@@ -13,7 +13,7 @@ LABEL_HEIGHT = 28
 
 
 def preview_labels(previews: dict) -> list[str]:
-    """'outer k/K · n NFE' for every image, outer-major, from the metadata NestedKSampler writes."""
+    """'outer k/K · n NFE · index i' for every image, outer-major, from the metadata NestedKSampler writes."""
     count = int(previews["samples"].shape[0])
     outer_steps = int(previews.get("nested_outer_steps") or 0)
     batch = int(previews.get("nested_batch_size") or 0)
@@ -25,7 +25,7 @@ def preview_labels(previews: dict) -> list[str]:
     for index in range(count):
         step = index // batch
         spent = f" · {nfe[step]} NFE" if step < len(nfe) else ""
-        item = f" · #{index % batch + 1}" if batch > 1 else ""
+        item = f" · index {index % batch}" if batch > 1 else ""  # 0-based, like batch_index and Pick Candidate
         labels.append(f"outer {numbers[step]}/{outer_steps}{spent}{item}")
     return labels
 

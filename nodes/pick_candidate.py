@@ -81,7 +81,7 @@ class NestedPickCandidate(io.ComfyNode):
         shown = None
         if vae is not None:
             images = vae.decode(candidates)
-            tiles = [framed(labelled_image(image, f"#{i}{' · picked' if i == index else ''}"), i == index)
+            tiles = [framed(labelled_image(image, f"index {i}{' · picked' if i == index else ''}"), i == index)
                      for i, image in enumerate(images)]
             shown = ui.PreviewImage(to_image_batch(tiles), cls=cls)
         return io.NodeOutput(repeat_slot(samples, index, batch), picked, ui=shown)

@@ -96,7 +96,7 @@ def test_editor_workflow_matches_object_info(name, object_info):
     workflow = wc.load(PAIRS[name][0])
     assert wc.editor_problems(workflow, object_info) == []
     types = {node["type"] for node in workflow["nodes"]}
-    assert types & {"NestedKSampler", "NestedSampler"}, "an example without a nested sampler"
+    assert types & {"NestedKSampler", "NestedKSamplerAdvanced", "NestedSampler"}, "an example without a nested sampler"
     # Only file names may be missing here, and only in the workflows that need downloads.
     missing = wc.missing_files(workflow, object_info)
     if WORKFLOWS[name].runnable:
@@ -178,8 +178,75 @@ def test_exemplar_custom_advanced_runs(client):
     assert len(previews) >= outer, "SamplerCustomAdvanced should preview every outer step's inner result"
 
 
+def unlabelled(image):
+    """An Outer Step Preview / Pick Candidate tile back at 32x32: the square above the label bar, enlarged 8x
+    with nearest, sampled at the block centres."""
+    return image.crop((0, 0, image.width, image.width)).resize((32, 32), Image.NEAREST)
+
+
+def test_exemplar_pick_candidate_runs_and_stage_2_varies_the_pick(client):
+    name = "exemplar_pick_candidate_nested"
+    prompt = api_prompt(name)
+    prompt_id, events = client.run(prompt, timeout=120)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    pick_id = node_id(name, "Pick Candidate: set index, re-queue")
+    index = prompt[pick_id]["inputs"]["index"]
+    shown = images_of(client, outputs[pick_id])  # the candidates, the pick framed in green
+    candidates = [unlabelled(image) for image in images_of(client, outputs[node_id(name, "Stage 1 candidates")])]
+    finals = images_of(client, outputs[node_id(name, "Variations of the pick")])
+    assert len(shown) == len(candidates) == len(finals) == 4
+    assert outputs[node_id(name, "Stage 1 candidates")]["nested_labels"][0].startswith("outer 1/4")
+    stage_2 = outputs[node_id(name, "Stage 2 outer steps")]
+    assert len(stage_2["images"]) == 3 * 4 and stage_2["nested_labels"][0].startswith("outer 2/4")
+    picked = candidates[index]
+    # Every variation lies on the picked candidate's exemplar (measured ~2.7 of 255; another exemplar: > 40).
+    assert all(mean_abs(final, picked) < 12 for final in finals)
+    stage_1 = node_id(name, "Stage 1: outer step 1 of 4")
+    stage_2_id = node_id(name, "Stage 2: outer steps 2-4")
+    steps = {node: [e["data"]["outer_step"] for e in events
+                    if e["type"] == OUTER_STEP_EVENT and e["data"]["node"] == node] for node in (stage_1, stage_2_id)}
+    assert steps == {stage_1: [1], stage_2_id: [2, 3, 4]}
+
+    # Picking another candidate and queueing again re-runs only the pick and stage 2 (ComfyUI's cache).
+    other = next(i for i, image in enumerate(candidates) if mean_abs(image, picked) > 25)
+    prompt[pick_id]["inputs"]["index"] = other
+    prompt_id, events = client.run(prompt, timeout=120)
+    ran = {e["data"]["node"] for e in events if e["type"] == "executing" and e["data"].get("node")}
+    assert stage_1 not in ran and {pick_id, stage_2_id} <= ran
+    refinished = images_of(client, client.history(prompt_id)["outputs"][node_id(name, "Variations of the pick")])
+    assert all(mean_abs(final, candidates[other]) < 12 for final in refinished)
+
+
+def test_exemplar_prompt_refine_runs_and_every_final_image_follows_the_added_detail(client):
+    name = "exemplar_prompt_refine_nested"
+    from nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
+
+    exemplars = [Image.fromarray(((e.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
+                 for e in default_exemplars(32)]
+
+    def nearest(image):
+        return EXEMPLAR_NAMES[min(range(len(exemplars)), key=lambda k: mean_abs(image, exemplars[k]))]
+
+    prompt = api_prompt(name)
+    prompt_id, _ = client.run(prompt, timeout=120)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    broad = {part.strip() for part in prompt[node_id(name, "Stage 1 prompt (broad)")]["inputs"]["text"].split(",")}
+    narrow = prompt[node_id(name, "Stage 2 prompt (the added detail)")]["inputs"]["text"]
+    first = [unlabelled(image) for image in images_of(client, outputs[node_id(name, "Stage 1 (broad prompt)")])]
+    finals = images_of(client, outputs[node_id(name, "Final images")])
+    assert len(first) == len(finals) == 4
+    assert {nearest(image) for image in first} <= broad
+    assert [nearest(image) for image in finals] == [narrow] * 4
+    assert len(outputs[node_id(name, "Stage 2 outer steps (smiley)")]["images"]) == 3 * 4
+
+
 def test_every_runnable_example_is_tested_here():
     assert RUNNABLE == ["exemplar_custom_advanced_nested", "exemplar_img2img_inpaint_nested",
+                        "exemplar_pick_candidate_nested", "exemplar_prompt_refine_nested",
                         "nested_vs_vanilla_exemplar"]
 
 
