@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -61,16 +62,37 @@ def check_solver_names(spec: InnerSolverSpec) -> None:
         raise NestedDiffusionError(f"scheduler {spec.scheduler!r} is not one of ComfyUI's schedulers: {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
 
 
-def schedule_function(model_sampling: Any, scheduler: str, sampler_name: Optional[str] = None) -> Callable[[int], torch.Tensor]:
-    """Step count -> sigmas, exactly as KSampler builds them for this scheduler (and sampler)."""
-    discard_penultimate = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+_SCHEDULE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
-    @functools.lru_cache(maxsize=None)  # schedule searches ask for the same lengths again and again
+
+def _sampling_fingerprint(model_sampling: Any) -> tuple:
+    """What a schedule depends on besides the scheduler: a model sampling's range and flow shift."""
+    values = (getattr(model_sampling, name, None) for name in ("sigma_min", "sigma_max", "shift", "multiplier"))
+    return tuple(None if value is None else float(value) for value in values)
+
+
+def schedule_function(model_sampling: Any, scheduler: str, sampler_name: Optional[str] = None) -> Callable[[int], torch.Tensor]:
+    """Step count -> sigmas, exactly as KSampler builds them for this scheduler (and sampler).
+
+    Results are kept per model sampling object, so planning the next prompt on the same model costs nothing:
+    inner schedules search over many schedule lengths.
+    """
+    discard_penultimate = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    try:
+        cache = _SCHEDULE_CACHE.setdefault(model_sampling, {})
+    except TypeError:  # not weak-referenceable: no cache
+        cache = {}
+    prefix = (scheduler, discard_penultimate, _sampling_fingerprint(model_sampling))
+
     def sigmas_for(steps: int) -> torch.Tensor:
-        if discard_penultimate:
-            sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
-            return torch.cat([sigmas[:-2], sigmas[-1:]]).cpu()
-        return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
+        key = (*prefix, steps)
+        if key not in cache:
+            if discard_penultimate:
+                sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
+                cache[key] = torch.cat([sigmas[:-2], sigmas[-1:]]).cpu()
+            else:
+                cache[key] = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
+        return cache[key]
 
     return sigmas_for
 
