@@ -243,6 +243,15 @@ def test_exemplar_prompt_refine_runs_and_every_final_image_follows_the_added_det
     assert [nearest(image) for image in finals] == [narrow] * 4
     assert len(outputs[node_id(name, "Stage 2 outer steps (smiley)")]["images"]) == 3 * 4
 
+    # A changed stage 2 prompt changes only stage 2: stage 1 comes from ComfyUI's cache.
+    stage_1 = node_id(name, "Stage 1: outer step 1 of 4")
+    prompt[node_id(name, "Stage 2 prompt (the added detail)")]["inputs"]["text"] = "red disc"
+    prompt_id, events = client.run(prompt, timeout=120)
+    ran = {e["data"]["node"] for e in events if e["type"] == "executing" and e["data"].get("node")}
+    assert stage_1 not in ran and node_id(name, "Stage 2: outer steps 2-4") in ran
+    refined = images_of(client, client.history(prompt_id)["outputs"][node_id(name, "Final images")])
+    assert [nearest(image) for image in refined] == ["red disc"] * 4
+
 
 def test_every_runnable_example_is_tested_here():
     assert RUNNABLE == ["exemplar_custom_advanced_nested", "exemplar_img2img_inpaint_nested",
