@@ -128,4 +128,5 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
             return x0
         noise = noise_fn(index + index_offset, x) if outer_eta > 0 and sigma_next > 0 else None
         x = outer_step(x, x0, sigma, sigma_next, outer_eta, outer_s_noise, noise, flow)
+        del x0, noise  # not held during the next inner diffusion
     return x

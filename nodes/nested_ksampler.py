@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..nested_core import NestedDiffusionError
 from .inner_solver import InnerSolver
-from .sampling import InnerSolverSpec, RunLimits, plan_nested_run, run_nested_sampling
+from .sampling import InnerSolverSpec, RunLimits, output_is_linked, plan_nested_run, run_nested_sampling
 
 OUTPUTS = [
     io.Latent.Output(display_name="samples"),
@@ -68,7 +68,7 @@ class NestedKSampler(io.ComfyNode):
                 *optional_inputs(),
             ],
             outputs=OUTPUTS,
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -77,7 +77,8 @@ class NestedKSampler(io.ComfyNode):
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
         plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
         samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan, outer_eta,
-                                                cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds))
+                                                cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds),
+                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1))
         return io.NodeOutput(samples, previews)
 
 
@@ -112,7 +113,7 @@ class NestedKSamplerAdvanced(io.ComfyNode):
                 *optional_inputs(),
             ],
             outputs=OUTPUTS,
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -125,5 +126,6 @@ class NestedKSamplerAdvanced(io.ComfyNode):
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
         samples, previews = run_nested_sampling(model, noise_seed, cfg, positive, negative, latent_image, stage, outer_eta,
                                                 cls.hidden.unique_id, add_noise=add_noise == "enable",
-                                                limits=RunLimits(max_nfe, max_seconds))
+                                                limits=RunLimits(max_nfe, max_seconds),
+                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1))
         return io.NodeOutput(samples, previews)

@@ -282,8 +282,10 @@ def executing_node_id() -> Optional[str]:
 class NestedRunReporter:
     """One progress bar per node run, counted in NFEs; a preview and an event after every inner process."""
 
-    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True):
+    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True,
+                 keep_inner_results: bool = True):
         self.node_id = node_id
+        self.keep_inner_results = keep_inner_results  # for outer_previews: one latent per outer step
         self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
         self.first_outer_index = plan.first_outer_index
         self.outer_steps = plan.total_outer_steps or len(self.outer_sigmas) - 1
@@ -308,7 +310,8 @@ class NestedRunReporter:
             comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_outer_step(self, index: int, x0: torch.Tensor, sigma: float) -> None:
-        self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
+        if self.keep_inner_results:
+            self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
         self.nfe_at_outer_step.append(self.nfe_before + self.nfe_done)
         self.sigma_at_outer_step.append(sigma)
         self.outer_step_numbers.append(self.first_outer_index + index + 1)
@@ -344,9 +347,11 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         latest = {}
+        ends_noisy = float(sigmas[-1]) > 0  # only then can an early finish need the last inner result again
 
         def keep_latest(step, x0, x, total_steps):
-            latest["x0"] = x0
+            if ends_noisy:
+                latest["x0"] = x0
             if callback is not None:
                 callback(step, x0, x, total_steps)
 
@@ -420,8 +425,9 @@ def stop_rule_for(plan: NestedPlan, limits: RunLimits, finish_flag=None) -> Stop
 
 def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, latent: dict, plan: NestedPlan,
                         outer_eta: float, node_id: Optional[str], add_noise: bool = True,
-                        limits: RunLimits = RunLimits()) -> tuple[dict, dict]:
-    """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews)."""
+                        limits: RunLimits = RunLimits(), keep_previews: bool = True) -> tuple[dict, dict]:
+    """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews).
+    ``keep_previews`` False (outer_previews not connected) saves one latent per outer step."""
     check_number("cfg", cfg, 0.0, 100.0)
     check_number("outer_eta", outer_eta, 0.0, 1.0)
     latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
@@ -430,7 +436,7 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
         noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     else:
         noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
-    reporter = NestedRunReporter(model, node_id, plan)
+    reporter = NestedRunReporter(model, node_id, plan, keep_inner_results=keep_previews)
     with finishable_run(executing_prompt_id(), node_id) as finish_flag:
         stop_rule = stop_rule_for(plan, limits, finish_flag)
         sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule)
@@ -470,3 +476,14 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
                                              stop_after=stop_rule_for(plan, self.limits, finish_flag))
             return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise,
                                   latent_image, denoise_mask, disable_pbar)
+
+
+def output_is_linked(prompt: Optional[dict], node_id: Optional[str], slot: int) -> bool:
+    """Whether any node of the (API-format) prompt takes output ``slot`` of ``node_id``; True when unknown."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return True
+    for node in prompt.values():
+        for value in (node.get("inputs") or {}).values() if isinstance(node, dict) else ():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id) and value[1] == slot:
+                return True
+    return False
