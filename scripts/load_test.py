@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tools.comfy_api_client import ComfyAPIClient  # noqa: E402
+from tools.comfy_api_client import ComfyAPIClient, widget_defaults  # noqa: E402
 
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 SAMPLER, SAVE = "3", "6"
@@ -51,20 +51,6 @@ END_EVENTS = {"execution_success": "success", "execution_error": "error", "execu
 
 
 # -- prompts --------------------------------------------------------------------------------------------------
-def widget_defaults(node_info: dict) -> dict:
-    """Defaults of a node's required widgets (so the prompt stays valid if the model node gains inputs)."""
-    defaults = {}
-    for name, spec in node_info["input"]["required"].items():
-        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):
-            defaults[name] = options.get("default", kind[0])
-        elif kind == "COMBO":
-            defaults[name] = options.get("default", options["options"][0])
-        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in options:
-            defaults[name] = options["default"]
-    return defaults
-
-
 def prompt_spec(index: int, seed_base: int) -> dict:
     """What prompt number ``index`` runs: nested on even numbers, vanilla on odd, solvers and shapes rotating."""
     outer, inner = NESTED_SHAPES[(index // 2) % len(NESTED_SHAPES)]

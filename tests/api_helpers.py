@@ -12,20 +12,6 @@ PREVIEW = "7"
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 
 
-def widget_defaults(node_info: dict) -> dict:
-    """The default of every required widget input (INT, FLOAT, STRING, BOOLEAN, COMBO) of one node."""
-    defaults = {}
-    for name, spec in node_info["input"]["required"].items():
-        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):  # V1 combo: the list of choices
-            defaults[name] = options.get("default", kind[0])
-        elif kind == "COMBO":
-            defaults[name] = options.get("default", options["options"][0])
-        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in options:
-            defaults[name] = options["default"]
-    return defaults
-
-
 def nested_prompt(seed: int, *, outer_steps: int = OUTER, inner_steps: int = INNER, prefix: str = "nested_api",
                   step_schedule: str | None = None, exemplar_defaults: dict | None = None) -> dict:
     """Exemplar model -> NestedKSampler -> VAEDecode(pixel_space) -> SaveImage, plus OuterStepPreview.

@@ -7,61 +7,26 @@ custom-node package, exactly as ComfyUI's loader does).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACK_MODULE_NAME = "comfyui_nested_diffusion"
-
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tools.comfy_env import PACK_MODULE_NAME, ComfyNotFound, comfyui_path, import_pack  # noqa: E402
+from tools.comfy_env import import_comfy as _import_comfy  # noqa: E402
 
-def comfyui_path() -> Path:
-    """The ComfyUI checkout under test: $COMFYUI_PATH, else the one setup_env.sh built."""
-    if os.environ.get("COMFYUI_PATH"):
-        return Path(os.environ["COMFYUI_PATH"]).resolve()
-    recorded = REPO_ROOT / ".nested_env" / "comfyui_path"
-    if recorded.exists():
-        return Path(recorded.read_text().strip())
-    return REPO_ROOT / ".nested_env" / "ComfyUI"
+__all__ = ["PACK_MODULE_NAME", "comfyui_path", "import_comfy", "import_pack"]
 
 
 def import_comfy() -> Path:
-    path = comfyui_path()
-    if not (path / "main.py").exists():
-        pytest.fail(f"No ComfyUI at {path}: run scripts/setup_env.sh (or set COMFYUI_PATH)")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    # ComfyUI's `utils` package must win over any other module of that name.
-    for name in ("utils", "nodes"):
-        module = sys.modules.get(name)
-        if module is not None and not str(getattr(module, "__file__", "") or "").startswith(str(path)):
-            del sys.modules[name]
-    import comfy.cli_args
-    import torch
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True  # what `main.py --cpu` does, before the device is chosen
-    import comfy.model_management  # noqa: F401  (initialises the device state)
-    return path
-
-
-def import_pack():
-    """Import the repository as a package, the way ComfyUI imports a custom-node folder."""
-    if PACK_MODULE_NAME in sys.modules:
-        return sys.modules[PACK_MODULE_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+    try:
+        return _import_comfy()
+    except ComfyNotFound as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +60,7 @@ def client(comfy_server):
 @pytest.fixture(scope="session")
 def exemplar_defaults(comfy_server) -> dict:
     """NestedExemplarModel's widget defaults as the server reports them (the node may gain inputs)."""
-    from api_helpers import widget_defaults
-
-    from tools.comfy_api_client import ComfyAPIClient
+    from tools.comfy_api_client import ComfyAPIClient, widget_defaults
 
     with ComfyAPIClient(comfy_server.url) as api:
         return widget_defaults(api.object_info("NestedExemplarModel")["NestedExemplarModel"])

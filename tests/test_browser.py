@@ -52,18 +52,25 @@ def browser():
             launched.close()
 
 
-@pytest.fixture(scope="module")
-def page(browser, comfy_server):
-    # Wide enough that the demo fits at a zoom where LiteGraph still draws text (below ~0.6 it draws boxes).
-    context = browser.new_context(viewport={"width": 2400, "height": 1150})
+def open_editor(browser, url: str, width: int, height: int):
+    """A new browser context on the graph editor, once the app and its node types are loaded; page errors are
+    collected in ``page.page_errors``."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(comfy_server.url, wait_until="load", timeout=60_000)
+    page.goto(url, wait_until="load", timeout=60_000)
     page.wait_for_function(
         "() => window.app && window.app.graph && window.app.api && window.LiteGraph"
         " && Object.keys(LiteGraph.registered_node_types).length > 100", timeout=60_000)
     page.page_errors = errors
+    return context, page
+
+
+@pytest.fixture(scope="module")
+def page(browser, comfy_server):
+    # Wide enough that the demo fits at a zoom where LiteGraph still draws text (below ~0.6 it draws boxes).
+    context, page = open_editor(browser, comfy_server.url, width=2400, height=1150)
     yield page
     context.close()
 

@@ -33,6 +33,7 @@ from test_browser import (  # noqa: F401  (browser is a fixture)
     browser,
     dismiss_templates_dialog,
     load_graph,
+    open_editor,
     sync_api,
 )
 
@@ -57,17 +58,9 @@ INSETS = {"left": 70, "top": 150, "right": 20, "bottom": 20}
 def page(browser, comfy_server):  # noqa: F811
     # 1600 x 1200: the screenshots stay legible in a README; the framed nodes are drawn at a zoom >= 0.6,
     # where LiteGraph still draws text.
-    context = browser.new_context(viewport={"width": 1600, "height": 1200})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(comfy_server.url, wait_until="load", timeout=60_000)
-    page.wait_for_function(
-        "() => window.app && window.app.graph && window.app.api && window.LiteGraph"
-        " && Object.keys(LiteGraph.registered_node_types).length > 100", timeout=60_000)
+    context, page = open_editor(browser, comfy_server.url, width=1600, height=1200)
     dismiss_templates_dialog(page)
     tidy_for_screenshots(page)
-    page.page_errors = errors
     yield page
     context.close()
 

@@ -3,6 +3,8 @@ the node plans and reports, and every inner result lands on the data manifold.""
 import pytest
 from comfy_helpers import SPREAD, empty_latent, exemplar_setup, ksampler, nested
 
+from tools.comfy_env import counting_clone
+
 STOP_AT_SIGMA_MIN = {"dpm_fast", "dpm_adaptive"}
 
 
@@ -18,19 +20,6 @@ def all_sampler_names():
 @pytest.fixture(scope="module")
 def eps_family(pack):
     return exemplar_setup(pack, "eps")
-
-
-def counting_clone(model):
-    """A clone of the MODEL whose every diffusion-model evaluation is counted (ComfyUI's unet wrapper)."""
-    calls = {"n": 0}
-
-    def wrapper(apply_model, args):
-        calls["n"] += 1
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone, calls
 
 
 def all_scheduler_names():

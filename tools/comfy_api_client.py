@@ -381,3 +381,17 @@ class ComfyAPIClient:
         """Queue ``prompt``, wait for it; returns (prompt_id, the list of its events)."""
         prompt_id = self.queue_prompt(prompt)
         return prompt_id, list(self.stream(prompt_id, on_event=on_event, timeout=timeout))
+
+
+def widget_defaults(node_info: dict) -> dict:
+    """The default of every required widget input (INT, FLOAT, STRING, BOOLEAN, COMBO) of one node."""
+    defaults = {}
+    for name, spec in node_info["input"]["required"].items():
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list):  # V1 combo: the list of choices
+            defaults[name] = options.get("default", kind[0])
+        elif kind == "COMBO":
+            defaults[name] = options.get("default", options["options"][0])
+        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in options:
+            defaults[name] = options["default"]
+    return defaults

@@ -35,6 +35,11 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+try:
+    from tools.comfy_env import comfyui_path
+except ImportError:  # run as a script: tools/ itself is on sys.path
+    from comfy_env import comfyui_path
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui-nested-diffusion"
 BASE_SUBDIRS = ("custom_nodes", "models", "models/vae", "models/vae_approx", "models/checkpoints",
@@ -45,16 +50,6 @@ __all__ = ["ComfyServer", "ComfyServerError", "comfyui_path", "default_python", 
 
 class ComfyServerError(RuntimeError):
     """The server did not start (the message ends with the tail of its log)."""
-
-
-def comfyui_path() -> Path:
-    """The ComfyUI checkout: $COMFYUI_PATH, else .nested_env/comfyui_path, else .nested_env/ComfyUI."""
-    if os.environ.get("COMFYUI_PATH"):
-        return Path(os.environ["COMFYUI_PATH"]).resolve()
-    recorded = REPO_ROOT / ".nested_env" / "comfyui_path"
-    if recorded.exists():
-        return Path(recorded.read_text().strip())
-    return REPO_ROOT / ".nested_env" / "ComfyUI"
 
 
 def default_python() -> str:

@@ -1,0 +1,1 @@
+"""Benchmark: NestedKSampler vs ComfyUI's KSampler at equal NFEs (see bench/run_benchmark.py)."""

@@ -1,0 +1,80 @@
+"""Import a real ComfyUI engine and this pack in-process (tests, benchmark): one place for the bootstrap.
+
+ComfyUI comes from ``$COMFYUI_PATH`` or the one ``scripts/setup_env.sh`` built in ``.nested_env/``; the
+device is the CPU when no CUDA GPU is present (or when asked); the repository is imported as a custom-node
+package exactly as ComfyUI's loader does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACK_MODULE_NAME = "comfyui_nested_diffusion"
+
+
+class ComfyNotFound(RuntimeError):
+    """No ComfyUI checkout where one was expected."""
+
+
+def comfyui_path() -> Path:
+    """The ComfyUI checkout: $COMFYUI_PATH, else .nested_env/comfyui_path, else .nested_env/ComfyUI."""
+    if os.environ.get("COMFYUI_PATH"):
+        return Path(os.environ["COMFYUI_PATH"]).resolve()
+    recorded = REPO_ROOT / ".nested_env" / "comfyui_path"
+    if recorded.exists():
+        return Path(recorded.read_text().strip())
+    return REPO_ROOT / ".nested_env" / "ComfyUI"
+
+
+def import_comfy(force_cpu: bool = False) -> Path:
+    """Make ComfyUI importable and initialise its device: CPU when ``force_cpu`` or when no CUDA GPU is present."""
+    path = comfyui_path()
+    if not (path / "main.py").exists():
+        raise ComfyNotFound(f"No ComfyUI at {path}: run scripts/setup_env.sh (or set COMFYUI_PATH)")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    for name in ("utils", "nodes"):  # ComfyUI's own packages of these names must win
+        module = sys.modules.get(name)
+        if module is not None and not str(getattr(module, "__file__", "") or "").startswith(str(path)):
+            del sys.modules[name]
+    # As ComfyUI's main.py: its own ``utils`` package is imported before ``nodes`` puts ``comfy/`` (with its
+    # ``utils.py``) first on sys.path, so that ``server`` (which the pack's event sender imports) imports too.
+    import comfy.cli_args
+    import torch
+    import utils.install_util  # noqa: F401
+
+    if force_cpu or not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # what `main.py --cpu` does, before the device is chosen
+    import comfy.model_management  # noqa: F401  (initialises the device state)
+    import server  # noqa: F401  (imported, never started: PromptServer.instance stays unset, as in a script)
+    return path
+
+
+def import_pack():
+    """Import the repository as a package, the way ComfyUI imports a custom-node folder."""
+    if PACK_MODULE_NAME in sys.modules:
+        return sys.modules[PACK_MODULE_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def counting_clone(model):
+    """A clone of a MODEL whose every diffusion-model evaluation is counted (ComfyUI's unet function wrapper):
+    ``(clone, calls)`` with ``calls["n"]`` the count so far."""
+    calls = {"n": 0}
+
+    def wrapper(apply_model, args):
+        calls["n"] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone, calls
