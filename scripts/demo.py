@@ -13,7 +13,7 @@ to one folder:
     strip_batch.png        every batch item of the nested sampler after every outer step
     summary.json           settings, NFEs, timings, sigmas, distances to the exemplars, file paths
     previews/              websocket previews as they arrived: nested_outer{k}.png, vanilla_nfe{n}.png
-    outer_step_preview/    OuterStepPreview's labelled images (outer{k}_item{i}.png)
+    outer_step_preview/    OuterStepPreview's labelled images (outer{k}_item{i}.png, i the 0-based batch index)
     final/                 SaveImage results: nested_{i}.png, vanilla_{i}.png
 
 Nodes are found by class_type (NestedKSampler, KSampler, OuterStepPreview, SaveImage), not by id, so
@@ -48,7 +48,7 @@ OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 OUTPUT_MARKER = ".nested_demo_output"  # only folders carrying it are ever cleaned
 NESTED, VANILLA = "nested", "vanilla"
 CELL_SIZE = 128
-LABEL_PATTERN = re.compile(r"outer (\d+)/(\d+)(?: · (\d+) NFE)?(?: · #(\d+))?")
+LABEL_PATTERN = re.compile(r"outer (\d+)/(\d+)(?: · (\d+) NFE)?(?: · index (\d+))?")
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def fetch_outputs(client: ComfyAPIClient, history: dict, prompt: dict, pair: Pai
             label = labels[index] if index < len(labels) else None
             if class_type == "OuterStepPreview":
                 match = LABEL_PATTERN.match(label or "")
-                name = (f"outer{match.group(1)}_item{match.group(4) or 1}.png" if match else f"image{index + 1}.png")
+                name = (f"outer{match.group(1)}_item{match.group(4) or 0}.png" if match else f"image{index + 1}.png")
                 folder = "outer_step_preview" if role == NESTED else f"outer_step_preview/{role}"
             elif class_type == "SaveImage" and role in (NESTED, VANILLA):
                 name, folder = f"{role}_{index + 1}.png", "final"

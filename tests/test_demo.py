@@ -67,7 +67,7 @@ def test_demo_writes_the_strip_previews_finals_and_summary(demo_run):
     for k in range(1, OUTER + 1):
         open_image(out / "previews" / f"nested_outer{k}.png")
         open_image(out / "previews" / f"vanilla_nfe{k * INNER}.png")
-        for item in range(1, BATCH + 1):
+        for item in range(BATCH):
             assert open_image(out / "outer_step_preview" / f"outer{k}_item{item}.png").width >= SIZE
     assert not (out / "previews" / f"nested_outer{OUTER + 1}.png").exists()
     for role in ("nested", "vanilla"):
