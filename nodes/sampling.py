@@ -63,6 +63,7 @@ def check_solver_names(spec: InnerSolverSpec) -> None:
 
 
 _SCHEDULE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+SCHEDULE_CACHE_LIMIT = 512  # schedules kept per model sampling
 
 
 def _sampling_fingerprint(model_sampling: Any) -> tuple:
@@ -86,6 +87,8 @@ def schedule_function(model_sampling: Any, scheduler: str, sampler_name: Optiona
 
     def sigmas_for(steps: int) -> torch.Tensor:
         key = (*prefix, steps)
+        if key not in cache and len(cache) >= SCHEDULE_CACHE_LIMIT:  # bounded: a server runs for days
+            cache.clear()
         if key not in cache:
             if discard_penultimate:
                 sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
