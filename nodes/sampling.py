@@ -253,13 +253,19 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     )
 
 
-def send_to_prompt_client(event: str, data: dict) -> None:
-    """Send a websocket event to the client that queued the running prompt (as ComfyUI's progress does)."""
+@functools.lru_cache(maxsize=None)
+def _prompt_server_class():
+    """ComfyUI's PromptServer class, or None where ``server`` cannot be imported (looked up once, not per step)."""
     try:
         from server import PromptServer
     except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
+        return None
+    return PromptServer
+
+
+def send_to_prompt_client(event: str, data: dict) -> None:
+    """Send a websocket event to the client that queued the running prompt (as ComfyUI's progress does)."""
+    server = getattr(_prompt_server_class(), "instance", None)
     if server is not None:
         server.send_sync(event, data, server.client_id)
 
@@ -360,7 +366,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 
         samples = super().sample(model_wrap, sigmas, extra_args, keep_latest, noise, latent_image, denoise_mask, disable_pbar)
         stop_rule = self.extra_options.get("stop_after")
-        if getattr(stop_rule, "reason", None) is not None and float(sigmas[-1]) > 0 and "x0" in latest:
+        if ends_noisy and getattr(stop_rule, "reason", None) is not None and "x0" in latest:
             samples = model_wrap.inner_model.model_sampling.inverse_noise_scaling(sigmas.new_zeros(()), latest["x0"])
         return samples
 
