@@ -43,15 +43,29 @@ def seeded_outer_noise(seed: Optional[int]) -> OuterNoiseFn:
     return noise
 
 
+def renoise_step(x0: torch.Tensor, sigma_next: float, noise: torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """``x0`` diffused afresh to ``sigma_next``: exactly the data's marginal at ``sigma_next`` whenever ``x0`` has the
+    data's marginal, whatever the inner solver (a deterministic ODE's ``x - x0`` is no independent noise)."""
+    if flow:
+        return x0 * (1 - sigma_next) + noise * sigma_next
+    return x0 + noise * sigma_next
+
+
 def outer_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float = 0.0,
-               s_noise: float = 1.0, noise: Optional[torch.Tensor] = None, flow: bool = False) -> torch.Tensor:
+               s_noise: float = 1.0, noise: Optional[torch.Tensor] = None, flow: bool = False,
+               renoise: bool = False) -> torch.Tensor:
     """Move the outer state from ``sigma`` to ``sigma_next`` given the inner result ``x0``.
 
     ``eta == 0`` is the deterministic DDIM/Euler step; ``eta > 0`` re-injects fresh noise the way
-    ancestral samplers do (the variance-preserving rectified-flow form for flow models).
+    ancestral samplers do (the variance-preserving rectified-flow form for flow models). ``renoise``
+    replaces all of the noise (see ``renoise_step``); it needs ``noise``.
     """
     if sigma_next == 0:
         return x0
+    if renoise:
+        if noise is None:
+            raise NestedDiffusionError("a renoise outer step needs noise")
+        return renoise_step(x0, sigma_next, noise, flow)
     if eta == 0 or noise is None:
         return x0 + (x - x0) * (sigma_next / sigma)
     if flow:
@@ -66,9 +80,9 @@ def _outer_step_ancestral_flow(x, x0, sigma, sigma_next, eta, s_noise, noise):
     # so that the marginal is exactly that of sigma_next.
     sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
     alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
-    renoise = math.sqrt(max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0))
+    fresh = math.sqrt(max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0))
     x_down = x0 + (x - x0) * (sigma_down / sigma)
-    return x_down * (alpha_next / alpha_down) + noise * (renoise * s_noise)
+    return x_down * (alpha_next / alpha_down) + noise * (fresh * s_noise)
 
 
 class CountedModel:
@@ -103,13 +117,16 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
                   disable=None, *, inner_solver: InnerSolver, inner_schedule: InnerScheduleFn,
                   outer_eta: float = 0.0, outer_s_noise: float = 1.0, flow: bool = False,
                   outer_noise: Optional[OuterNoiseFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
-                  stop_after: Optional[Callable[[int, int], bool]] = None, index_offset: int = 0) -> torch.Tensor:
+                  stop_after: Optional[Callable[[int, int], bool]] = None, index_offset: int = 0,
+                  renoise: bool = False) -> torch.Tensor:
     """Nested diffusion over the outer ``sigmas``, with the k-diffusion sampler signature.
 
     ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per outer step, ``denoised``
     being the inner result: the anytime image. ``on_model_call(n)`` sees every model evaluation.
     ``stop_after(outer_index, nfe_done)`` returning True ends the run with that inner result.
     ``index_offset``: where ``sigmas`` starts in the whole outer schedule (a later stage of a split run).
+    ``renoise``: every outer step diffuses the inner result afresh (for deterministic inner solvers, whose
+    ``(x - x0) / sigma`` is not independent of ``x0``: the eta-0 step would widen the samples' spread).
     """
     extra_args = {} if extra_args is None else extra_args
     if not math.isfinite(outer_eta) or outer_eta < 0:
@@ -126,7 +143,7 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
             callback({"x": x, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
         if stop_after is not None and stop_after(index, counted.calls):
             return x0
-        noise = noise_fn(index + index_offset, x) if outer_eta > 0 and sigma_next > 0 else None
-        x = outer_step(x, x0, sigma, sigma_next, outer_eta, outer_s_noise, noise, flow)
+        noise = noise_fn(index + index_offset, x) if (renoise or outer_eta > 0) and sigma_next > 0 else None
+        x = outer_step(x, x0, sigma, sigma_next, outer_eta, outer_s_noise, noise, flow, renoise)
         del x0, noise  # not held during the next inner diffusion
     return x

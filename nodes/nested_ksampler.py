@@ -6,7 +6,14 @@ from comfy_api.latest import io
 
 from ..nested_core import NestedDiffusionError
 from .inner_solver import InnerSolver
-from .sampling import InnerSolverSpec, RunLimits, output_is_linked, plan_nested_run, run_nested_sampling
+from .sampling import (
+    OUTER_STEP_MODES,
+    InnerSolverSpec,
+    RunLimits,
+    output_is_linked,
+    plan_nested_run,
+    run_nested_sampling,
+)
 
 OUTPUTS = [
     io.Latent.Output(display_name="samples"),
@@ -47,6 +54,12 @@ def optional_inputs() -> list:
         io.Float.Input("max_seconds", default=0.0, min=0.0, max=86400.0, step=0.5, optional=True,
                        tooltip="0: no limit. Otherwise don't start an outer step that would end past this time "
                                "(at the speed measured so far) and return the latest image."),
+        io.Combo.Input("outer_step", options=list(OUTER_STEP_MODES), default="auto", optional=True,
+                       tooltip="How the outer state moves on after each inner diffusion. ddim: the paper's step "
+                               "(exact when the inner solver returns a posterior sample: ancestral/SDE solvers). "
+                               "renoise: the inner result diffused afresh (exact for any solver, needed for "
+                               "deterministic ones like euler or dpmpp_2m, whose images otherwise get too much "
+                               "contrast). auto: measures the inner solver and picks."),
     ]
 
 
@@ -73,12 +86,14 @@ class NestedKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive, negative,
-                latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0) -> io.NodeOutput:
+                latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0,
+                outer_step="auto") -> io.NodeOutput:
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
         plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
         samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan, outer_eta,
                                                 cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds),
-                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1))
+                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1),
+                                                outer_step=outer_step)
         return io.NodeOutput(samples, previews)
 
 
@@ -119,7 +134,7 @@ class NestedKSamplerAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, add_noise, noise_seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive,
                 negative, latent_image, start_at_outer_step, end_at_outer_step, return_with_leftover_noise,
-                inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0) -> io.NodeOutput:
+                inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
         end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
         plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler)
@@ -127,5 +142,6 @@ class NestedKSamplerAdvanced(io.ComfyNode):
         samples, previews = run_nested_sampling(model, noise_seed, cfg, positive, negative, latent_image, stage, outer_eta,
                                                 cls.hidden.unique_id, add_noise=add_noise == "enable",
                                                 limits=RunLimits(max_nfe, max_seconds),
-                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1))
+                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1),
+                                                outer_step=outer_step)
         return io.NodeOutput(samples, previews)

@@ -27,5 +27,6 @@ class NestedSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0) -> io.NodeOutput:
-        return io.NodeOutput(NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds)))
+    def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
+        return io.NodeOutput(NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds),
+                                                 outer_step))

@@ -34,6 +34,7 @@ from ..nested_core import (
     truncated_schedule,
 )
 from .finish import finishable_run
+from .solver_probe import inner_solver_is_posterior_sampler
 
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 PREVIEW_FORMAT = "JPEG"
@@ -308,6 +309,10 @@ class NestedRunReporter:
         self.nfe_at_outer_step: list[int] = []  # counted over the whole schedule, earlier stages included
         self.sigma_at_outer_step: list[float] = []
         self.outer_step_numbers: list[int] = []  # 1-based, in the whole schedule
+        self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
+
+    def set_outer_step_mode(self, mode: str) -> None:
+        self.outer_step_mode = mode
 
     def on_model_call(self, calls: int) -> None:
         self.nfe_done = calls
@@ -334,6 +339,7 @@ class NestedRunReporter:
             "nfe": self.nfe_done,
             "nfe_total": self.nfe_total,
             "sigma": sigma,
+            "outer_step_mode": self.outer_step_mode,
         })
 
     def preview_bytes(self, x0: torch.Tensor):
@@ -350,11 +356,60 @@ class NestedRunReporter:
         self.on_outer_step(step, x0, self.outer_sigmas[step])
 
 
+OUTER_STEP_MODES = ("auto", "ddim", "renoise")
+_POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> bool, bounded below
+POSTERIOR_PROBE_CACHE_LIMIT = 256
+
+
+def check_outer_step_mode(mode: str) -> str:
+    if mode not in OUTER_STEP_MODES:
+        raise NestedDiffusionError(f"outer_step must be one of {', '.join(OUTER_STEP_MODES)}, got {mode!r}")
+    return mode
+
+
+def _probe_key(plan: NestedPlan, inner_sigmas: torch.Tensor, channels: int) -> tuple:
+    solver = plan.solver
+    options = tuple(sorted((name, repr(value)) for name, value in getattr(solver, "keywords", {}).items()))
+    return (getattr(solver, "func", solver), options, tuple(inner_sigmas.tolist()), plan.flow, channels)
+
+
+def inner_solver_needs_renoise(plan: NestedPlan, model_wrap: Any, channels: int) -> bool:
+    """Whether "auto" re-noises: the inner solver, probed over the middle outer step's own inner schedule, is not
+    close enough to a posterior sampler for the eta-0 outer step (see ``solver_probe``)."""
+    inner_sigmas = plan.inner_sigmas[len(plan.inner_sigmas) // 2]
+    key = _probe_key(plan, inner_sigmas, channels)
+    if key not in _POSTERIOR_PROBES:
+        if len(_POSTERIOR_PROBES) >= POSTERIOR_PROBE_CACHE_LIMIT:
+            _POSTERIOR_PROBES.clear()
+        posterior = inner_solver_is_posterior_sampler(plan.solver, inner_sigmas, model_wrap, plan.flow, channels)
+        _POSTERIOR_PROBES[key] = posterior is False  # a solver the probe cannot drive keeps the paper's step
+    return _POSTERIOR_PROBES[key]
+
+
 class NestedKSAMPLER(comfy.samplers.KSAMPLER):
-    """KSAMPLER running the nested outer loop. A run that ends early returns its last inner result as a
-    clean image, even in a stage whose schedule ends above sigma 0."""
+    """KSAMPLER running the nested outer loop. It resolves the "auto" outer step against the real model before
+    sampling, and a run that ends early returns its last inner result as a clean image, even in a stage whose
+    schedule ends above sigma 0."""
+
+    def __init__(self, plan: NestedPlan, outer_mode: str, extra_options: dict,
+                 on_outer_mode: Optional[Callable[[str], None]] = None):
+        super().__init__(sample_nested, extra_options=extra_options, inpaint_options=plan.inpaint_options)
+        self.plan = plan
+        self.outer_mode = check_outer_step_mode(outer_mode)
+        self.on_outer_mode = on_outer_mode
+
+    def resolve_outer_mode(self, model_wrap: Any, channels: int) -> str:
+        mode = self.outer_mode
+        if mode == "auto":
+            takes_outer_steps = bool((self.plan.outer_sigmas[1:] > 0).any())
+            mode = "renoise" if takes_outer_steps and inner_solver_needs_renoise(self.plan, model_wrap, channels) else "ddim"
+        if self.on_outer_mode is not None:
+            self.on_outer_mode(mode)
+        return mode
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        mode = self.resolve_outer_mode(model_wrap, int(noise.shape[1]) if noise.ndim >= 2 else 1)
+        self.extra_options = {**self.extra_options, "renoise": mode == "renoise"}
         latest = {}
         ends_noisy = float(sigmas[-1]) > 0  # only then can an early finish need the last inner result again
 
@@ -373,7 +428,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 
 def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 1.0,
                            on_model_call: Optional[Callable[[int], None]] = None,
-                           stop_after: Optional[Callable[[int, int], bool]] = None) -> NestedKSAMPLER:
+                           stop_after: Optional[Callable[[int, int], bool]] = None, outer_mode: str = "auto",
+                           on_outer_mode: Optional[Callable[[str], None]] = None) -> NestedKSAMPLER:
     """A ComfyUI SAMPLER whose sampler function is the nested outer loop."""
     options = {
         "inner_solver": plan.solver,
@@ -385,7 +441,7 @@ def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 
         "stop_after": stop_after,
         "index_offset": plan.first_outer_index,
     }
-    return NestedKSAMPLER(sample_nested, extra_options=options, inpaint_options=plan.inpaint_options)
+    return NestedKSAMPLER(plan, outer_mode, options, on_outer_mode)
 
 
 def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
@@ -400,6 +456,7 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
         "nested_nfe": list(reporter.nfe_at_outer_step),
         "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
         "nested_sigmas": list(reporter.sigma_at_outer_step),
+        "nested_outer_step_mode": reporter.outer_step_mode,
     }
 
 
@@ -434,11 +491,13 @@ def stop_rule_for(plan: NestedPlan, limits: RunLimits, finish_flag=None) -> Stop
 
 def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, latent: dict, plan: NestedPlan,
                         outer_eta: float, node_id: Optional[str], add_noise: bool = True,
-                        limits: RunLimits = RunLimits(), keep_previews: bool = True) -> tuple[dict, dict]:
+                        limits: RunLimits = RunLimits(), keep_previews: bool = True,
+                        outer_step: str = "auto") -> tuple[dict, dict]:
     """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews).
     ``keep_previews`` False (outer_previews not connected) saves one latent per outer step."""
     check_number("cfg", cfg, 0.0, 100.0)
     check_number("outer_eta", outer_eta, 0.0, 1.0)
+    check_outer_step_mode(outer_step)
     latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
     check_latent(model, latent_image)
     if add_noise:
@@ -448,7 +507,8 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
     reporter = NestedRunReporter(model, node_id, plan, keep_inner_results=keep_previews)
     with finishable_run(executing_prompt_id(), node_id) as finish_flag:
         stop_rule = stop_rule_for(plan, limits, finish_flag)
-        sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule)
+        sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule,
+                                         outer_mode=outer_step, on_outer_mode=reporter.set_outer_step_mode)
         samples = comfy.sample.sample_custom(
             model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent_image,
             noise_mask=latent.get("noise_mask"), callback=reporter.ksampler_callback,
@@ -464,10 +524,11 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
 class NestedSamplerObject(comfy.samplers.KSAMPLER):
     """The SAMPLER NestedSampler outputs: the connected SIGMAS are the outer steps, the guider guides every inner step."""
 
-    def __init__(self, spec: InnerSolverSpec, outer_eta: float, limits: RunLimits = RunLimits()):
+    def __init__(self, spec: InnerSolverSpec, outer_eta: float, limits: RunLimits = RunLimits(), outer_step: str = "auto"):
         super().__init__(sample_nested)
         self.spec = spec
         self.outer_eta = check_number("outer_eta", outer_eta, 0.0, 1.0)
+        self.outer_step = check_outer_step_mode(outer_step)
         self.limits = limits
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
@@ -482,6 +543,7 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
 
         with finishable_run(executing_prompt_id(), reporter.node_id) as finish_flag:
             sampler = nested_ksampler_object(plan, self.outer_eta, on_model_call=reporter.on_model_call,
+                                             outer_mode=self.outer_step, on_outer_mode=reporter.set_outer_step_mode,
                                              stop_after=stop_rule_for(plan, self.limits, finish_flag))
             return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise,
                                   latent_image, denoise_mask, disable_pbar)
