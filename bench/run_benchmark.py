@@ -3,11 +3,12 @@
     scripts/bench.sh            # full run (a few minutes on 2 CPU cores); builds .nested_env/ first if needed
     scripts/bench.sh --quick    # smoke run (about a minute): fewer budgets, splits, samplers and repeats
 
-Parts (``--parts quality,cost,nfe``):
+Parts (``--parts quality,cost,nfe,spread``):
 1. quality: anytime quality on the exact-denoiser model (eps, v-prediction, flow), see ``bench/quality.py``;
 2. cost: wall time, peak memory and preview emission of NestedKSampler / KSampler, see ``bench/cost.py``;
    where a CUDA GPU is present, a second process repeats it on the GPU at 512x512 and 1024x1024;
 3. nfe: model calls counted by a wrapper on the model, for every sampler in SAMPLER_NAMES, see ``bench/nfe.py``.
+4. spread: the final samples' spread on N(0, I) data for every sampler (nested auto / ddim, KSampler), see ``bench/spread.py``.
 
 Writes ``bench/results/{quality,cost,nfe}.json``, ``anytime_quality.png``, ``anytime_quality_all.png``,
 ``cost.png`` and ``summary.md``; prints a results table and one PASS/FAIL line per target, and exits 1 if any
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: the repository root, not bench
 from bench.comfy_env import REPO_ROOT, import_comfy, import_pack  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
-PARTS = ("quality", "cost", "nfe")
+PARTS = ("quality", "cost", "nfe", "spread")
 
 
 def log(message: str) -> None:
@@ -240,7 +241,7 @@ def cuda_cost_main(out_dir: Path, quick: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer budgets, splits, samplers and repeats")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of quality,cost,nfe")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the GPU cost run even where CUDA is present")
     parser.add_argument("--cuda-cost", action="store_true", help=argparse.SUPPRESS)
@@ -296,6 +297,19 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out_dir / "nfe.json", nfe)
         timings["nfe"] = time.time() - t0
 
+    spread = None
+    if "spread" in parts:
+        from bench.spread import run_spread, spread_checks
+
+        t0 = time.time()
+        torch.set_num_threads(1)
+        spread = run_spread(args.quick, log)
+        torch.set_num_threads(threads)
+        checks += spread_checks(spread)
+        spread["environment"] = env
+        write_json(out_dir / "spread.json", spread)
+        timings["spread"] = time.time() - t0
+
     if "cost" in parts:
         from bench.cost import cost_checks, run_cost
 
@@ -329,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         log("")
     if nfe:
         for line in nfe_table(nfe):
+            log(line)
+        log("")
+    if spread:
+        from bench.spread import spread_table
+
+        for line in spread_table(spread):
             log(line)
         log("")
     (out_dir / "summary.md").write_text(summary_markdown(env, quality, costs, nfe, checks, runtime))

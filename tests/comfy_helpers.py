@@ -45,14 +45,14 @@ def ksampler(model, cond, latent, seed, steps, cfg=1.0, sampler_name="euler", sc
 
 
 def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, sampler_name="euler",
-           scheduler="normal", denoise=1.0, inner_solver=None, outer_eta=0.0):
+           scheduler="normal", denoise=1.0, inner_solver=None, outer_eta=0.0, outer_step="auto"):
     """NestedKSampler's own code path; returns (samples LATENT, outer_previews LATENT)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
     from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
 
     spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
-    return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test")
+    return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test", outer_step=outer_step)
 
 
 def run_node(node_cls, unique_id: str = "test", **inputs):

@@ -76,3 +76,52 @@ def test_sample_nested_seeds_follow_the_global_outer_index():
     sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([1.0, 0.0]), {"seed": 7}, index_offset=2, **common)
     assert whole[0] == 7 and len(set(whole)) == 3
     assert seeds == [whole[2]]
+
+
+def _gaussian_posterior_mean(flow: bool):
+    """Exact denoiser of N(0, 1) data, k-diffusion signature."""
+    def model(x, sigma, **kwargs):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return x * (1 - s) / ((1 - s) ** 2 + s**2) if flow else x / (1 + s**2)
+    return model
+
+
+def _deterministic_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, sigma * x.new_ones(x.shape[0]))
+        x = denoised + (x - denoised) * (sigma_next / sigma)
+    return x
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
+    """N(0, 1) data, an exact ODE inside (50 Euler steps): the paper's step widens the spread at every outer step,
+    the renoise step keeps it (issue 10's defect, without ComfyUI)."""
+    outer = torch.tensor([0.95, 0.8, 0.5, 0.25, 0.0]) if flow else torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
+    model = _gaussian_posterior_mean(flow)
+
+    def inner(index, sigma):
+        ramp = torch.linspace(1, 0, 51)
+        return sigma * ramp  # linear to 0: fine for an exact Gaussian denoiser with 50 steps
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(20000, 1, generator=generator)
+    x = noise * outer[0] if not flow else noise * outer[0] + torch.randn(20000, 1, generator=generator) * (1 - outer[0])
+    std = {}
+    for renoise in (False, True):
+        out = sample_nested(model, x.clone(), outer, extra_args={"seed": 3}, inner_solver=_deterministic_euler,
+                            inner_schedule=inner, flow=flow, renoise=renoise)
+        std[renoise] = float(out.std())
+    assert std[False] > 1.25
+    assert abs(std[True] - 1.0) < 0.05
+
+
+def test_renoise_step_is_the_forward_process():
+    from nested_core import outer_step
+
+    x0, noise = torch.full((3,), 2.0), torch.full((3,), -1.0)
+    assert torch.allclose(outer_step(torch.zeros(3), x0, 4.0, 0.5, noise=noise, renoise=True), x0 + 0.5 * noise)
+    assert torch.allclose(outer_step(torch.zeros(3), x0, 0.9, 0.5, noise=noise, flow=True, renoise=True), 0.5 * x0 + 0.5 * noise)
+    assert torch.equal(outer_step(torch.zeros(3), x0, 0.9, 0.0, noise=noise, renoise=True), x0)  # the last step ends on x0
+    with pytest.raises(NestedDiffusionError, match="needs noise"):
+        outer_step(torch.zeros(3), x0, 4.0, 0.5, renoise=True)

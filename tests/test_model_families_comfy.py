@@ -93,7 +93,7 @@ def ksampler(fam: Family, model=None, seed=5, steps=4, sampler_name="euler", sch
 
 def nested_ksampler(fam: Family, model=None, seed=5, outer_steps=3, inner_steps=4, sampler_name="euler",
                     scheduler=None, cfg=CFG, outer_eta=0.0, inner_solver=None, positive=None, negative=None,
-                    latent=None, denoise=1.0):
+                    latent=None, denoise=1.0, outer_step="auto"):
     """The NestedKSampler node itself (as ComfyUI's executor prepares it); returns (samples, outer_previews)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
@@ -102,7 +102,7 @@ def nested_ksampler(fam: Family, model=None, seed=5, outer_steps=3, inner_steps=
                           sampler_name=sampler_name, scheduler=scheduler or fam.scheduler,
                           positive=positive or fam.positive, negative=negative or fam.negative,
                           latent_image=latent or fam.latent(), denoise=denoise, inner_solver=inner_solver,
-                          outer_eta=outer_eta)
+                          outer_eta=outer_eta, outer_step=outer_step)
     return output.args
 
 
@@ -163,7 +163,7 @@ def test_one_inner_step_is_euler_over_the_outer_schedule(family):
     import comfy.samplers
 
     outer = 5
-    samples, _ = nested_ksampler(family, seed=4, outer_steps=outer, inner_steps=1, sampler_name="euler")
+    samples, _ = nested_ksampler(family, seed=4, outer_steps=outer, inner_steps=1, sampler_name="euler", outer_step="ddim")
     # ComfyUI's own schedule for outer + 1 steps, less its last non-zero sigma, is the outer schedule
     sigmas = comfy_sigmas(family.model, family.scheduler, outer + 1)
     sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
@@ -196,9 +196,10 @@ def test_sampler_path_equals_nested_ksampler(family, sampler_name):
 
 
 def test_outer_eta_runs_finite_and_reinjects_seeded_noise(family):
-    deterministic, deterministic_previews = nested_ksampler(family, seed=6, outer_steps=3, inner_steps=4, outer_eta=0.0)
-    samples, previews = nested_ksampler(family, seed=6, outer_steps=3, inner_steps=4, outer_eta=0.5)
-    again, _ = nested_ksampler(family, seed=6, outer_steps=3, inner_steps=4, outer_eta=0.5)
+    paper = dict(seed=6, outer_steps=3, inner_steps=4, outer_step="ddim")  # outer_eta belongs to the paper's step
+    deterministic, deterministic_previews = nested_ksampler(family, outer_eta=0.0, **paper)
+    samples, previews = nested_ksampler(family, outer_eta=0.5, **paper)
+    again, _ = nested_ksampler(family, outer_eta=0.5, **paper)
     check_nested_output(family, samples, previews, 3)
     assert torch.equal(samples["samples"], again["samples"])
     # the first inner diffusion starts from the same noise; later ones from re-noised states

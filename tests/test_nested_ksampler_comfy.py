@@ -94,7 +94,7 @@ def test_one_inner_step_is_euler_over_the_outer_schedule(family, pack):
     prediction, model, cond, _ = family
     outer = 8
     samples, _ = nested(pack, model, cond, empty_latent(2), seed=4, outer_steps=outer, inner_steps=1,
-                        sampler_name="euler", scheduler=scheduler_for(prediction))
+                        sampler_name="euler", scheduler=scheduler_for(prediction), outer_step="ddim")
     sigmas = outer_schedule(schedule_function(model.get_model_object("model_sampling"), scheduler_for(prediction)), outer)
     latent_image = empty_latent(2)["samples"]
     noise = comfy.sample.prepare_noise(latent_image, 4)
@@ -115,7 +115,7 @@ def test_same_seed_same_image_and_other_seed_other_image(family, pack):
 
 def test_outer_eta_adds_noise_deterministically(family, pack):
     prediction, model, cond, exemplars = family
-    kwargs = dict(outer_steps=4, inner_steps=5, scheduler=scheduler_for(prediction))
+    kwargs = dict(outer_steps=4, inner_steps=5, scheduler=scheduler_for(prediction), outer_step="ddim")
     plain, _ = nested(pack, model, cond, empty_latent(8), seed=2, **kwargs)
     noisy, previews = nested(pack, model, cond, empty_latent(8), seed=2, outer_eta=1.0, **kwargs)
     noisy_again, _ = nested(pack, model, cond, empty_latent(8), seed=2, outer_eta=1.0, **kwargs)
