@@ -83,9 +83,10 @@ NODE_DEFS: dict[str, NodeDef] = {
     "NestedKSampler": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING, latent_image:LATENT, "
                          "inner_solver:NESTED_INNER_SOLVER?",
                          "seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, sampler_name:COMBO, scheduler:COMBO, "
-                         "denoise:FLOAT, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0",
+                         "denoise:FLOAT, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\"",
                          "samples:LATENT, outer_previews:LATENT", pack=True, seed="seed"),
-    "NestedSampler": _d("inner_solver:NESTED_INNER_SOLVER?", "outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0",
+    "NestedSampler": _d("inner_solver:NESTED_INNER_SOLVER?", "outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, "
+                                                            "outer_step:COMBO?=\"auto\"",
                         "SAMPLER:SAMPLER", pack=True),
     "InnerSolverSelect": _d("", "sampler_name:COMBO, scheduler:COMBO, steps:INT, eta:FLOAT, s_noise:FLOAT, "
                                 "step_schedule:STRING?=\"\"", "inner_solver:NESTED_INNER_SOLVER", pack=True),
@@ -95,7 +96,7 @@ NODE_DEFS: dict[str, NodeDef] = {
                                  "add_noise:COMBO, noise_seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, "
                                  "sampler_name:COMBO, scheduler:COMBO, start_at_outer_step:INT, end_at_outer_step:INT, "
                                  "return_with_leftover_noise:COMBO, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, "
-                                 "max_seconds:FLOAT?=0.0",
+                                 "max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\"",
                                  "samples:LATENT, outer_previews:LATENT", pack=True, seed="noise_seed"),
     "NestedPickCandidate": _d("samples:LATENT, outer_previews:LATENT, vae:VAE?", "index:INT",
                               "samples:LATENT, picked_preview:LATENT", pack=True),
@@ -379,13 +380,13 @@ def hash_name(name: str) -> int:
 # The order ComfyUI lists each node's inputs in (required, then optional): widgets and sockets interleaved.
 _API_ORDER = {
     "NestedKSampler": "model seed outer_steps inner_steps cfg sampler_name scheduler positive negative latent_image "
-                      "denoise inner_solver outer_eta max_nfe max_seconds",
-    "NestedSampler": "inner_solver outer_eta max_nfe max_seconds",
+                      "denoise inner_solver outer_eta max_nfe max_seconds outer_step",
+    "NestedSampler": "inner_solver outer_eta max_nfe max_seconds outer_step",
     "InnerSolverSelect": "sampler_name scheduler steps eta s_noise step_schedule",
     "OuterStepPreview": "previews vae",
     "NestedKSamplerAdvanced": "model add_noise noise_seed outer_steps inner_steps cfg sampler_name scheduler positive "
                               "negative latent_image start_at_outer_step end_at_outer_step return_with_leftover_noise "
-                              "inner_solver outer_eta max_nfe max_seconds",
+                              "inner_solver outer_eta max_nfe max_seconds outer_step",
     "NestedPickCandidate": "samples outer_previews index vae",
     "NestedExemplarPrompt": "model text",
     "NestedExemplarModel": "prediction spread image_size shift latent_scale exemplars",
@@ -418,7 +419,7 @@ EXEMPLAR = {"prediction": "eps", "spread": 0.05, "image_size": 32, "shift": 1.0,
 POSITIVE = "a lighthouse on a rocky coast at sunset, dramatic clouds, highly detailed photograph"
 NEGATIVE = "blurry, low quality, watermark, text"
 NESTED_SD = {"outer_steps": 4, "inner_steps": 10, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras",
-             "outer_eta": 0.0}
+             "outer_eta": 0.0, "outer_step": "auto"}
 
 
 def nested_vs_vanilla_exemplar() -> Workflow:
@@ -431,7 +432,7 @@ def nested_vs_vanilla_exemplar() -> Workflow:
                    title="Empty pixel latent")
     nested = w.add("NestedKSampler", (420, 110), {"seed": 7, "outer_steps": 4, "inner_steps": 10, "cfg": 1.0,
                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-                                                  "outer_eta": 0.0},
+                                                  "outer_eta": 0.0, "outer_step": "auto"},
                    id=3, title="Nested KSampler (anytime)", color="nested", size=(320, 660), model=model.out(0),
                    positive=model.out(1), negative=model.out(1), latent_image=latent.out(0))
     vanilla = w.add("KSampler", (780, 110), {"seed": 7, "steps": 40, "cfg": 1.0, "sampler_name": "euler",
@@ -562,7 +563,7 @@ def exemplar_img2img_inpaint_nested() -> Workflow:
                    title="Empty pixel latent")
     vae = w.add("VAELoader", (40, 530), {"vae_name": "pixel_space"}, title="Pixel-space VAE")
     common = {"outer_steps": 4, "inner_steps": 10, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-              "outer_eta": 0.0}
+              "outer_eta": 0.0, "outer_step": "auto"}
     source = w.add("NestedKSampler", (420, 110), {"seed": 1, "denoise": 1.0, **common}, title="Source (txt2img)",
                    color="nested", model=model.out(0), positive=model.out(1), negative=model.out(1),
                    latent_image=latent.out(0))
@@ -619,10 +620,10 @@ def flux_custom_advanced_nested() -> Workflow:
     guider = w.add("BasicGuider", (420, 450), model=unet.out(0), conditioning=guidance.out(0))
     scheduler = w.add("BasicScheduler", (420, 560), {"scheduler": "simple", "steps": 5, "denoise": 1.0},
                       title="Outer schedule (N+1 steps = N outer)", model=unet.out(0))
-    inner = w.add("InnerSolverSelect", (880, 110), {"sampler_name": "euler", "scheduler": "simple", "steps": 5,
+    inner = w.add("InnerSolverSelect", (880, 110), {"sampler_name": "dpmpp_2m", "scheduler": "simple", "steps": 5,
                                                     "eta": 0.85, "s_noise": 1.0, "step_schedule": ""},
                   color="nested")
-    sampler = w.add("NestedSampler", (880, 380), {"outer_eta": 0.0}, color="nested", inner_solver=inner.out(0))
+    sampler = w.add("NestedSampler", (880, 380), {"outer_eta": 0.0, "outer_step": "auto"}, color="nested", inner_solver=inner.out(0))
     noise = w.add("RandomNoise", (880, 560), {"noise_seed": 42})
     latent = w.add("EmptySD3LatentImage", (880, 700), {"width": 1024, "height": 1024, "batch_size": 1})
     sample = w.add("SamplerCustomAdvanced", (1240, 110), noise=noise.out(0), guider=guider.out(0),
@@ -655,7 +656,7 @@ def exemplar_custom_advanced_nested() -> Workflow:
     inner = w.add("InnerSolverSelect", (420, 440), {"sampler_name": "euler_ancestral", "scheduler": "normal",
                                                     "steps": 10, "eta": 0.85, "s_noise": 1.0, "step_schedule": ""},
                   title="Inner solver (the paper's DDIM, eta 0.85)", color="nested")
-    sampler = w.add("NestedSampler", (760, 440), {"outer_eta": 0.0}, color="nested", inner_solver=inner.out(0))
+    sampler = w.add("NestedSampler", (760, 440), {"outer_eta": 0.0, "outer_step": "auto"}, color="nested", inner_solver=inner.out(0))
     noise = w.add("RandomNoise", (760, 110), {"noise_seed": 42})
     latent = w.add("EmptyChromaRadianceLatentImage", (760, 250), {"width": 32, "height": 32, "batch_size": 4},
                    title="Empty pixel latent")
@@ -677,7 +678,7 @@ def exemplar_custom_advanced_nested() -> Workflow:
 # prompt that gains detail after the first outer step (Figure 8). Both stages share seed and steps, so stage 1
 # (outer step 1, leftover noise) + stage 2 (outer steps 2 to 4, added noise off) is one 4-step nested run.
 STAGED = {"noise_seed": 42, "outer_steps": 4, "inner_steps": 8, "sampler_name": "euler_ancestral",
-          "scheduler": "normal", "outer_eta": 0.0}
+          "scheduler": "normal", "outer_eta": 0.0, "outer_step": "auto"}
 STAGE_1 = {"add_noise": "enable", "start_at_outer_step": 0, "end_at_outer_step": 1,
            "return_with_leftover_noise": "enable"}
 STAGE_2 = {"add_noise": "disable", "start_at_outer_step": 1, "end_at_outer_step": 4,

@@ -105,3 +105,38 @@ def test_explicit_outer_step_is_honoured_and_bad_names_refused(pack):
     assert mode == "renoise"
     with pytest.raises(NestedDiffusionError, match="outer_step must be one of auto, ddim, renoise"):
         nested_std(model, node_default_spec("euler"), outer_step="sometimes", batch=4)
+
+
+def _nested_settings(prompt: dict) -> list[tuple[str, object, int]]:
+    """(workflow, inner solver spec, outer steps) of every nested sampler in an API-format prompt."""
+    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+
+    found = []
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "NestedKSampler":
+            found.append((InnerSolverSpec(inputs["sampler_name"], inputs["scheduler"], inputs["inner_steps"]),
+                          inputs["outer_steps"], inputs.get("outer_step", "auto")))
+        elif node["class_type"] == "NestedSampler":
+            inner = prompt[inputs["inner_solver"][0]]["inputs"]
+            sigmas = next(n["inputs"] for n in prompt.values() if n["class_type"] == "BasicScheduler")
+            found.append((InnerSolverSpec(inner["sampler_name"], sigmas["scheduler"], inner["steps"], eta=inner["eta"],
+                                          s_noise=inner["s_noise"]), sigmas["steps"] - 1, inputs.get("outer_step", "auto")))
+    return found
+
+
+@pytest.mark.parametrize("name", ["sd15_txt2img", "sd15_img2img", "sd15_inpaint", "sdxl_txt2img", "flux_custom_advanced"])
+def test_real_model_example_workflows_keep_the_distribution(pack, name):
+    """The example workflows' sampler settings for real models, run on the wide-spread exact model of their family."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "example_workflows" / "api" / f"{name}_nested_api.json"
+    settings = _nested_settings(json.loads(path.read_text()))
+    assert settings, f"{path.name} holds no nested sampler"
+    model = gaussian_model("flow", 3.0) if name.startswith("flux") else gaussian_model("eps", 1.0)
+    for spec, outer_steps, outer_step in settings:
+        outer_spec = replace(spec, scheduler=spec.scheduler)
+        std, mode = nested_std(model, outer_spec, outer_step=outer_step, outer_steps=outer_steps)
+        assert abs(std - 1.0) <= TOLERANCE, (name, spec, outer_steps, mode, std)
