@@ -3,12 +3,13 @@
     scripts/bench.sh            # full run (a few minutes on 2 CPU cores); builds .nested_env/ first if needed
     scripts/bench.sh --quick    # smoke run (about a minute): fewer budgets, splits, samplers and repeats
 
-Parts (``--parts quality,cost,nfe,spread``):
+Parts (``--parts quality,cost,nfe,spread,fid``):
 1. quality: anytime quality on the exact-denoiser model (eps, v-prediction, flow), see ``bench/quality.py``;
 2. cost: wall time, peak memory and preview emission of NestedKSampler / KSampler, see ``bench/cost.py``;
    where a CUDA GPU is present, a second process repeats it on the GPU at 512x512 and 1024x1024;
 3. nfe: model calls counted by a wrapper on the model, for every sampler in SAMPLER_NAMES, see ``bench/nfe.py``.
 4. spread: the final samples' spread on N(0, I) data for every sampler (nested auto / ddim, KSampler), see ``bench/spread.py``.
+5. fid: FID-like score vs NFEs on the learned digits models (the paper's Figures 3/4), see ``bench/fid.py``.
 
 Writes ``bench/results/{quality,cost,nfe}.json``, ``anytime_quality.png``, ``anytime_quality_all.png``,
 ``cost.png`` and ``summary.md``; prints a results table and one PASS/FAIL line per target, and exits 1 if any
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: the repository root, not bench
 from bench.comfy_env import REPO_ROOT, import_comfy, import_pack  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
-PARTS = ("quality", "cost", "nfe", "spread")
+PARTS = ("quality", "cost", "nfe", "spread", "fid")
 
 
 def log(message: str) -> None:
@@ -310,6 +311,18 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out_dir / "spread.json", spread)
         timings["spread"] = time.time() - t0
 
+    fid_results = None
+    if "fid" in parts:
+        from bench.fid import fid_checks, plot_fid, run_fid
+
+        t0 = time.time()
+        fid_results = run_fid(args.quick, log)
+        checks += fid_checks(fid_results)
+        fid_results["environment"] = env
+        write_json(out_dir / "fid.json", fid_results)
+        plot_fid(fid_results, out_dir / "fid_vs_nfe.png")
+        timings["fid"] = time.time() - t0
+
     if "cost" in parts:
         from bench.cost import cost_checks, run_cost
 
@@ -343,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         log("")
     if nfe:
         for line in nfe_table(nfe):
+            log(line)
+        log("")
+    if fid_results:
+        from bench.fid import fid_table
+
+        for line in fid_table(fid_results):
             log(line)
         log("")
     if spread:
