@@ -44,6 +44,8 @@ from tools.comfy_api_client import ComfyAPIClient, ComfyAPIError  # noqa: E402
 from tools.comfy_server import ComfyServer, ComfyServerError  # noqa: E402
 
 DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
+DIGITS_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_digits_api.json"
+DEFAULT_WORKFLOWS = (DIGITS_WORKFLOW, DEFAULT_WORKFLOW)  # the learned model first, then the exact one
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 OUTPUT_MARKER = ".nested_demo_output"  # only folders carrying it are ever cleaned
 NESTED, VANILLA = "nested", "vanilla"
@@ -56,8 +58,9 @@ LABEL_PATTERN = re.compile(r"outer (\d+)/(\d+)(?: · (\d+) NFE)?(?: · index (\d
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Nested diffusion vs vanilla KSampler at equal NFEs, in a real ComfyUI server driven over its API.")
-    parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW,
-                        help="API-format workflow to queue (default: %(default)s)")
+    parser.add_argument("--workflow", type=Path, action="append", default=None,
+                        help="API-format workflow to queue; repeat for several (default: the digits demo, then the "
+                             "exemplar demo, each in a folder of its own under --out)")
     parser.add_argument("--out", type=Path, default=Path("demo_output"),
                         help="output folder, created or cleaned (default: %(default)s)")
     parser.add_argument("--port", type=int, default=None, help="server port on 127.0.0.1 (default: a free one)")
@@ -745,38 +748,54 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)  # `kill` stops the server too, like Ctrl-C
 
 
+def workflow_folder_name(path: Path) -> str:
+    """nested_vs_vanilla_digits_api.json -> digits."""
+    return path.stem.removesuffix("_api").removeprefix("nested_vs_vanilla_")
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    prompt = load_workflow(args.workflow)
+    workflows = args.workflow or list(DEFAULT_WORKFLOWS)
+    out = prepare_output_dir(args.out)
+    began = time.monotonic()
+    print(f"starting ComfyUI ({'GPU' if args.gpu else 'CPU'}) with the nested-diffusion pack ...", flush=True)
+    with ComfyServer(port=args.port, preview_method="auto", cpu=not args.gpu, keep_base_dir=args.keep_server_dir) as server:
+        print(f"ComfyUI up at {server.url} in {server.startup_seconds:.1f} s (log: {server.log_path})", flush=True)
+        for path in workflows:
+            folder = out if len(workflows) == 1 else out / workflow_folder_name(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            if len(workflows) > 1:
+                print(f"\n== {path.name} -> {folder}", flush=True)
+            run_workflow(args, server, path, folder, began)
+        if args.keep_server_dir:
+            print(f"server directory kept: {server.base_dir}")
+    return 0
+
+
+def run_workflow(args: argparse.Namespace, server: ComfyServer, path: Path, out: Path, began: float) -> None:
+    """Queue one workflow on the running server and write its strips, previews and summary into ``out``."""
+    prompt = load_workflow(path)
     pair = find_pair(prompt)
     apply_overrides(prompt, pair, args.outer, args.inner, args.seed)
     settings = sampler_settings(prompt, pair)
     for model in nodes_of_class(prompt, "NestedExemplarModel"):
         settings.setdefault("spread", prompt[model]["inputs"].get("spread"))
     size = source_size(prompt, pair)
-    out = prepare_output_dir(args.out)
     (out / "workflow_api.json").write_text(json.dumps(prompt, indent=2))
-
-    began = time.monotonic()
-    print(f"starting ComfyUI ({'GPU' if args.gpu else 'CPU'}) with the nested-diffusion pack ...", flush=True)
-    with ComfyServer(port=args.port, preview_method="auto", cpu=not args.gpu, keep_base_dir=args.keep_server_dir) as server:
-        print(f"ComfyUI up at {server.url} in {server.startup_seconds:.1f} s (log: {server.log_path})", flush=True)
-        with ComfyAPIClient(server.url) as client:
-            queued = time.monotonic()
-            display = ProgressLine(queued)
-            planned = settings.get("outer_steps", 0) * settings.get("inner_steps", 0)  # one-call solvers; events correct it
-            for node, total in ((pair.nested, planned), (pair.vanilla, (settings.get("vanilla") or {}).get("steps"))):
-                if node:
-                    display.track(node, NESTED if node == pair.nested else VANILLA, total)
-            recorder = RunRecorder(prompt, pair, out, queued, display)
-            try:
-                prompt_id = run_prompt(client, prompt, recorder, args.timeout)
-            finally:
-                display.finish()
-            run_seconds = time.monotonic() - queued
-            outputs = fetch_outputs(client, client.history(prompt_id), prompt, pair, out)
-        if args.keep_server_dir:
-            print(f"server directory kept: {server.base_dir}")
-        startup = server.startup_seconds or 0.0
+    with ComfyAPIClient(server.url) as client:
+        queued = time.monotonic()
+        display = ProgressLine(queued)
+        planned = settings.get("outer_steps", 0) * settings.get("inner_steps", 0)  # one-call solvers; events correct it
+        for node, total in ((pair.nested, planned), (pair.vanilla, (settings.get("vanilla") or {}).get("steps"))):
+            if node:
+                display.track(node, NESTED if node == pair.nested else VANILLA, total)
+        recorder = RunRecorder(prompt, pair, out, queued, display)
+        try:
+            prompt_id = run_prompt(client, prompt, recorder, args.timeout)
+        finally:
+            display.finish()
+        run_seconds = time.monotonic() - queued
+        outputs = fetch_outputs(client, client.history(prompt_id), prompt, pair, out)
+    startup = server.startup_seconds or 0.0
 
     reference = exemplar_reference(prompt, size)
     vanilla = save_vanilla_previews(recorder, vanilla_steps_to_save(recorder)) if pair.vanilla else {}
@@ -791,9 +810,9 @@ def run_demo(args: argparse.Namespace) -> int:
     timings = {"server_startup": round(startup, 2), "run": round(run_seconds, 3),
                "execution_start": recorder.execution_started, "total": round(time.monotonic() - began, 2)}
     summary = build_summary(prompt_id, args, prompt, pair, settings, recorder, outputs, boundaries, files, timings, reference)
+    summary["workflow"] = str(path)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_report(out, summary)
-    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

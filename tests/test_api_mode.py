@@ -55,7 +55,7 @@ def test_nodes_are_registered_with_their_schema(client):
         "positive", "negative", "latent_image", "denoise",
     ]
     assert list(sampler["input"]["required"]) == sampler["input_order"]["required"]
-    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta", "max_nfe", "max_seconds"]
+    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"]
     assert sampler["input"]["optional"]["inner_solver"][0] == "NESTED_INNER_SOLVER"
     assert sampler["output"] == ["LATENT", "LATENT"]
     assert sampler["output_name"] == ["samples", "outer_previews"]

@@ -41,7 +41,7 @@ def demo_run(tmp_path_factory):
         pytest.fail(f"No ComfyUI at {comfyui_path()}: run scripts/setup_env.sh (or set COMFYUI_PATH)")
     out = tmp_path_factory.mktemp("demo") / "out"
     command = [default_python(), str(DEMO), "--outer", str(OUTER), "--inner", str(INNER),
-               "--port", str(free_port()), "--out", str(out)]
+               "--port", str(free_port()), "--out", str(out), "--workflow", str(WORKFLOW)]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return out, done
