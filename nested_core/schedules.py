@@ -17,6 +17,9 @@ ScheduleFn = Callable[[int], torch.Tensor]
 
 MAX_TOTAL_STEPS = 10000
 LINEAR_SCAN_LIMIT = 2000
+SCAN_EVALUATIONS = 50  # lengths the last-resort scan tries before it gives up (each costs a whole schedule)
+# The longest schedule ever built: KSampler's own largest, 10000 steps at denoise 0.01 (4 MB of float32 sigmas).
+MAX_SCHEDULE_LENGTH = 1_000_000
 
 
 def check_schedule(sigmas: torch.Tensor, what: str = "sigmas") -> None:
@@ -68,6 +71,36 @@ def _pinned_tail(schedule_fn: ScheduleFn, total_steps: int, tail_steps: int, sta
     return tail if is_valid_schedule(tail) else None
 
 
+REFERENCE_LENGTH = 1000  # the schedule read to guess the length whose tail starts at a given sigma
+
+
+def _guess_length(schedule_fn: ScheduleFn, steps: int, start_sigma: float, max_total_steps: int) -> Optional[int]:
+    """The schedule length whose tail of ``steps`` steps starts near ``start_sigma``, for a scheduler that spaces a
+    fixed curve over its length (most do): where ``start_sigma`` falls on a reference schedule, as a fraction ``p``
+    of it, and the length ``n`` with ``(n - steps) / (n - 1) = p``. Only a starting point for the search."""
+    try:
+        reference = schedule_fn(min(REFERENCE_LENGTH, max_total_steps)).detach().to(dtype=torch.float64, device="cpu")
+    except Exception:
+        return None
+    sigmas = reference[:-1]
+    count = sigmas.numel()
+    if count < 2 or not bool(torch.isfinite(sigmas).all()):
+        return None
+    above = int((sigmas > start_sigma).sum())
+    if above == 0:
+        return steps
+    if above >= count:
+        return max_total_steps
+    high, low = float(sigmas[above - 1]), float(sigmas[above])
+    within = 0.0
+    if low > 0 and high > low:
+        within = (math.log(high) - math.log(start_sigma)) / (math.log(high) - math.log(low))
+    fraction = min(max((above - 1 + within) / (count - 1), 0.0), 1.0)
+    if fraction >= 1.0 - 1e-9:
+        return max_total_steps
+    return int(min(max(round((steps - fraction) / (1 - fraction)), steps), max_total_steps))
+
+
 def _closer_first(start_sigma: float, candidates: Sequence[int], values: dict[int, float]) -> list[int]:
     def log_gap(total: int) -> float:
         return abs(math.log(max(values[total], 1e-12)) - math.log(start_sigma))
@@ -106,51 +139,104 @@ def truncated_schedule(schedule_fn: ScheduleFn, steps: int, start_sigma: float, 
         if tail is not None:
             return tail
 
-    # Exponential then binary search for the first length whose tail starts at or below start_sigma.
+    def at_or_below(total: int) -> bool:
+        found = value(total)
+        return found is None or found <= start_sigma
+
+    # Find the first length whose tail starts at or below start_sigma: gallop from a guess read off one reference
+    # schedule (usually within a few lengths), then bisect. Each length costs a whole schedule, so few are tried.
     low, high = steps, None
-    probe = steps * 2
-    while probe <= max_total_steps:
-        found = value(probe)
-        if found is None or found <= start_sigma:
-            high = probe
-            break
-        low = probe
-        probe *= 2
+    guess = _guess_length(schedule_fn, steps, start_sigma, max_total_steps)
+    if guess is not None and guess > low:
+        if at_or_below(guess):
+            high, jump = guess, 1
+            while high - jump > low:
+                if not at_or_below(high - jump):
+                    low = high - jump
+                    break
+                high, jump = high - jump, jump * 2
+        else:
+            low = guess
     if high is None:
-        high = max_total_steps
+        jump = 1
+        while low + jump <= max_total_steps:
+            if at_or_below(low + jump):
+                high = low + jump
+                break
+            low, jump = low + jump, jump * 2
+        if high is None:
+            high = max_total_steps
     while high - low > 1:
         middle = (low + high) // 2
-        found = value(middle)
-        if found is None or found <= start_sigma:
+        if at_or_below(middle):
             high = middle
         else:
             low = middle
 
-    candidates = [total for total in range(max(steps, low - 2), min(max_total_steps, high + 2) + 1) if value(total) is not None]
-    for total in _closer_first(start_sigma, candidates, values):
-        tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
+    # The two ends of the bracket (the closer first), then their neighbours, then, for schedulers whose sigmas don't
+    # move monotonically with the step count, lengths further out (at most LINEAR_SCAN_LIMIT tried).
+    tried: set[int] = set()
+
+    def pinned(candidates) -> Optional[torch.Tensor]:
+        usable = [t for t in candidates if steps <= t <= max_total_steps and t not in tried and value(t) is not None]
+        for total in _closer_first(start_sigma, usable, values):
+            tried.add(total)
+            tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
+            if tail is not None:
+                return tail
+        return None
+
+    for candidates in ([low, high], [low - 2, low - 1, high + 1, high + 2]):
+        tail = pinned(candidates)
         if tail is not None:
             return tail
-    # Schedulers whose sigmas don't move monotonically with the step count: try every length (rare, slow path).
-    scan_limit = min(max_total_steps, LINEAR_SCAN_LIMIT) if scan_all else steps - 1
-    for total in _closer_first(start_sigma, [t for t in range(steps, scan_limit + 1) if value(t) is not None], values):
-        tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
-        if tail is not None:
-            return tail
+    if scan_all:
+        scan_limit = min(max_total_steps, LINEAR_SCAN_LIMIT)
+        outward = sorted(range(steps, scan_limit + 1), key=lambda t: (min(abs(t - low), abs(t - high)), t))
+        for total in outward[:LINEAR_SCAN_LIMIT]:
+            if total in tried or value(total) is None:
+                continue
+            tried.add(total)
+            tail = _pinned_tail(schedule_fn, total, steps, start_sigma)
+            if tail is not None:
+                return tail
+            if len(tried) >= SCAN_EVALUATIONS:
+                break
     raise NestedDiffusionError(
         f"{steps} steps starting at sigma {start_sigma:.6g} is beyond this scheduler's resolution "
         f"(it cannot place that many distinct sigmas below the start); use fewer steps or another scheduler"
     )
 
 
-def denoise_start_sigma(schedule_fn: ScheduleFn, total_steps: int, denoise: float) -> Optional[float]:
+def denoise_start_sigma(schedule_fn: ScheduleFn, total_steps: int, denoise: float,
+                        scheduler: str = "this scheduler") -> Optional[float]:
     """Where a vanilla KSampler with ``total_steps`` steps and this ``denoise`` starts; None for a full run."""
     if not (math.isfinite(denoise) and 0.0 < denoise <= 1.0):
         raise NestedDiffusionError(f"denoise must be above 0 and at most 1, got {denoise}")
     if denoise > 0.9999:
         return None
-    full = schedule_fn(int(total_steps / denoise))
-    return float(full[-(total_steps + 1)])
+    steps, length = denoise_lengths(total_steps, denoise)
+    full = schedule_fn(length)
+    if full.numel() < steps + 1:
+        raise NestedDiffusionError(
+            f"denoise {denoise:g} with {total_steps} steps in all is beyond the resolution of {scheduler}: it gives "
+            f"{full.numel() - 1} steps when asked for {length}; use fewer steps, a higher denoise or another scheduler"
+        )
+    return float(full[-(steps + 1)])
+
+
+def denoise_lengths(total_steps: int, denoise: float, max_length: int = MAX_SCHEDULE_LENGTH) -> tuple[int, int]:
+    """(steps, schedule length) for KSampler's denoise truncation: ``(total_steps, int(total_steps / denoise))``
+    while that length is at most ``max_length`` (KSampler's own largest); beyond it, the same fraction of the
+    schedule at a resolution that fits (100 outer x 10000 inner at denoise 0.01 would otherwise ask for 10^8 sigmas)."""
+    steps = int(total_steps)
+    length = int(steps / denoise)
+    if length > max_length:
+        steps = max(1, int(steps * max_length / length))
+        while steps > 1 and int(steps / denoise) > max_length:
+            steps -= 1
+        length = max(int(steps / denoise), steps)
+    return steps, length
 
 
 def outer_schedule(schedule_fn: ScheduleFn, outer_steps: int, start_sigma: Optional[float] = None) -> torch.Tensor:

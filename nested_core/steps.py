@@ -46,14 +46,26 @@ def preset_step_schedule(preset: str, outer_steps: int, inner_steps: int) -> lis
     return counts
 
 
+def shortened(text, limit: int = 80) -> str:
+    """``repr`` of a user's text for an error message, cut to about ``limit`` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
+
+
 def parse_step_schedule(text: str, outer_steps: int) -> list[int]:
     """Parse ``"20,10,5,5"``: one positive inner step count per outer step."""
     if not _LIST_PATTERN.match(text or ""):
         raise NestedDiffusionError(
             f"step_schedule must be a comma-separated list of positive integers such as '20,10,5,5', "
-            f"or one of {', '.join(STEP_SCHEDULE_PRESETS)}; got {text!r}"
+            f"or one of {', '.join(STEP_SCHEDULE_PRESETS)}; got {shortened(text)}"
         )
-    counts = [int(part) for part in text.split(",") if part.strip()]
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    for index, part in enumerate(parts):
+        if len(part.lstrip("0")) > len(str(MAX_TOTAL_STEPS)):  # before int(): Python refuses 4300+ digits
+            raise NestedDiffusionError(
+                f"step_schedule entry {index + 1} is a {len(part)}-digit number: each must be from 1 to {MAX_TOTAL_STEPS}"
+            )
+    counts = [int(part) for part in parts]
     if len(counts) != outer_steps:
         raise NestedDiffusionError(
             f"step_schedule lists {len(counts)} inner step counts but outer_steps is {outer_steps}: give exactly one per outer step"

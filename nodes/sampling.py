@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import weakref
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,6 +33,7 @@ from ..nested_core import (
     sample_nested,
     truncated_schedule,
 )
+from . import schedule_cache
 from .finish import finishable_run
 from .solver_probe import inner_solver_is_posterior_sampler
 
@@ -63,42 +64,8 @@ def check_solver_names(spec: InnerSolverSpec) -> None:
         raise NestedDiffusionError(f"scheduler {spec.scheduler!r} is not one of ComfyUI's schedulers: {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
 
 
-_SCHEDULE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-SCHEDULE_CACHE_LIMIT = 512  # schedules kept per model sampling
-
-
-def _sampling_fingerprint(model_sampling: Any) -> tuple:
-    """What a schedule depends on besides the scheduler: a model sampling's range and flow shift."""
-    values = (getattr(model_sampling, name, None) for name in ("sigma_min", "sigma_max", "shift", "multiplier"))
-    return tuple(None if value is None else float(value) for value in values)
-
-
-def schedule_function(model_sampling: Any, scheduler: str, sampler_name: Optional[str] = None) -> Callable[[int], torch.Tensor]:
-    """Step count -> sigmas, exactly as KSampler builds them for this scheduler (and sampler).
-
-    Results are kept per model sampling object, so planning the next prompt on the same model costs nothing:
-    inner schedules search over many schedule lengths.
-    """
-    discard_penultimate = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-    try:
-        cache = _SCHEDULE_CACHE.setdefault(model_sampling, {})
-    except TypeError:  # not weak-referenceable: no cache
-        cache = {}
-    prefix = (scheduler, discard_penultimate, _sampling_fingerprint(model_sampling))
-
-    def sigmas_for(steps: int) -> torch.Tensor:
-        key = (*prefix, steps)
-        if key not in cache and len(cache) >= SCHEDULE_CACHE_LIMIT:  # bounded: a server runs for days
-            cache.clear()
-        if key not in cache:
-            if discard_penultimate:
-                sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
-                cache[key] = torch.cat([sigmas[:-2], sigmas[-1:]]).cpu()
-            else:
-                cache[key] = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
-        return cache[key]
-
-    return sigmas_for
+# Step count -> sigmas as KSampler builds them: cached by bytes, vectorised where ComfyUI loops, cancellable.
+schedule_function = schedule_cache.schedule_function
 
 
 def inner_solver_function(spec: InnerSolverSpec) -> tuple[Callable[..., torch.Tensor], dict]:
@@ -183,14 +150,26 @@ def other_schedulers(scheduler: str) -> str:
     return " or ".join([name for name in ("normal", "karras", "exponential") if name != scheduler][:2])
 
 
+FIT_SEARCH_SECONDS = 0.5  # the "at most N fit" answer: counted down for this long, then a binary search's answer
+
+
 def largest_outer_steps_that_fit(schedule_fn: Callable[[int], torch.Tensor], outer_steps: int, start: Optional[float]) -> int:
-    """Counted down one by one: some schedulers (ddim_uniform) fit 200 outer steps but not 150."""
-    for count in range(outer_steps - 1, 0, -1):
+    """Counted down one by one, since some schedulers (ddim_uniform) fit 200 outer steps but not 150; when that
+    takes longer than FIT_SEARCH_SECONDS, the largest count a binary search finds (one that fits, its next does not)."""
+    def fits(count: int) -> bool:
+        schedule_cache.planning_checkpoint()
         try:
             outer_schedule(schedule_fn, count, start)
-            return count
+            return True
         except NestedDiffusionError:
-            continue
+            return False
+
+    deadline = time.monotonic() + FIT_SEARCH_SECONDS
+    for count in range(outer_steps - 1, 0, -1):
+        if fits(count):
+            return count
+        if time.monotonic() > deadline:
+            return largest_count_that_works(lambda n: outer_schedule(schedule_fn, n, start), count)
     return 0
 
 
@@ -210,6 +189,7 @@ def build_inner_sigmas(inner_fn: Callable[[int], torch.Tensor], spec: InnerSolve
                        outer_sigmas: torch.Tensor) -> list[torch.Tensor]:
     inner_sigmas = []
     for index, count in enumerate(steps):
+        schedule_cache.planning_checkpoint()  # Cancel while planning many outer steps
         sigma = float(outer_sigmas[index])
         try:
             inner_sigmas.append(truncated_schedule(inner_fn, count, sigma))
@@ -224,6 +204,7 @@ def build_inner_sigmas(inner_fn: Callable[[int], torch.Tensor], spec: InnerSolve
     return inner_sigmas
 
 
+@schedule_cache.planning  # single-threaded: thousands of small tensor operations
 def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: Optional[str] = None,
                     denoise: float = 1.0, outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
     """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input.
@@ -235,7 +216,8 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     steps = spec.steps_per_outer(outer_steps)
     inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
     if outer_sigmas is None:
-        start = denoise_start_sigma(inner_fn, sum(steps), denoise)
+        start = denoise_start_sigma(inner_fn, sum(steps), denoise, f"scheduler '{spec.scheduler}' for this model "
+                                    f"({outer_steps} outer_steps x {spec.steps_input})")
         if start is None and outer_steps == 1:  # exactly KSampler with the inner steps
             start = float(inner_fn(steps[0])[0])
         outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
