@@ -1,5 +1,5 @@
 """The nested diffusion algorithm in pure torch: no ComfyUI imports, testable alone."""
-from .budget import StopRule
+from .budget import StopRule, projected_costs, spent_per_inner_process
 from .errors import NestedDiffusionError, check_number
 from .nested import CountedModel, derive_seed, outer_step, sample_nested, seeded_outer_noise
 from .schedules import (
@@ -26,5 +26,5 @@ __all__ = [
     "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
-    "truncated_schedule",
+    "truncated_schedule", "projected_costs", "spent_per_inner_process",
 ]

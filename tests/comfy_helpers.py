@@ -55,12 +55,23 @@ def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, s
     return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test", outer_step=outer_step)
 
 
-def run_node(node_cls, unique_id: str = "test", **inputs):
-    """Execute a V3 node the way ComfyUI's executor does (a class clone holding the hidden inputs); returns its outputs."""
+def node_with_hidden(node_cls, **hidden):
+    """The class ComfyUI's executor runs for a V3 node: a clone holding its hidden inputs (``unique_id="7"``,
+    ``prompt={...}``). The one adapter the tests keep for what differs between ComfyUI releases:
+    ``PREPARE_CLASS_CLONE`` took the hidden values themselves up to 0.3.x and ``{"hidden_inputs": ...}`` from 0.4.0."""
+    import inspect
+
     from comfy_api.latest import io
 
-    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
-    return clone.execute(**inputs).args
+    values = {getattr(io.Hidden, name): value for name, value in hidden.items()}
+    if "v3_data" in inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters:
+        return node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": values})
+    return node_cls.PREPARE_CLASS_CLONE(values)
+
+
+def run_node(node_cls, unique_id: str = "test", **inputs):
+    """Execute a V3 node the way ComfyUI's executor does (a class clone holding the hidden inputs); returns its outputs."""
+    return node_with_hidden(node_cls, unique_id=unique_id).execute(**inputs).args
 
 
 def advanced_inputs(model, cond, latent, seed, outer_steps, inner_steps, start, end, leftover, add_noise=True,

@@ -1,7 +1,7 @@
 """Anytime control inside ComfyUI: staged runs, candidate picking, NFE and time budgets, step presets."""
 import pytest
 import torch
-from comfy_helpers import SPREAD, advanced_inputs, empty_latent, exemplar_setup, nested, run_node
+from comfy_helpers import SPREAD, advanced_inputs, empty_latent, exemplar_setup, nested, node_with_hidden, run_node
 
 
 @pytest.fixture(scope="module", params=["eps", "flow"])
@@ -127,11 +127,29 @@ def test_max_seconds_keeps_the_latest_image(family, pack):
     assert len(unlimited["nested_nfe"]) == 4
 
 
-def test_early_finish_in_a_stage_returns_a_clean_image(family, pack):
+def test_early_finish_in_a_stage_with_leftover_noise_hands_on_a_state_the_next_stage_continues(family, pack):
+    """Issue 12: a stage with leftover noise that ended early (max_nfe, Finish now) handed the next stage its clean
+    inner result as if it were the noisy state at the stage's last sigma, and the next stage lost contrast. It
+    now hands on that inner result diffused afresh to the last sigma: noise of exactly that sigma around it."""
+    from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
+    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+
     prediction, model, cond, exemplars = family
-    samples, previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(2), 2, 4, 5, 0, 3, True, max_nfe=5))
-    assert len(previews["nested_nfe"]) == 1
-    assert torch.allclose(samples["samples"], previews["samples"], atol=1e-5)
+    batch = 4
+    samples, previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(batch), 2, 4, 5, 0, 3, True,
+                                                                     max_nfe=5))
+    assert len(previews["nested_nfe"]) == 1  # ended early after the first outer step
+    plan = plan_nested_run(model.get_model_object("model_sampling"), solver_spec("euler", "normal", 5), 4, "normal")
+    sigma_end = float(plan.outer_sigmas[3])
+    # the latent a stage returns at sigma s: x0 + s eps (eps, v), x / (1 - s) = x0 + s / (1 - s) eps (flow)
+    noise_std = sigma_end / (1 - sigma_end) if prediction == "flow" else sigma_end
+    to_model = model.model.process_latent_in  # LATENTs hold the latent format's scaling; sigma is in the model's
+    measured = float((to_model(samples["samples"]) - to_model(previews["samples"])).std())
+    assert abs(measured / noise_std - 1) < 0.05, f"noise std {measured:.4g}, expected {noise_std:.4g}"
+    second, second_previews = run_node(advanced_node(), **advanced_inputs(model, cond, samples, 2, 4, 5, 3, 4, False,
+                                                                           add_noise=False))
+    assert float(distances(second["samples"], exemplars).max()) <= 3 * SPREAD
+    assert second_previews["nested_outer_step_numbers"] == [4]
 
 
 @pytest.mark.parametrize("preset", ["front-loaded", "back-loaded", "uniform"])
@@ -156,7 +174,6 @@ def test_step_presets_keep_the_total_nfes(family, pack, preset):
 
 
 def test_unconnected_outer_previews_are_not_kept_and_samples_are_unchanged(family, pack):
-    from comfy_api.latest import io
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
     from comfyui_nested_diffusion.nodes.sampling import output_is_linked
 
@@ -165,7 +182,7 @@ def test_unconnected_outer_previews_are_not_kept_and_samples_are_unchanged(famil
     assert not output_is_linked(graph, "7", 1) and output_is_linked(graph, "7", 0) and output_is_linked(None, "7", 1)
     inputs = dict(model=model, seed=4, outer_steps=3, inner_steps=4, cfg=1.0, sampler_name="euler", scheduler="normal",
                   positive=cond, negative=cond, latent_image=empty_latent(2), denoise=1.0)
-    lean = NestedKSampler.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "7", io.Hidden.prompt: graph}).execute(**inputs).args
+    lean = node_with_hidden(NestedKSampler, unique_id="7", prompt=graph).execute(**inputs).args
     full = run_node(NestedKSampler, **inputs)
     assert torch.equal(lean[0]["samples"], full[0]["samples"])
     assert lean[1]["samples"].numel() == 0 and full[1]["samples"].shape[0] == 3 * 2

@@ -92,7 +92,9 @@ def nested_ksampler(setup: Setup, model=None, positive=None, negative=None, seed
     """The NestedKSampler node itself (as ComfyUI's executor prepares it); returns (samples, outer_previews)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
-    node = NestedKSampler.PREPARE_CLASS_CLONE({"unique_id": "9"})
+    from comfy_helpers import node_with_hidden
+
+    node = node_with_hidden(NestedKSampler, unique_id="9")
     return node.execute(model=model or setup.model, seed=seed, outer_steps=outer_steps, inner_steps=inner_steps,
                         cfg=CFG, sampler_name=sampler_name, scheduler="normal", positive=positive or setup.positive,
                         negative=negative or setup.negative, latent_image=setup.latent(), denoise=1.0,

@@ -125,3 +125,84 @@ def test_renoise_step_is_the_forward_process():
     assert torch.equal(outer_step(torch.zeros(3), x0, 0.9, 0.0, noise=noise, renoise=True), x0)  # the last step ends on x0
     with pytest.raises(NestedDiffusionError, match="needs noise"):
         outer_step(torch.zeros(3), x0, 4.0, 0.5, renoise=True)
+
+
+def test_projected_costs_follow_what_inner_processes_really_spent():
+    from nested_core import projected_costs, spent_per_inner_process
+
+    assert projected_costs([8, 8, 8], []) == [8, 8, 8]
+    assert projected_costs([8, 8, 8], [8]) == [8, 8, 8]  # a solver whose calls do not depend on the model
+    assert projected_costs([10, 20, 30], [15]) == [15, 30, 45]  # spent 1.5x the measured cost: the rest will too
+    assert projected_costs([10, 20, 30], [5, 10]) == [5, 10, 15]
+    assert spent_per_inner_process([5, 7], 20) == [5, 7, 8]
+
+
+def test_stop_rule_budget_uses_what_was_really_spent():
+    """Issue 12: an adaptive solver that spends more than measured must not take the run past max_nfe."""
+    rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
+    assert rule(0, 14) is False  # 14 spent: the next is projected at 14 too, 28 fits
+    assert rule(1, 28) is True and rule.reason == "max_nfe"  # a third at 14 would end at 42
+    rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
+    assert rule(0, 10) is False and rule(1, 20) is False and rule(2, 30) is False  # exact costs: all 4 fit
+    rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
+    assert rule(0, 12) is False  # 12 + 12 <= 40
+    assert rule(1, 30) is True  # the second spent 18: the third is projected at 18, 48 > 40
+
+
+def _adaptive_toy_solver(costs):
+    """An inner solver spending ``costs[k]`` model calls in its k-th inner process (more than any plan said)."""
+    runs = []
+
+    def solver(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        n = costs[len(runs)]
+        runs.append(n)
+        for _ in range(n):
+            denoised = model(x, sigmas[0] * x.new_ones(x.shape[0]))
+        return denoised
+
+    return solver, runs
+
+
+@pytest.mark.parametrize("max_calls, spent, reason", [
+    (10, 6, "max_nfe"),  # 6 + a projected 6 > 10: the rule stops before the second inner diffusion
+    (15, 15, "max_nfe"),  # projected 6, the second spends 14: cut at the limit, the first's result is kept
+    (30, 20, "max_nfe"),  # after 6 + 14 the third is projected at 14: 34 > 30
+    (45, 40, None),  # everything fits
+])
+def test_a_hard_call_limit_cuts_an_inner_diffusion_and_keeps_the_previous_result(max_calls, spent, reason):
+    calls, seen = [], []
+    solver, runs = _adaptive_toy_solver([6, 14, 20])
+    rule = StopRule(nfe_per_outer=[6, 6, 6], max_nfe=max_calls)
+    x = torch.randn(1, 2)
+    out = sample_nested(toy_denoiser(torch.full((1, 2), 0.5)), x, torch.tensor([3.0, 2.0, 1.0, 0.0]),
+                        inner_solver=solver, inner_schedule=lambda k, s: torch.tensor([s, 0.0]),
+                        on_model_call=calls.append, stop_after=rule, max_calls=max_calls,
+                        callback=lambda d: seen.append(d["i"]))
+    assert calls[-1] == spent <= max_calls
+    assert rule.reason == reason
+    assert torch.allclose(out, torch.full((1, 2), 0.5))
+    assert len(seen) == len([n for n in [6, 20, 40] if n <= spent])  # a cut inner diffusion shows no image
+
+
+def test_a_first_inner_diffusion_past_the_call_limit_is_a_clear_error():
+    solver, _ = _adaptive_toy_solver([6])
+    with pytest.raises(NestedDiffusionError, match="max_nfe 5 was used up before the first inner diffusion ended"):
+        sample_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(1, 2), torch.tensor([3.0, 0.0]), inner_solver=solver,
+                      inner_schedule=lambda k, s: torch.tensor([s, 0.0]), max_calls=5)
+
+
+@pytest.mark.parametrize("renoise, eta", [(False, 1.0), (False, 0.5), (True, 0.0), (False, 0.0)])
+@pytest.mark.parametrize("noise_scale", [1.0, 8.0])
+def test_flow_outer_steps_keep_a_scaled_noise_scaled(renoise, eta, noise_scale):
+    """ComfyUI's model_sampling.noise_scale (flow models, 0.21.1 on): x = (1 - s) x0 + s * noise_scale * eps.
+    Every outer step must land on that form at sigma_next: the fresh noise it adds is scaled too."""
+    from nested_core import outer_step
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(200000, generator=generator)
+    sigma, sigma_next = 0.8, 0.5
+    x = (1 - sigma) * x0 + sigma * noise_scale * torch.randn(200000, generator=generator)
+    noise = torch.randn(200000, generator=generator)
+    out = outer_step(x, x0, sigma, sigma_next, eta=eta, noise=noise, flow=True, renoise=renoise, noise_scale=noise_scale)
+    residual = out - (1 - sigma_next) * x0
+    assert abs(float(residual.std()) / (sigma_next * noise_scale) - 1) < 0.01

@@ -97,7 +97,9 @@ def nested_ksampler(fam: Family, model=None, seed=5, outer_steps=3, inner_steps=
     """The NestedKSampler node itself (as ComfyUI's executor prepares it); returns (samples, outer_previews)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
-    node = NestedKSampler.PREPARE_CLASS_CLONE({"unique_id": "9"})
+    from comfy_helpers import node_with_hidden
+
+    node = node_with_hidden(NestedKSampler, unique_id="9")
     output = node.execute(model=model or fam.model, seed=seed, outer_steps=outer_steps, inner_steps=inner_steps, cfg=cfg,
                           sampler_name=sampler_name, scheduler=scheduler or fam.scheduler,
                           positive=positive or fam.positive, negative=negative or fam.negative,

@@ -1,6 +1,7 @@
 """Import a real ComfyUI engine and this pack in-process (tests, benchmark): one place for the bootstrap.
 
-ComfyUI comes from ``$COMFYUI_PATH`` or the one ``scripts/setup_env.sh`` built in ``.nested_env/``; the
+ComfyUI comes from ``$COMFYUI_PATH`` or the one ``scripts/setup_env.sh`` built (``.nested_env/`` for 0.3.75,
+``.nested_env_033/`` for 0.33.0: the one whose venv runs this interpreter); the
 device is the CPU when no CUDA GPU is present (or when asked); the repository is imported as a custom-node
 package exactly as ComfyUI's loader does.
 """
@@ -19,14 +20,25 @@ class ComfyNotFound(RuntimeError):
     """No ComfyUI checkout where one was expected."""
 
 
+def env_dir() -> Path:
+    """The environment scripts/setup_env.sh built: $NESTED_ENV_DIR, else the one whose venv runs this interpreter
+    (``.nested_env_033/venv/bin/python`` -> ``.nested_env_033``: ComfyUI 0.33.0), else ``.nested_env``."""
+    if os.environ.get("NESTED_ENV_DIR"):
+        return Path(os.environ["NESTED_ENV_DIR"]).resolve()
+    running = Path(sys.prefix).resolve()
+    if running.name == "venv" and (running.parent / "comfyui_path").exists():
+        return running.parent
+    return REPO_ROOT / ".nested_env"
+
+
 def comfyui_path() -> Path:
-    """The ComfyUI checkout: $COMFYUI_PATH, else .nested_env/comfyui_path, else .nested_env/ComfyUI."""
+    """The ComfyUI checkout: $COMFYUI_PATH, else the environment's comfyui_path, else its ComfyUI/ folder."""
     if os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"]).resolve()
-    recorded = REPO_ROOT / ".nested_env" / "comfyui_path"
+    recorded = env_dir() / "comfyui_path"
     if recorded.exists():
         return Path(recorded.read_text().strip())
-    return REPO_ROOT / ".nested_env" / "ComfyUI"
+    return env_dir() / "ComfyUI"
 
 
 def import_comfy(force_cpu: bool = False) -> Path:

@@ -12,9 +12,10 @@ comfyui-nested-diffusion`` (a symlink to this repository), ``models/``, ``input/
 and ``user/`` (plus the server's sqlite database where ComfyUI supports ``--database-url``), so the
 ComfyUI checkout itself is never written to. The server log goes to ``DIR/comfyui.log``.
 
-ComfyUI is found like tests/conftest.py finds it: $COMFYUI_PATH, else the path recorded in
-``.nested_env/comfyui_path``, else ``.nested_env/ComfyUI``. The interpreter: the ``python`` argument, else
-$COMFYUI_PYTHON, else ``.nested_env/venv/bin/python`` when it exists, else this interpreter.
+ComfyUI is found like tests/conftest.py finds it (tools/comfy_env.py): $COMFYUI_PATH, else the path recorded in
+the environment's ``comfyui_path`` (``.nested_env/``, or ``.nested_env_033/`` when its venv runs this), else its
+``ComfyUI/``. The interpreter: the ``python`` argument, else $COMFYUI_PYTHON, else that environment's
+``venv/bin/python`` when it exists, else this interpreter.
 
 Run it by hand: ``python tools/comfy_server.py [--port 8188] [--base-dir DIR] [--gpu]`` (Ctrl-C or SIGTERM
 stops it). If the server fails to start, a temp base dir is kept so that its log can be read.
@@ -36,9 +37,9 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 try:
-    from tools.comfy_env import comfyui_path
+    from tools.comfy_env import comfyui_path, env_dir
 except ImportError:  # run as a script: tools/ itself is on sys.path
-    from comfy_env import comfyui_path
+    from comfy_env import comfyui_path, env_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui-nested-diffusion"
@@ -55,7 +56,7 @@ class ComfyServerError(RuntimeError):
 def default_python() -> str:
     if os.environ.get("COMFYUI_PYTHON"):
         return os.environ["COMFYUI_PYTHON"]
-    venv_python = REPO_ROOT / ".nested_env" / "venv" / "bin" / "python"
+    venv_python = env_dir() / "venv" / "bin" / "python"
     return str(venv_python) if venv_python.exists() else sys.executable
 
 

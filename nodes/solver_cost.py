@@ -1,0 +1,116 @@
+"""What an inner diffusion costs, measured by running the bound solver, not looked up in a list of names.
+
+Before a run, the bound solver (ComfyUI's, a third-party one, any eta) runs over every inner schedule on the
+counting stand-in denoiser of ``solver_probe``: its model calls are the plan's NFEs, for every sampler of every
+ComfyUI release (``exp_heun_2_x0`` spends 2 calls per step in 0.33.0; a name table kept by hand missed it).
+It runs on two different inputs: a solver whose calls differ between them (``dpm_adaptive``) picks its steps from
+the model's answers, so its plan is an estimate, and the budget rule then goes by what each inner diffusion really
+spent (``nested_core.budget.projected_costs``). Results are cached per solver, options and schedule.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .solver_probe import GaussianStandIn
+
+COST_CACHE_LIMIT = 4096
+_COSTS: dict = {}  # (solver key, schedule, flow) -> InnerCost
+_INPUTS = ((0, "gaussian"), (1, "binary"))  # two data sets an adaptive solver answers with different step counts
+_SHAPE = (1, 4, 4, 4)
+
+
+@dataclass(frozen=True)
+class InnerCost:
+    """Model calls of one inner diffusion: ``nfe`` as measured, ``exact`` when it did not depend on the input."""
+
+    nfe: int
+    exact: bool
+
+
+class PlanningGuider:
+    """What solvers reach through ``model.inner_model`` (ComfyUI's guider) while their cost is measured before
+    sampling: the model sampling, as ``inner_model.model_sampling`` and ``model_patcher.get_model_object``."""
+
+    def __init__(self, model_sampling: Any):
+        self.model_sampling = model_sampling
+        self.inner_model = SimpleNamespace(model_sampling=model_sampling)
+        self.model_patcher = SimpleNamespace(get_model_object=self._model_object, model_options={})
+        self.model_options = {}
+
+    def _model_object(self, name: str) -> Any:
+        if name == "model_sampling":
+            return self.model_sampling
+        raise AttributeError(f"no {name!r} while measuring an inner solver's cost")
+
+
+def solver_key(solver: Callable[..., Any]) -> tuple:
+    """A solver's identity across plans: its function's module and qualified name and its bound options
+    (``ksampler`` makes a new closure for dpm_fast / dpm_adaptive at every call)."""
+    func = getattr(solver, "func", solver)
+    options = tuple(sorted((name, repr(value)) for name, value in getattr(solver, "keywords", {}).items()))
+    return (getattr(func, "__module__", None), getattr(func, "__qualname__", repr(func)), options)
+
+
+class BinaryStandIn(GaussianStandIn):
+    """The exact denoiser of data whose every value is -1 or +1 (a sharply nonlinear one, unlike the Gaussian's):
+    an adaptive solver picks other steps on it than on the Gaussian stand-in."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+        self.calls += 1
+        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))).clamp(min=1e-4)
+        mean = torch.tanh(x * (1 - s) / s**2) if self.flow else torch.tanh(x / s**2)
+        model_options = extra_args.get("model_options") or {}
+        for post_cfg in model_options.get("sampler_post_cfg_function", []):
+            mean = post_cfg({"denoised": mean, "cond": None, "uncond": None, "cond_scale": 1.0, "model": self.inner_model,
+                             "uncond_denoised": mean, "cond_denoised": mean, "sigma": sigma,
+                             "model_options": model_options, "input": x})
+        return mean
+
+
+def _count_calls(solver: Callable[..., Any], sigmas: torch.Tensor, flow: bool, guider: Any, seed: int,
+                 stand_in_class: type) -> int:
+    generator = torch.Generator().manual_seed(seed)
+    sigma = float(sigmas[0])
+    x0 = torch.randn(_SHAPE, generator=generator)
+    if stand_in_class is BinaryStandIn:
+        x0 = x0.sign()
+    noise = torch.randn(_SHAPE, generator=generator)
+    x = x0 * (1 - sigma) + noise * sigma if flow else x0 + noise * sigma
+    stand_in = stand_in_class(guider, flow)
+    # a copy: some solvers write into the schedule they are given (uni_pc sets its final 0 to 0.001 in place)
+    solver(stand_in, x, sigmas.clone(), extra_args={"seed": seed, "model_options": {}}, callback=None, disable=True)
+    return stand_in.calls
+
+
+def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, flow: bool, model_sampling: Any,
+                       fallback: Optional[int] = None) -> InnerCost:
+    """The model calls ``solver`` makes over ``inner_sigmas``, counted on the stand-in (cached). A solver the
+    stand-in cannot drive gets ``fallback`` (or one call per step) as an estimate, with a warning."""
+    sigmas = inner_sigmas.detach().to(device="cpu", dtype=torch.float32)
+    key = (solver_key(solver), tuple(sigmas.tolist()), flow)
+    cost = _COSTS.get(key)
+    if cost is None:
+        guider = PlanningGuider(model_sampling)
+        try:
+            counts = [_count_calls(solver, sigmas, flow, guider, seed, GaussianStandIn if data == "gaussian" else BinaryStandIn)
+                      for seed, data in _INPUTS]
+            cost = InnerCost(nfe=counts[0], exact=len(set(counts)) == 1)  # the Gaussian's count: the estimate
+        except Exception as error:  # a third-party solver the stand-in cannot drive: estimate, count at run time
+            logging.warning("nested diffusion: could not measure the inner solver's cost (%s: %s); estimating it",
+                            type(error).__name__, error)
+            return InnerCost(nfe=fallback if fallback is not None else len(sigmas) - 1, exact=False)
+        if len(_COSTS) >= COST_CACHE_LIMIT:  # bounded: a server runs for days
+            _COSTS.clear()
+        _COSTS[key] = cost
+    return cost
+
+
+def measure_inner_costs(solver: Callable[..., Any], inner_sigmas: Sequence[torch.Tensor], flow: bool, model_sampling: Any,
+                        fallbacks: Optional[Sequence[int]] = None) -> list[InnerCost]:
+    return [measure_inner_cost(solver, sigmas, flow, model_sampling, None if fallbacks is None else fallbacks[index])
+            for index, sigmas in enumerate(inner_sigmas)]

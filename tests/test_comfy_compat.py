@@ -1,0 +1,140 @@
+"""What newer ComfyUI releases added and a sampler pack must honour (issue 12), on the exact exemplar model:
+inner processes see their own schedule in ``transformer_options["sample_sigmas"]`` (ComfyUI's context windows,
+hook keyframes and some video models look the current sigma up there), the flow outer step with ``outer_eta``
+honours ``model_sampling.noise_scale`` where the version has it, previews of a NestedTensor ``x0`` (multi-latent
+models), and the version check at load. Each test runs on whatever ComfyUI the environment holds (0.3.75, 0.33.0).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from comfy_helpers import SPREAD, empty_latent, exemplar_setup, run_node
+
+
+
+@pytest.fixture(scope="module")
+def eps_family(pack):
+    return exemplar_setup(pack, "eps")
+
+
+def schema_defaults(node_cls) -> dict:
+    """A V3 node's input defaults from its own schema (a combo without one: its first option), as the editor fills
+    them in: the inputs differ between ComfyUI releases."""
+    defaults = {}
+    for item in node_cls.define_schema().inputs:
+        if getattr(item, "default", None) is not None:
+            defaults[item.id] = item.default
+        elif getattr(item, "options", None):
+            defaults[item.id] = item.options[0]
+    return defaults
+
+
+def recording_clone(model):
+    """A clone of ``model`` recording, at every model evaluation, the sigma and the ``sample_sigmas`` it was given."""
+    seen = []
+
+    def wrapper(apply_model, args):
+        options = args["c"].get("transformer_options", {})
+        seen.append((float(args["timestep"].flatten()[0]), options.get("sample_sigmas")))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone, seen
+
+
+def nested_ksampler(model, cond, batch=2, seed=3, outer=3, inner=5, sampler_name="euler", **optional):
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+
+    return run_node(NestedKSampler, model=model, seed=seed, outer_steps=outer, inner_steps=inner, cfg=1.0,
+                    sampler_name=sampler_name, scheduler="normal", positive=cond, negative=cond,
+                    latent_image=empty_latent(batch), denoise=1.0, **optional)
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "heun"])
+def test_every_inner_process_sees_its_own_schedule_as_sample_sigmas(eps_family, pack, sampler_name):
+    from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
+    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+
+    model, cond, _ = eps_family
+    recorded, seen = recording_clone(model)
+    plan = plan_nested_run(model.get_model_object("model_sampling"), solver_spec(sampler_name, "normal", 5), 3, "normal")
+    nested_ksampler(recorded, cond, sampler_name=sampler_name, outer_step="ddim")
+    assert len(seen) == plan.nfe_total
+    expected = [sigmas for sigmas, cost in zip(plan.inner_sigmas, plan.nfe_per_outer) for _ in range(cost)]
+    for (sigma, sample_sigmas), inner in zip(seen, expected):
+        assert sample_sigmas is not None
+        assert torch.equal(sample_sigmas.cpu(), inner.to(sample_sigmas.dtype).cpu())  # the inner schedule, not the outer
+        assert bool(torch.isclose(sample_sigmas.cpu(), torch.tensor(sigma, dtype=sample_sigmas.dtype), rtol=1e-4).any())
+
+
+def context_windows_model(model, context_length, overlap, dim):
+    """ComfyUI's own Context Windows (Manual) node (its other inputs at their defaults)."""
+    try:
+        context_nodes = importlib.import_module("comfy_extras.nodes_context_windows")
+    except ImportError:
+        pytest.skip("this ComfyUI has no context windows")
+    node = context_nodes.ContextWindowsManualNode
+    inputs = {**schema_defaults(node), "model": model, "context_length": context_length,
+              "context_overlap": overlap, "dim": dim}
+    return node.execute(**inputs).args[0]
+
+
+def test_context_windows_run_inside_every_inner_diffusion(pack):
+    """Issue 12: ComfyUI's context windows look the current sigma up in sample_sigmas and raised "No sample_sigmas
+    matched current timestep" inside nested runs, whose inner sigmas are not in the outer schedule. Windows of 16
+    over the 32-wide latent of the tiny SD1.5 UNet (a convolutional model runs on any window)."""
+    import tiny_models
+
+    model = tiny_models.tiny_sd15_unet("eps", seed=1)
+    cond = tiny_models.conditioning(seed=2)
+    widths = []
+
+    def wrapper(apply_model, args):
+        widths.append(int(args["input"].shape[-1]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    windowed = context_windows_model(model, context_length=16, overlap=8, dim=3).clone()
+    windowed.set_model_unet_function_wrapper(wrapper)
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+
+    samples, previews = run_node(NestedKSampler, model=windowed, seed=3, outer_steps=3, inner_steps=4, cfg=1.0,
+                                 sampler_name="euler", scheduler="normal", positive=cond, negative=cond,
+                                 latent_image={"samples": torch.zeros(1, 4, 16, 32)}, denoise=1.0, outer_step="ddim")
+    assert previews["nested_nfe"] == [4, 8, 12]
+    # every evaluation ran on windows (16 wide; 0.33.0 adds a causal fix frame to later ones), several per NFE
+    assert max(widths) < 32 and len(widths) > 12
+    assert samples["samples"].shape == (1, 4, 16, 32) and bool(torch.isfinite(samples["samples"]).all())
+
+
+@pytest.mark.parametrize("outer_step, outer_eta", [("ddim", 1.0), ("ddim", 0.5), ("renoise", 0.0)])
+def test_flow_outer_steps_honour_the_models_noise_scale(pack, outer_step, outer_eta):
+    """Issue 12: ComfyUI 0.21.1 added ``model_sampling.noise_scale`` (flow models whose noise is scaled, e.g.
+    HiDream-O1's 8): ``x = (1 - s) x0 + s * noise_scale * eps``. The outer state at every outer sigma must have
+    that much noise around the previous inner result, so the fresh noise of ancestral and renoise steps is scaled."""
+    import copy
+
+    model, cond, _ = exemplar_setup(pack, "flow", shift=3.0)
+    sampling = model.get_model_object("model_sampling")
+    if not hasattr(sampling, "set_noise_scale"):
+        pytest.skip("this ComfyUI has no model_sampling.noise_scale")
+    scaled = copy.deepcopy(sampling)
+    scaled.set_noise_scale(8.0)
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", scaled)
+    recorded, seen_inputs = patched, []
+
+    def wrapper(apply_model, args):
+        seen_inputs.append((float(args["timestep"].flatten()[0]), args["input"].detach().clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    recorded.set_model_unet_function_wrapper(wrapper)
+    samples, previews = nested_ksampler(recorded, cond, batch=2, outer=3, inner=5, outer_step=outer_step,
+                                        outer_eta=outer_eta)
+    x0 = recorded.model.process_latent_in(previews["samples"]).reshape(3, 2, *previews["samples"].shape[1:])
+    for k in (1, 2):
+        sigma, x = seen_inputs[5 * k]  # the first evaluation of inner diffusion k: the outer state (flow: xc = x)
+        residual = x - (1 - sigma) * x0[k - 1]
+        assert abs(float(residual.std()) / (sigma * 8.0) - 1) < 0.1, f"outer step {k}: {float(residual.std()):.4g} vs {sigma * 8:.4g}"
