@@ -7,6 +7,7 @@ models), and the version check at load. Each test runs on whatever ComfyUI the e
 from __future__ import annotations
 
 import importlib
+import logging
 
 import pytest
 import torch
@@ -138,3 +139,29 @@ def test_flow_outer_steps_honour_the_models_noise_scale(pack, outer_step, outer_
         sigma, x = seen_inputs[5 * k]  # the first evaluation of inner diffusion k: the outer state (flow: xc = x)
         residual = x - (1 - sigma) * x0[k - 1]
         assert abs(float(residual.std()) / (sigma * 8.0) - 1) < 0.1, f"outer step {k}: {float(residual.std()):.4g} vs {sigma * 8:.4g}"
+
+
+def test_the_pack_logs_the_comfyui_version_at_load_and_warns_outside_the_tested_range(pack, caplog):
+    import comfyui_version
+    from comfyui_nested_diffusion.nodes import version_check
+
+    found = version_check.comfyui_version()
+    assert found == comfyui_version.__version__ and version_check.parse_version(found) is not None
+    assert version_check.TESTED_OLDEST <= version_check.parse_version(found) <= version_check.TESTED_NEWEST
+    with caplog.at_level("INFO"):
+        message = version_check.log_comfyui_version()
+    assert f"ComfyUI {found} (tested on 0.3.75 to 0.33.0)" in message
+    assert [r.levelname for r in caplog.records if "nested diffusion: ComfyUI" in r.getMessage()] == ["INFO"]
+    for version, warned in [("0.3.60", "older"), ("0.34.1", "newer"), ("1.2.0", "newer"), ("unknown", "could not tell"),
+                            ("0.3.75", None), ("0.12.3", None), ("0.33.4", None)]:
+        level, message = version_check.version_message(version)
+        assert (level == logging.WARNING) == (warned is not None), version
+        assert warned is None or warned in message
+
+
+def test_the_running_server_logged_its_comfyui_version(comfy_server):
+    """As a user sees it: the server's log has the line, from ComfyUI's own loading of the pack."""
+    import comfyui_version
+
+    log = comfy_server.log_path.read_text(encoding="utf-8", errors="replace")
+    assert f"nested diffusion: ComfyUI {comfyui_version.__version__} (tested on 0.3.75 to 0.33.0)" in log
