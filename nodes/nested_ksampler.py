@@ -5,19 +5,21 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..nested_core import NestedDiffusionError
+from . import rerun
 from .inner_solver import InnerSolver
 from .sampling import (
     OUTER_STEP_MODES,
     InnerSolverSpec,
     RunLimits,
-    output_is_linked,
     plan_nested_run,
     run_nested_sampling,
 )
 
 OUTPUTS = [
     io.Latent.Output(display_name="samples"),
-    io.Latent.Output(display_name="outer_previews", tooltip="The inner result of every outer step, outer-major."),
+    io.Latent.Output(display_name="outer_previews",
+                     tooltip="The inner results of the outer steps, outer-major: every outer step while they fit in 64 "
+                             "images, else evenly spaced ones and always the latest."),
 ]
 
 
@@ -85,16 +87,28 @@ class NestedKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return rerun.fingerprint("NestedKSampler", inputs)
+
+    @classmethod
     def execute(cls, model, seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0,
                 outer_step="auto") -> io.NodeOutput:
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
         plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
-        samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan, outer_eta,
-                                                cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds),
-                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1),
-                                                outer_step=outer_step)
+        # outer_previews is always filled (a bounded selection): whether it is connected is not part of ComfyUI's
+        # cache key, so a run cached without it must still serve a preview node connected later.
+        with rerun.running_node(rerun_key(cls, "NestedKSampler", locals())):
+            samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan, outer_eta,
+                                                    cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds),
+                                                    outer_step=outer_step)
         return io.NodeOutput(samples, previews)
+
+
+def rerun_key(cls, node_class: str, arguments: dict):
+    """The key under which an early stop of this node's run defeats ComfyUI's cache (see rerun.py)."""
+    names = [name for name in arguments if name not in ("cls", "spec", "plan")]
+    return rerun.key_from_prompt(node_class, cls.hidden.prompt, cls.hidden.unique_id, names)
 
 
 def check_stage(start: int, end: int, outer_steps: int) -> int:
@@ -132,16 +146,20 @@ class NestedKSamplerAdvanced(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return rerun.fingerprint("NestedKSamplerAdvanced", inputs)
+
+    @classmethod
     def execute(cls, model, add_noise, noise_seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive,
                 negative, latent_image, start_at_outer_step, end_at_outer_step, return_with_leftover_noise,
                 inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
+        key = rerun_key(cls, "NestedKSamplerAdvanced", locals())
         end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
         spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
         plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler)
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
-        samples, previews = run_nested_sampling(model, noise_seed, cfg, positive, negative, latent_image, stage, outer_eta,
-                                                cls.hidden.unique_id, add_noise=add_noise == "enable",
-                                                limits=RunLimits(max_nfe, max_seconds),
-                                                keep_previews=output_is_linked(cls.hidden.prompt, cls.hidden.unique_id, 1),
-                                                outer_step=outer_step)
+        with rerun.running_node(key):  # outer_previews always filled: see NestedKSampler
+            samples, previews = run_nested_sampling(model, noise_seed, cfg, positive, negative, latent_image, stage,
+                                                    outer_eta, cls.hidden.unique_id, add_noise=add_noise == "enable",
+                                                    limits=RunLimits(max_nfe, max_seconds), outer_step=outer_step)
         return io.NodeOutput(samples, previews)

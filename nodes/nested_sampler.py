@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from . import rerun
 from .nested_ksampler import optional_inputs
 from .sampling import InnerSolverSpec, NestedSamplerObject, RunLimits
 
@@ -24,9 +25,19 @@ class NestedSampler(io.ComfyNode):
                         "(eta 0.85), normal, 10 steps.",
             inputs=optional_inputs(),
             outputs=[io.Sampler.Output()],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        # An early stop (Finish now, max_seconds) of a run with this SAMPLER makes the next identical prompt build a new
+        # one, so that SamplerCustom(Advanced), whose cache key includes this node's, samples again (see rerun.py).
+        return rerun.fingerprint("NestedSampler", inputs)
+
+    @classmethod
     def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
-        return io.NodeOutput(NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds),
-                                                 outer_step))
+        sampler = NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds),
+                                      outer_step)
+        sampler.rerun_key = rerun.key_from_prompt("NestedSampler", cls.hidden.prompt, cls.hidden.unique_id,
+                                                  ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"])
+        return io.NodeOutput(sampler)

@@ -10,6 +10,7 @@ from ..nested_core import NestedDiffusionError
 
 MIN_LABELLED_SIZE = 256
 LABEL_HEIGHT = 28
+MAX_SHOWN = 64  # labelled images shown (and written to temp/) per run; outer_previews holds at most 64 anyway
 
 
 def preview_labels(previews: dict) -> list[str]:
@@ -72,7 +73,8 @@ class OuterStepPreview(io.ComfyNode):
             display_name="Outer Step Preview (nested)",
             category="sampling/nested",
             description="Decodes the inner result of every outer step and shows them, labelled with the outer step "
-                        "and the NFEs spent so far.",
+                        "and the NFEs spent so far. Long runs and big batches are thinned to at most 64 images: every "
+                        "outer step while they fit, else evenly spaced ones and always the latest.",
             inputs=[
                 io.Latent.Input("previews", tooltip="The outer_previews output of a nested sampler."),
                 io.Vae.Input("vae"),
@@ -90,6 +92,7 @@ class OuterStepPreview(io.ComfyNode):
         labels = preview_labels(previews)
         if len(labels) != images.shape[0]:
             labels = [f"image {index + 1}" for index in range(images.shape[0])]
+        labels = labels[:MAX_SHOWN]  # a batch above 64 (only possible for the latest outer step): its first 64
         shown = to_image_batch([labelled_image(image, label) for image, label in zip(images, labels)])
         preview = ui.PreviewImage(shown, cls=cls)
         return io.NodeOutput(images, ui={**preview.as_dict(), "nested_labels": labels})

@@ -34,8 +34,9 @@ from ..nested_core import (
     spent_per_inner_process,
     truncated_schedule,
 )
-from . import schedule_cache
+from . import rerun, schedule_cache
 from .finish import finishable_run
+from .kept_previews import KeptPreviews, KeptStep
 from .solver_cost import measure_inner_costs
 from .solver_probe import inner_solver_is_posterior_sampler
 
@@ -295,7 +296,7 @@ class NestedRunReporter:
         # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
         self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format) if own_progress_bar else None
-        self.inner_results: list[torch.Tensor] = []
+        self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
         self.nfe_at_outer_step: list[int] = []  # counted over the whole schedule, earlier stages included
         self.sigma_at_outer_step: list[float] = []
         self.outer_step_numbers: list[int] = []  # 1-based, in the whole schedule
@@ -319,7 +320,8 @@ class NestedRunReporter:
         self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)
         self.nfe_total = max(sum(projected_costs(self.nfe_planned, self.nfe_spent)), self.nfe_done, 1)
         if self.keep_inner_results:
-            self.inner_results.append(x0.detach().to(comfy.model_management.intermediate_device(), copy=True))
+            self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
+                                   self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1))
         self.nfe_at_outer_step.append(self.nfe_before + self.nfe_done)
         self.sigma_at_outer_step.append(sigma)
         self.outer_step_numbers.append(self.first_outer_index + index + 1)
@@ -431,16 +433,18 @@ def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 
 
 def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
     """All inner results, outer-major, with what a downstream node needs to label them."""
-    batch = reporter.inner_results[0].shape[0] if reporter.inner_results else 0
-    samples = torch.cat([model.model.process_latent_out(x0) for x0 in reporter.inner_results]) if reporter.inner_results else torch.zeros(0)
+    kept = reporter.kept.steps
+    batch = kept[0].latent.shape[0] if kept else 0
+    samples = torch.cat([model.model.process_latent_out(step.latent) for step in kept]) if kept else torch.zeros(0)
+    everything = not reporter.keep_inner_results  # no images: the metadata of every outer step
     return {
         "samples": samples,
         "nested_outer_steps": reporter.outer_steps,
-        "nested_outer_step_numbers": list(reporter.outer_step_numbers),
+        "nested_outer_step_numbers": list(reporter.outer_step_numbers) if everything else [s.number for s in kept],
         "nested_batch_size": batch,
-        "nested_nfe": list(reporter.nfe_at_outer_step),
+        "nested_nfe": list(reporter.nfe_at_outer_step) if everything else [s.nfe for s in kept],
         "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
-        "nested_sigmas": list(reporter.sigma_at_outer_step),
+        "nested_sigmas": list(reporter.sigma_at_outer_step) if everything else [s.sigma for s in kept],
         "nested_outer_step_mode": reporter.outer_step_mode,
     }
 
@@ -465,8 +469,11 @@ class RunLimits:
     max_seconds: float = 0.0
 
 
+ReportingStopRule = rerun.reporting_stop_rule(StopRule)  # an early stop not given by the inputs defeats the cache
+
+
 def stop_rule_for(plan: NestedPlan, limits: RunLimits, finish_flag=None) -> StopRule:
-    return StopRule(
+    return ReportingStopRule(
         nfe_per_outer=plan.nfe_per_outer,
         max_nfe=limits.max_nfe,
         max_seconds=limits.max_seconds,
@@ -527,7 +534,8 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
             if callback is not None:
                 callback(step, x0, x, total_steps)
 
-        with finishable_run(executing_prompt_id(), reporter.node_id) as finish_flag:
+        with rerun.running_node(getattr(self, "rerun_key", None)), \
+                finishable_run(executing_prompt_id(), reporter.node_id) as finish_flag:
             sampler = nested_ksampler_object(plan, self.outer_eta, on_model_call=reporter.on_model_call,
                                              outer_mode=self.outer_step, on_outer_mode=reporter.set_outer_step_mode,
                                              stop_after=stop_rule_for(plan, self.limits, finish_flag),

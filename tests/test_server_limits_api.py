@@ -127,3 +127,145 @@ def test_slow_plans_take_about_a_second(comfy_server, client, exemplar_defaults)
     print(f"\nplanning seconds: {measured}")
     assert max(measured.values()) < 3.0, measured  # "about a second" on a busy 2-core machine
     assert_server_recovers(comfy_server, client, exemplar_defaults)
+
+
+# -- item 5: an early-finished result was cached as the full run ---------------------------------------------------
+def post_finish(comfy_server, body: dict):
+    return requests.post(f"{comfy_server.url}/nested_diffusion/finish", json=body, timeout=10)
+
+
+def outer_steps_run(outcome_or_events) -> list[int]:
+    events = getattr(outcome_or_events, "events", outcome_or_events)
+    return [e["data"]["outer_step"] for e in of_type(events, OUTER_STEP_EVENT, SAMPLER)]
+
+
+def test_an_early_finished_result_is_not_served_from_the_cache(comfy_server, client, exemplar_defaults):
+    """Finish a 60-outer-step prompt after step 1, queue the identical prompt: it was served from the cache in 0.0 s,
+    labelled "outer 1/60". Now it samples again (and a third identical prompt after the full run is cached)."""
+    prompt = lean_prompt(exemplar_defaults, outer=60, inner=4, preview=True)
+    prompt_id = client.queue_prompt(prompt)
+    events = []
+    for event in client.stream(prompt_id, timeout=120):
+        events.append(event)
+        if event["type"] == OUTER_STEP_EVENT and event["data"]["outer_step"] == 1:
+            assert post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER,
+                                              "client_id": client.client_id}).status_code == 200
+    assert 1 <= len(outer_steps_run(events)) < 60
+    again = attempt(client, prompt)
+    assert again.kind == "ok" and ran(again, SAMPLER), "the early-finished result was served from the cache"
+    assert outer_steps_run(again) == list(range(1, 61))
+    assert client.history(again.prompt_id)["outputs"][PREVIEW]["nested_labels"][-1].startswith("outer 60/60")
+    third = attempt(client, prompt)
+    assert third.kind == "ok" and not ran(third, SAMPLER), "a full run must still be served from the cache"
+
+
+@pytest.mark.parametrize("budget, samples_again", [({"max_seconds": 0.01}, True), ({"max_nfe": 8}, False)])
+def test_a_budget_stop_is_cached_only_when_the_inputs_decide_it(comfy_server, client, exemplar_defaults, budget,
+                                                                 samples_again):
+    """max_seconds depends on the machine's speed: the next identical prompt samples again. max_nfe stops at the same
+    outer step every time (a function of the inputs), so its result is as cacheable as a full run's."""
+    prompt = lean_prompt(exemplar_defaults, outer=30, inner=4, **budget)
+    first = attempt(client, prompt)
+    assert first.kind == "ok" and ran(first, SAMPLER) and len(outer_steps_run(first)) < 30, first.describe()
+    again = attempt(client, prompt)
+    assert again.kind == "ok" and ran(again, SAMPLER) is samples_again
+
+
+def test_an_early_finish_through_nested_sampler_makes_samplercustom_sample_again(comfy_server, client,
+                                                                                  exemplar_defaults):
+    prompt = lean_prompt(exemplar_defaults, outer=4, inner=4)
+    prompt["40"] = {"class_type": "NestedSampler", "inputs": {"max_seconds": 0.01}}
+    prompt["41"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 41,
+                                                               "denoise": 1.0}}
+    prompt[SAMPLER] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["1", 0], "add_noise": True, "noise_seed": fresh_seed(), "cfg": 1.0, "positive": ["1", 1],
+        "negative": ["1", 1], "sampler": ["40", 0], "sigmas": ["41", 0], "latent_image": ["2", 0]}}
+    first = attempt(client, prompt)
+    assert first.kind == "ok" and ran(first, SAMPLER) and len(outer_steps_run(first)) < 40, first.describe()
+    again = attempt(client, prompt)
+    assert again.kind == "ok" and ran(again, SAMPLER), "SamplerCustom served the time-budget result from the cache"
+
+
+# -- item 3: connecting outer_previews after a run -----------------------------------------------------------------
+def test_connecting_outer_previews_after_a_cached_run_works(comfy_server, client, exemplar_defaults):
+    """Queue the graph without OuterStepPreview, then with it: the sampler is served from the cache (as it should be)
+    and its outer_previews must hold the images even though nothing was connected when it ran."""
+    seed = fresh_seed()
+    without = attempt(client, lean_prompt(exemplar_defaults, outer=4, inner=3, batch=2, seed=seed))
+    assert without.kind == "ok" and ran(without, SAMPLER), without.describe()
+    connected = attempt(client, lean_prompt(exemplar_defaults, outer=4, inner=3, batch=2, seed=seed, preview=True))
+    assert connected.kind == "ok", connected.describe()
+    assert not ran(connected, SAMPLER)  # from the cache: the case that failed
+    labels = client.history(connected.prompt_id)["outputs"][PREVIEW]["nested_labels"]
+    assert len(labels) == 8 and labels[0].startswith("outer 1/4") and labels[-1].startswith("outer 4/4")
+
+
+def test_connecting_a_pick_after_a_cached_stage_works(comfy_server, client, exemplar_defaults):
+    from test_reliability_api import pick_prompt
+
+    stage = pick_prompt(exemplar_defaults, 1)
+    pick = stage.pop("9")
+    stage["5"]["inputs"]["samples"] = [SAMPLER, 0]
+    stage[SAVE] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "limits_stage"}}
+    first = attempt(client, stage)
+    assert first.kind == "ok" and ran(first, SAMPLER), first.describe()
+    stage["9"] = pick
+    picked = attempt(client, stage)
+    assert picked.kind == "ok" and not ran(picked, SAMPLER), picked.describe()
+    assert len(client.history(picked.prompt_id)["outputs"]["9"]["images"]) == 2
+
+
+# -- item 6: OuterStepPreview memory and disk ------------------------------------------------------------------------
+class PeakRSS:
+    """The server's peak resident memory while a block runs (sampled every 50 ms)."""
+
+    def __init__(self, comfy_server):
+        import threading
+
+        self.server, self.peak, self.start = comfy_server, 0, server_rss(comfy_server)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, server_rss(self.server))
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def grown_mib(self) -> float:
+        return (self.peak - self.start) / MiB
+
+
+def test_outer_step_preview_of_a_long_big_batch_run_is_bounded(comfy_server, client, exemplar_defaults):
+    """Outer 100, inner 1, batch 16, 32 px: 33 s, peak RSS +3.1 GB, 1600 PNGs in temp/ and a 200 KB `executed`
+    message before. Now at most 64 images are kept and shown: evenly spread outer steps and always the latest."""
+    import json
+    from pathlib import Path
+
+    temp = Path(comfy_server.base_dir) / "temp"
+    before = {path for path in temp.rglob("*") if path.is_file()}
+    prompt = lean_prompt(exemplar_defaults, outer=100, inner=1, batch=16, preview=True)
+    started = time.monotonic()
+    with PeakRSS(comfy_server) as memory:
+        outcome = attempt(client, prompt)
+    seconds = time.monotonic() - started
+    assert outcome.kind == "ok", outcome.describe()
+    shown = client.history(outcome.prompt_id)["outputs"][PREVIEW]
+    written = {path for path in temp.rglob("*") if path.is_file()} - before
+    print(f"\n{seconds:.1f} s, peak RSS +{memory.grown_mib:.0f} MiB, {len(written)} files, "
+          f"{len(json.dumps(shown))} bytes of output message")
+    labels = shown["nested_labels"]
+    assert len(shown["images"]) == len(labels) <= 64 and len(written) <= 64
+    steps = sorted({int(label.split()[1].split("/")[0]) for label in labels})
+    assert steps[0] == 1 and steps[-1] == 100 and len(steps) >= 3, steps
+    assert all(len([label for label in labels if label.startswith(f"outer {step}/")]) == 16 for step in steps)
+    assert len(json.dumps(shown)) < 20_000
+    assert memory.grown_mib < 1024, f"peak RSS grew by {memory.grown_mib:.0f} MiB"

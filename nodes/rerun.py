@@ -1,0 +1,98 @@
+"""Honest caching: a nested sampler whose run ended early for a reason that is not one of its inputs samples again.
+
+ComfyUI serves a node from its cache when the node's inputs and its ``fingerprint_inputs`` (V1: ``IS_CHANGED``)
+are unchanged. A run ended by Finish now or by ``max_seconds`` is not what those inputs give (the same prompt,
+left alone, runs further), so the next identical prompt must sample again. A ``max_nfe`` stop is a function of the
+inputs (the same outer steps every time) and stays cacheable, like a cancelled run's absence from the cache.
+
+The nested sampler nodes' ``fingerprint_inputs`` returns a generation number for their constant inputs (linked
+inputs reach ``fingerprint_inputs`` as None); a run that ends early bumps the generation of the inputs it ran with,
+read from the queued prompt. Two nodes with the same constants share a generation: an early finish of one makes the
+other sample once more too, which costs time but never serves a wrong image.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from typing import Any, Iterator, Optional
+
+# Stops that depend on something other than the inputs: the next identical prompt samples again.
+NOT_FROM_INPUTS = frozenset({"finish requested", "max_seconds"})
+MAX_REMEMBERED = 4096  # generations kept (oldest forgotten first: at worst one needless re-run)
+
+_lock = threading.Lock()
+_generations: "OrderedDict[tuple, int]" = OrderedDict()
+_current = threading.local()
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int)
+
+
+def constants_key(node_class: str, inputs: dict) -> tuple:
+    """The node's constant inputs, as ``fingerprint_inputs`` sees them (links and absent values left out)."""
+    items = sorted((name, repr(value)) for name, value in inputs.items() if value is not None and not _is_link(value))
+    return (node_class, tuple(items))
+
+
+def generation(key: tuple) -> int:
+    with _lock:
+        return _generations.get(key, 0)
+
+
+def fingerprint(node_class: str, inputs: dict) -> tuple:
+    """What a nested sampler node's ``fingerprint_inputs`` returns."""
+    key = constants_key(node_class, inputs)
+    return ("nested-diffusion-generation", generation(key))
+
+
+def key_from_prompt(node_class: str, prompt: Optional[dict], node_id: Optional[str], names) -> Optional[tuple]:
+    """The same key, built from the queued (API-format) prompt while the node runs; None outside a server."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return None
+    node = prompt.get(str(node_id))
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    if not isinstance(inputs, dict):
+        return None
+    return constants_key(node_class, {name: inputs[name] for name in names if name in inputs})
+
+
+def invalidate(key: Optional[tuple]) -> None:
+    if key is None:
+        return
+    with _lock:
+        _generations[key] = _generations.get(key, 0) + 1
+        _generations.move_to_end(key)
+        while len(_generations) > MAX_REMEMBERED:
+            _generations.popitem(last=False)
+
+
+@contextlib.contextmanager
+def running_node(key: Optional[tuple]) -> Iterator[None]:
+    """The key of the nested sampler node running in this thread, for ``stopped_early``."""
+    previous = getattr(_current, "key", None)
+    _current.key = key
+    try:
+        yield
+    finally:
+        _current.key = previous
+
+
+def stopped_early(reason: Optional[str]) -> None:
+    """Called when a nested run ends: a stop that is not a function of the inputs invalidates the running node."""
+    if reason in NOT_FROM_INPUTS:
+        invalidate(getattr(_current, "key", None))
+
+
+def reporting_stop_rule(rule_class: type) -> type:
+    """A subclass of nested_core's StopRule that reports every stop to ``stopped_early``."""
+
+    class ReportingStopRule(rule_class):
+        def __call__(self, index: int, nfe_done: int) -> bool:
+            stop = super().__call__(index, nfe_done)
+            if stop:
+                stopped_early(self.reason)
+            return stop
+
+    return ReportingStopRule
