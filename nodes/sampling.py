@@ -315,6 +315,8 @@ class NestedRunReporter:
             comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_outer_step(self, index: int, x0: torch.Tensor, sigma: float) -> None:
+        if getattr(x0, "is_nested", False):  # a multi-latent model's NestedTensor (ComfyUI 0.30.0 on): as ComfyUI's
+            x0 = x0.tensors[0]  # own previews do, the previews and outer_previews show its first latent (the video)
         # The total: what the inner processes so far spent plus the projected cost of the rest (exact for solvers
         # whose model calls do not depend on the model; dpm_adaptive's follows what it really spends).
         self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)

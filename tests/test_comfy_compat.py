@@ -165,3 +165,54 @@ def test_the_running_server_logged_its_comfyui_version(comfy_server):
 
     log = comfy_server.log_path.read_text(encoding="utf-8", errors="replace")
     assert f"nested diffusion: ComfyUI {comfyui_version.__version__} (tested on 0.3.75 to 0.33.0)" in log
+
+
+@pytest.fixture
+def previews_on():
+    """Live previews as a server with --preview-method latent2rgb sends them, captured from ComfyUI's progress hook."""
+    import comfy.cli_args
+    import comfy.utils
+    import latent_preview
+
+    sent = []
+    method, hook = comfy.cli_args.args.preview_method, comfy.utils.PROGRESS_BAR_HOOK
+    comfy.cli_args.args.preview_method = latent_preview.LatentPreviewMethod.Latent2RGB
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, *args, **kwargs: sent.append((value, total, preview)))
+    yield sent
+    comfy.cli_args.args.preview_method = method
+    comfy.utils.set_progress_bar_global_hook(hook)
+
+
+def test_multi_latent_models_show_their_first_latent_in_previews_and_outer_previews(pack, previews_on):
+    """Issue 12: since ComfyUI 0.30.0 a multi-latent model (video with audio) samples a NestedTensor latent, packed
+    flat for the sampler and handed to callbacks as a NestedTensor ``x0`` (which stopped NestedKSampler). Its live
+    previews and outer_previews now show the first latent, as ComfyUI's own previews do. The exact exemplar model
+    stands in for such a model: two image latents, packed by ComfyUI, unpacked around every model evaluation."""
+    nested_tensor = pytest.importorskip("comfy.nested_tensor", reason="this ComfyUI has no multi-latent models")
+    import comfy.utils
+    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+
+    from comfy_helpers import IMAGE_SIZE
+
+    model, cond, exemplars = exemplar_setup(pack, "eps")
+    shapes = [(1, 3, IMAGE_SIZE, IMAGE_SIZE)] * 2
+
+    def two_latents(apply_model, args):
+        parts = comfy.utils.unpack_latents(args["input"], shapes)
+        return comfy.utils.pack_latents([apply_model(part, args["timestep"], **args["c"]) for part in parts])[0]
+
+    multi = model.clone()
+    multi.set_model_unet_function_wrapper(two_latents)
+    latent = {"samples": nested_tensor.NestedTensor([torch.zeros(shape) for shape in shapes])}
+    samples, previews = run_node(NestedKSampler, model=multi, seed=5, outer_steps=3, inner_steps=5, cfg=1.0,
+                                 sampler_name="euler", scheduler="normal", positive=cond, negative=cond,
+                                 latent_image=latent, denoise=1.0, outer_step="ddim")
+    assert samples["samples"].is_nested and previews["nested_nfe"] == [5, 10, 15]
+    for part in samples["samples"].unbind():
+        assert float(manifold_distance(part, exemplars)[0].max()) <= 3 * SPREAD
+    assert previews["samples"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)  # the first latent of every outer step
+    assert float(manifold_distance(previews["samples"], exemplars)[0].max()) <= 3 * SPREAD
+    assert torch.allclose(previews["samples"][-1:], samples["samples"].unbind()[0], atol=1e-5)
+    images = [preview for _, _, preview in previews_on if preview is not None]
+    assert len(images) == 3  # one live preview per outer step
