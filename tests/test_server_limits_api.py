@@ -269,3 +269,45 @@ def test_outer_step_preview_of_a_long_big_batch_run_is_bounded(comfy_server, cli
     assert all(len([label for label in labels if label.startswith(f"outer {step}/")]) == 16 for step in steps)
     assert len(json.dumps(shown)) < 20_000
     assert memory.grown_mib < 1024, f"peak RSS grew by {memory.grown_mib:.0f} MiB"
+
+
+# -- item 4: Finish now per client ---------------------------------------------------------------------------------
+def test_finish_now_finishes_only_the_clients_own_runs(comfy_server, client, exemplar_defaults):
+    """An idle editor's button (another client, same node id) ended someone else's 300-step run after 12 steps. Now the
+    listing and the route take the client's id: another client sees nothing to finish and is refused (403)."""
+    from tools.comfy_api_client import ComfyAPIClient
+
+    url = comfy_server.url
+    prompt_id = client.queue_prompt(lean_prompt(exemplar_defaults, outer=300, inner=3))
+    answers, steps = {}, []
+    with ComfyAPIClient(url) as other:
+        for event in client.stream(prompt_id, timeout=300):
+            if event["type"] != OUTER_STEP_EVENT:
+                continue
+            steps.append(event["data"]["outer_step"])
+            if steps[-1] == 1:
+                answers["other's listing"] = requests.get(f"{url}/nested_diffusion/running",
+                                                          params={"client_id": other.client_id}, timeout=10).json()
+                answers["own listing"] = requests.get(f"{url}/nested_diffusion/running",
+                                                      params={"client_id": client.client_id}, timeout=10).json()
+                answers["other's finish"] = post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER,
+                                                                       "client_id": other.client_id})
+            elif steps[-1] == 6:
+                answers["own finish"] = post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER,
+                                                                   "client_id": client.client_id})
+    assert answers["other's listing"] == {"running": []}
+    assert answers["own listing"] == {"running": [{"prompt_id": prompt_id, "node_id": SAMPLER}]}
+    refused = answers["other's finish"]
+    assert refused.status_code == 403 and "another client" in refused.json()["error"]
+    assert answers["own finish"].status_code == 200
+    assert 6 <= len(steps) < 300 and steps == list(range(1, len(steps) + 1))  # ended by its own client, after step 6
+    assert client.history(prompt_id)["status"]["status_str"] == "success"
+
+
+def test_the_extension_sends_the_tabs_client_id():
+    """The web button lists and finishes with its tab's client id, on the current frontend and the legacy one."""
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
+    assert "api.clientId ?? api.initialClientId" in source
+    assert "/nested_diffusion/running?client_id=" in source and "client_id: clientId" in source

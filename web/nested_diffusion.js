@@ -1,6 +1,9 @@
 // Nested Diffusion for ComfyUI: a "Finish now" button on the nested samplers.
 // While the node samples, the button asks the server to end the run after the current inner
 // diffusion; the node returns that image and the graph goes on (decode, save). Cancel is unchanged.
+// It finishes only runs queued by this browser tab: it lists and names runs with the tab's client id (the one
+// the tab queues its prompts with), and the server refuses other clients' runs. Works with the legacy
+// frontend (api.clientId) and the current one (api.clientId, api.initialClientId).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -20,18 +23,28 @@ function isThisNode(run, node) {
   return run.node_id === id || run.node_id.endsWith(`:${id}`);
 }
 
+function ownClientId() {
+  const id = api.clientId ?? api.initialClientId ?? window.sessionStorage?.getItem("clientId");
+  return typeof id === "string" && id ? id : null;
+}
+
 async function finishNow(node) {
-  const listing = await api.fetchApi("/nested_diffusion/running");
+  const clientId = ownClientId();
+  if (!clientId) {
+    notify("warn", "Cannot tell which runs this tab queued (no client id yet): nothing finished.");
+    return;
+  }
+  const listing = await api.fetchApi(`/nested_diffusion/running?client_id=${encodeURIComponent(clientId)}`);
   const { running = [] } = await listing.json();
   const run = running.find((entry) => isThisNode(entry, node));
   if (!run) {
-    notify("info", "Nothing to finish: this node is not sampling right now.");
+    notify("info", "Nothing to finish: this node is not sampling a prompt queued from this tab.");
     return;
   }
   const response = await api.fetchApi("/nested_diffusion/finish", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(run),
+    body: JSON.stringify({ ...run, client_id: clientId }),
   });
   const answer = await response.json();
   if (response.ok) {
