@@ -1,0 +1,146 @@
+"""Property-based fuzzing through the API (issue 13, item 8): random NestedKSampler / NestedKSamplerAdvanced /
+InnerSolverSelect / OuterStepPreview inputs, within and at the edges of the node limits, queued on the session's real
+ComfyUI server. Every prompt either runs or stops with a clear error within a bounded time (a prompt still running
+after RUN_SECONDS is cancelled, and the Cancel must be honoured within CANCEL_SECONDS), the server stays up with an
+empty queue, and its resident memory after the fuzzing is within 5% of its value after a warm-up.
+
+Hypothesis runs derandomised (the same examples every time: CI stays reproducible) with NESTED_FUZZ_EXAMPLES
+examples (default 25, about a minute and a half on 2 cores); set NESTED_FUZZ_EXAMPLES=300 for a longer hunt.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import requests
+from api_helpers import OUTER_STEP_EVENT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_reliability_api import post_prompt
+from test_server_limits_api import server_rss
+
+from tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
+
+EXAMPLES = int(os.environ.get("NESTED_FUZZ_EXAMPLES", "25"))
+RUN_SECONDS = 4.0  # then Cancel
+CANCEL_SECONDS = 3.0  # a Cancel must end the prompt within this long
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ipndm",
+            "deis", "res_multistep", "er_sde", "seeds_2", "sa_solver", "ddim", "uni_pc", "uni_pc_bh2"]
+SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+              "kl_optimal"]
+
+
+def edgy_ints(low: int, high: int):
+    """Integers from low to high, often exactly at or next to the limits."""
+    return st.one_of(st.sampled_from(sorted({low, low + 1, high - 1, high})), st.integers(low, high))
+
+
+def edgy_floats(low: float, high: float):
+    return st.one_of(st.sampled_from([low, high]), st.floats(low, high, allow_nan=False, allow_infinity=False))
+
+
+STEP_SCHEDULES = st.one_of(st.just(""), st.sampled_from(["uniform", "front-loaded", "back-loaded", "1,x", "0", ",", "9" * 40]),
+                           st.lists(edgy_ints(1, 10000), min_size=1, max_size=6).map(lambda xs: ",".join(map(str, xs))),
+                           st.text(max_size=30))
+
+
+@st.composite
+def fuzz_prompts(draw, exemplar_defaults: dict) -> dict:
+    kind = draw(st.sampled_from(["NestedKSampler", "NestedKSamplerAdvanced"]))
+    common = {
+        "model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
+        "outer_steps": draw(edgy_ints(1, 1000)), "inner_steps": draw(edgy_ints(1, 10000)),
+        "cfg": draw(edgy_floats(0.0, 100.0)), "sampler_name": draw(st.sampled_from(SAMPLERS)),
+        "scheduler": draw(st.sampled_from(SCHEDULERS)), "outer_eta": draw(edgy_floats(0.0, 1.0)),
+        "max_nfe": draw(st.one_of(st.just(0), edgy_ints(0, 1000000))),
+        "max_seconds": draw(st.one_of(st.just(0.0), edgy_floats(0.0, 86400.0))),
+        "outer_step": draw(st.sampled_from(["auto", "ddim", "renoise"])),
+    }
+    if kind == "NestedKSampler":
+        sampler = {**common, "seed": draw(edgy_ints(0, 2**64 - 1)), "denoise": draw(edgy_floats(0.01, 1.0))}
+    else:
+        sampler = {**common, "noise_seed": draw(edgy_ints(0, 2**64 - 1)),
+                   "add_noise": draw(st.sampled_from(["enable", "disable"])),
+                   "start_at_outer_step": draw(edgy_ints(0, 1000)), "end_at_outer_step": draw(edgy_ints(1, 1000)),
+                   "return_with_leftover_noise": draw(st.sampled_from(["disable", "enable"]))}
+    prompt = {
+        "1": {"class_type": "NestedExemplarModel",
+              "inputs": {**exemplar_defaults, "prediction": draw(st.sampled_from(["eps", "v_prediction", "flow"])),
+                         "spread": 0.05, "image_size": 16, "shift": 1.0}},
+        "2": {"class_type": "EmptyChromaRadianceLatentImage",
+              "inputs": {"width": 16, "height": 16, "batch_size": draw(st.integers(1, 3))}},
+        "3": {"class_type": kind, "inputs": sampler},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "fuzz"}},
+    }
+    if draw(st.booleans()):
+        prompt["7"] = {"class_type": "OuterStepPreview", "inputs": {"previews": ["3", 1], "vae": ["4", 0]}}
+    if draw(st.booleans()):
+        prompt["8"] = {"class_type": "InnerSolverSelect", "inputs": {
+            "sampler_name": draw(st.sampled_from(SAMPLERS)), "scheduler": draw(st.sampled_from(SCHEDULERS)),
+            "steps": draw(edgy_ints(1, 10000)), "eta": draw(edgy_floats(0.0, 100.0)),
+            "s_noise": draw(edgy_floats(0.0, 100.0)), "step_schedule": draw(STEP_SCHEDULES)}}
+        sampler["inner_solver"] = ["8", 0]
+    return prompt
+
+
+def run_bounded(comfy_server, client, prompt: dict) -> tuple[str, str, float]:
+    """(outcome, message, seconds): "rejected" (HTTP 400), "error", "ok" or "cancelled" (still running after
+    RUN_SECONDS). Fails when a Cancel is not honoured within CANCEL_SECONDS."""
+    started = time.monotonic()
+    try:
+        prompt_id, _ = post_prompt(client, prompt)
+    except PromptValidationError as rejected:
+        return "rejected", str(rejected), time.monotonic() - started
+    cancelled_at = None
+    try:
+        for event in client.stream(prompt_id, timeout=RUN_SECONDS + CANCEL_SECONDS + 60):
+            now = time.monotonic()
+            if cancelled_at is None and now - started > RUN_SECONDS:
+                cancelled_at = now
+                requests.post(f"{comfy_server.url}/interrupt", json={"prompt_id": prompt_id}, timeout=10)
+            assert cancelled_at is None or now - cancelled_at < CANCEL_SECONDS, (
+                f"Cancel not honoured after {now - cancelled_at:.1f} s (last event {event['type']})")
+            if event["type"] == OUTER_STEP_EVENT:
+                continue
+    except ExecutionError as failed:
+        return "error", f"{failed.exception_type}: {failed.exception_message}", time.monotonic() - started
+    except ExecutionInterrupted:
+        return "cancelled", "", time.monotonic() - started
+    return "ok", "", time.monotonic() - started
+
+
+def test_random_inputs_run_or_stop_clearly_in_bounded_time(comfy_server, client, exemplar_defaults):
+    from test_server_limits_api import lean_prompt
+
+    for _ in range(3):  # warm-up: the model, the VAE and the caches are in memory before the first reading
+        assert run_bounded(comfy_server, client, lean_prompt(exemplar_defaults, outer=2, inner=2, preview=True))[0] == "ok"
+    rss_before = server_rss(comfy_server)
+    outcomes: list[tuple[str, str, float]] = []
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(prompt=fuzz_prompts(exemplar_defaults))
+    def property_holds(prompt):
+        outcome, message, seconds = run_bounded(comfy_server, client, prompt)
+        outcomes.append((outcome, message[:160], round(seconds, 1)))
+        assert comfy_server.running, "the server died"
+        if outcome == "error":  # a clear error: the pack's own, naming what is wrong, of a readable length
+            assert re.match(r"\S*NestedDiffusionError: ", message), f"not the pack's clear error: {message}"
+            assert len(message) < 1200, f"a {len(message)}-character message"
+        assert seconds < RUN_SECONDS + CANCEL_SECONDS + 5, (outcome, seconds)
+        queue = client.queue()
+        assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
+        assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+
+    property_holds()
+    grown = (server_rss(comfy_server) - rss_before) / rss_before
+    summary = {kind: sum(1 for o in outcomes if o[0] == kind) for kind in ("ok", "rejected", "error", "cancelled")}
+    print(f"\nfuzz: {summary}, slowest {max(o[2] for o in outcomes)} s, RSS {100 * grown:+.2f}%")
+    assert grown < 0.05, f"server RSS grew by {100 * grown:.1f}% over {len(outcomes)} fuzzed prompts"
+    assert summary["ok"] + summary["cancelled"] > 0 and summary["rejected"] + summary["error"] > 0, outcomes
