@@ -38,6 +38,7 @@ class NestedSampler(io.ComfyNode):
     def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
         sampler = NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds),
                                       outer_step)
-        sampler.rerun_key = rerun.key_from_prompt("NestedSampler", cls.hidden.prompt, cls.hidden.unique_id,
+        hidden = cls.hidden  # None when execute is called outside ComfyUI's executor (scripts, tests)
+        sampler.rerun_key = rerun.key_from_prompt("NestedSampler", getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
                                                   ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"])
         return io.NodeOutput(sampler)

@@ -65,6 +65,17 @@ fi
 
 grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel|PyOpenGL|comfy-angle)\b' "$comfy/requirements.txt" > "$env_dir/comfy-requirements.txt"
 "${pip[@]}" -r "$env_dir/comfy-requirements.txt" -r "$root/requirements-test.txt"
+if [ "$engine" = "0.33.0" ]; then
+  # The newest frontend on the registry, for the browser tests (NESTED_FRONTEND=1.58.1 serves it with --front-end-root).
+  frontend="$env_dir/frontend-1.58.1"
+  if [ ! -d "$frontend/comfyui_frontend_package/static" ]; then
+    tmp="$(mktemp -d)"
+    "$venv/bin/python" -m pip download --disable-pip-version-check -q --no-deps comfyui-frontend-package==1.58.1 -d "$tmp"
+    rm -rf "$frontend"
+    "$venv/bin/python" -m zipfile -e "$tmp"/comfyui_frontend_package-1.58.1-*.whl "$frontend"
+    rm -rf "$tmp"
+  fi
+fi
 echo "$comfy" > "$env_dir/comfyui_path"
 echo "$want" > "$stamp"
 # Browser tests: Debian's chromium (playwright's own browser downloads are not reachable). Only as root with apt;

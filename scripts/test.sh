@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The README's test command: builds the environment if needed (venv + real ComfyUI), then runs every test.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k nfe
+# NESTED_ENGINE=0.33.0 scripts/test.sh: the same on ComfyUI 0.33.0 (from ../shared/comfyui/, in .nested_env_033/);
+# NESTED_FRONTEND=1.58.1 with it: the test server serves that frontend (scripts/setup_env.sh fetches it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
-exec .nested_env/venv/bin/python -m pytest -c tests/pytest.ini --rootdir tests tests "$@"
+case "${NESTED_ENGINE:-0.3.75}" in
+  0.33.0) venv=.nested_env_033/venv ;;
+  *) venv=.nested_env/venv ;;
+esac
+exec "$venv/bin/python" -m pytest -c tests/pytest.ini --rootdir tests tests "$@"

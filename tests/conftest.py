@@ -42,9 +42,11 @@ def pack(comfy):
 @pytest.fixture(scope="session")
 def comfy_server():
     """One real ComfyUI server with this pack installed (tools/comfy_server.py), shared by the session."""
+    from tools.comfy_env import frontend_root
     from tools.comfy_server import ComfyServer
 
-    with ComfyServer(startup_timeout=120) as server:
+    frontend = frontend_root()  # NESTED_FRONTEND=1.58.1: another frontend than the engine's own
+    with ComfyServer(startup_timeout=120, extra_args=["--front-end-root", str(frontend)] if frontend else []) as server:
         yield server
 
 

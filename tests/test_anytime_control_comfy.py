@@ -62,17 +62,20 @@ def test_bad_stage_bounds_are_refused(family, pack):
 
 
 def test_picking_a_candidate_starts_every_slot_from_it(family, pack):
+    """Picked after 3 of 4 outer steps (sigma 0.7 for eps, 0.5 for flow), where the state decides its exemplar
+    whatever the seed: after the first of 3 (sigma 2.9, where the exemplars are only ~3 nats apart) the
+    variations may leave it, and whether they did depended on the CPU noise of the seed (different in 0.33.0)."""
     from comfyui_nested_diffusion.nodes.pick_candidate import NestedPickCandidate
 
     prediction, model, cond, exemplars = family
-    first, first_previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(4), 12, 3, 5, 0, 1, True,
+    first, first_previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(4), 12, 4, 5, 0, 3, True,
                                                                          sampler_name="euler_ancestral"))
     picked, picked_preview = run_node(NestedPickCandidate, samples=first, outer_previews=first_previews, index=2)
     assert picked["samples"].shape == first["samples"].shape
     for slot in range(4):
         assert torch.equal(picked["samples"][slot], first["samples"][2])
     assert torch.equal(picked_preview["samples"][0], first_previews["samples"][-4:][2])
-    second, _ = run_node(advanced_node(), **advanced_inputs(model, cond, picked, 12, 3, 5, 1, 3, False, add_noise=False,
+    second, _ = run_node(advanced_node(), **advanced_inputs(model, cond, picked, 12, 4, 5, 3, 4, False, add_noise=False,
                                                              sampler_name="euler_ancestral"))
     nearest_of_pick = torch.cdist(picked_preview["samples"].flatten(1), exemplars.flatten(1)).argmin(1)
     nearest_after = torch.cdist(second["samples"].flatten(1), exemplars.flatten(1)).argmin(1)

@@ -117,6 +117,18 @@ def test_pack_nodes_are_registered_in_litegraph(page, comfy_server):
     assert all(category.startswith("sampling/nested") for category in categories), categories
 
 
+def test_the_editor_runs_the_frontend_under_test(page):
+    """The browser tests ran on the frontend they claim: NESTED_FRONTEND's (e.g. 1.58.1, the newest on the
+    registry, served with --front-end-root) or else the frontend package the engine installed (0.3.75: 1.32.9,
+    0.33.0: 1.49.6)."""
+    from importlib.metadata import version
+
+    expected = os.environ.get("NESTED_FRONTEND") or version("comfyui-frontend-package")
+    served = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || null")
+    print(f"frontend {served}")
+    assert served == expected
+
+
 def test_templates_dialog_offers_the_examples_with_thumbnails(page):
     dismiss_templates_dialog(page)
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")

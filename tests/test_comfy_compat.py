@@ -14,7 +14,6 @@ import torch
 from comfy_helpers import SPREAD, empty_latent, exemplar_setup, run_node
 
 
-
 @pytest.fixture(scope="module")
 def eps_family(pack):
     return exemplar_setup(pack, "eps")
@@ -190,10 +189,9 @@ def test_multi_latent_models_show_their_first_latent_in_previews_and_outer_previ
     stands in for such a model: two image latents, packed by ComfyUI, unpacked around every model evaluation."""
     nested_tensor = pytest.importorskip("comfy.nested_tensor", reason="this ComfyUI has no multi-latent models")
     import comfy.utils
+    from comfy_helpers import IMAGE_SIZE
     from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
-
-    from comfy_helpers import IMAGE_SIZE
 
     model, cond, exemplars = exemplar_setup(pack, "eps")
     shapes = [(1, 3, IMAGE_SIZE, IMAGE_SIZE)] * 2

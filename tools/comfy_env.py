@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_MODULE_NAME = "comfyui_nested_diffusion"
@@ -39,6 +40,18 @@ def comfyui_path() -> Path:
     if recorded.exists():
         return Path(recorded.read_text().strip())
     return env_dir() / "ComfyUI"
+
+
+def frontend_root() -> Optional[Path]:
+    """The frontend $NESTED_FRONTEND names (e.g. ``1.58.1``, fetched by scripts/setup_env.sh into the environment),
+    for ComfyUI's ``--front-end-root``; None: the frontend package the engine installed."""
+    version = os.environ.get("NESTED_FRONTEND")
+    if not version:
+        return None
+    static = env_dir() / f"frontend-{version}" / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").exists():
+        raise ComfyNotFound(f"No frontend {version} at {static}: run NESTED_ENGINE=0.33.0 scripts/setup_env.sh")
+    return static
 
 
 def import_comfy(force_cpu: bool = False) -> Path:
