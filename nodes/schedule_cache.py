@@ -30,7 +30,7 @@ import torch
 from ..nested_core import NestedDiffusionError
 from ..nested_core.schedules import MAX_SCHEDULE_LENGTH
 
-CACHE_BYTES = 32 * 2**20  # per model sampling; a schedule above a quarter of it is built but not kept
+CACHE_BYTES = 8 * 2**20  # per model sampling; a schedule above a quarter of it is built but not kept
 VERIFY_LENGTHS = (1, 2, 3, 5, 17, 64, 257)  # where a vectorised twin must match ComfyUI's scheduler bit for bit
 
 

@@ -21,6 +21,13 @@ It runs in two phases: ``--warmup`` prompts (default 20), then the rest. Checks,
 * memory: the server's resident memory (its process and children, measured with psutil) after the run is within
   ``--memory-tolerance`` (default 5%) of its value after the warm-up phase.
 
+``--mixed`` (issue 13) makes the workload a mix per client: good nested and vanilla prompts, bad inputs (a clear
+``NestedDiffusionError`` expected), prompts the client cancels (``POST /interrupt`` with its prompt_id) at a random
+moment after they start, and prompts it ends with Finish now (its own client_id) after a random outer step, also
+asking to finish another client's run (which must be refused). Checks on top: every prompt ends (nothing lost) with
+the outcome its kind allows, only cancelled prompts are interrupted, finished ones save their image with fewer or
+all outer steps, every finish of a foreign run is refused.
+
 Prints the figures and PASS or FAIL; the exit status is 0 on PASS, 1 on FAIL (2 when the server cannot start).
 ``tests/test_reliability_api.py`` runs a reduced version through ``run_load_test``.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import sys
 import threading
 import time
@@ -47,16 +55,25 @@ OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 SAMPLER, SAVE = "3", "6"
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 NESTED_SHAPES = ((2, 3), (3, 2))  # (outer, inner)
+MIXED_KINDS = ("nested", "vanilla", "bad", "cancel", "nested", "finish", "vanilla", "nested")  # --mixed, by index % 8
+STEERED_SHAPE = (12, 3)  # (outer, inner) of the prompts a client cancels or finishes
 END_EVENTS = {"execution_success": "success", "execution_error": "error", "execution_interrupted": "interrupted"}
 
 
 # -- prompts --------------------------------------------------------------------------------------------------
-def prompt_spec(index: int, seed_base: int) -> dict:
-    """What prompt number ``index`` runs: nested on even numbers, vanilla on odd, solvers and shapes rotating."""
+def prompt_spec(index: int, seed_base: int, mixed: bool = False) -> dict:
+    """What prompt number ``index`` runs: nested on even numbers, vanilla on odd, solvers and shapes rotating; with
+    ``mixed``, MIXED_KINDS (bad inputs, cancelled and finished prompts among them)."""
     outer, inner = NESTED_SHAPES[(index // 2) % len(NESTED_SHAPES)]
+    kind = MIXED_KINDS[index % len(MIXED_KINDS)] if mixed else ("nested" if index % 2 == 0 else "vanilla")
+    if kind in ("cancel", "finish"):
+        outer, inner = STEERED_SHAPE
+    steer = random.Random(seed_base * 7919 + index)
     return {
         "index": index,
-        "kind": "nested" if index % 2 == 0 else "vanilla",
+        "kind": kind,
+        "cancel_after": steer.uniform(0.0, 0.6),  # seconds after its execution_start ("cancel")
+        "finish_after_step": steer.randint(1, outer),  # outer step after which it asks to finish ("finish")
         "sampler": SAMPLERS[(index // 2) % len(SAMPLERS)],
         "outer": outer,
         "inner": inner,
@@ -69,9 +86,11 @@ def build_prompt(spec: dict, client_index: int, exemplar_defaults: dict, size: i
     sampler_inputs = {"model": ["1", 0], "seed": spec["seed"], "cfg": 1.0, "sampler_name": spec["sampler"],
                       "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
                       "denoise": 1.0}
-    if spec["kind"] == "nested":
+    if spec["kind"] != "vanilla":
         sampler = {"class_type": "NestedKSampler",
                    "inputs": {**sampler_inputs, "outer_steps": spec["outer"], "inner_steps": spec["inner"]}}
+        if spec["kind"] == "bad":  # passes validation, refused by the node: max_nfe below one inner diffusion
+            sampler["inputs"]["max_nfe"] = 1
     else:
         sampler = {"class_type": "KSampler", "inputs": {**sampler_inputs, "steps": spec["outer"] * spec["inner"]}}
     prompt = {
@@ -167,18 +186,51 @@ class LoadClient:
         self.violations: list[str] = []
         self.started_at: dict[str, float] = {}
         self.thread_error: Optional[BaseException] = None
+        self.url = url.rstrip("/")
+        self.error_types: dict[str, str] = {}
+        self.finish_answers: dict[str, int] = {}  # own "finish" prompt -> HTTP status of its finish request
+        self.foreign_answers: Counter = Counter()  # HTTP statuses of finishing other clients' runs
+        self.timers: list[threading.Timer] = []
+
+    def post(self, path: str, body: dict) -> int:
+        import requests
+
+        try:
+            return requests.post(f"{self.url}{path}", json=body, timeout=10).status_code
+        except Exception as error:  # counted as a violation by the caller's checks
+            self.violation(f"POST {path} failed: {error!r}")
+            return 0
+
+    def poke_foreign_runs(self, stop: threading.Event) -> None:
+        """Every ~0.2 s, try to finish any run that is not this client's, naming this client: must be refused."""
+        import requests
+
+        while not stop.wait(0.2):
+            try:
+                running = requests.get(f"{self.url}/nested_diffusion/running", timeout=10).json()["running"]
+            except Exception:
+                continue
+            for run in running:
+                if run["prompt_id"] not in self.own:
+                    status = self.post("/nested_diffusion/finish", {**run, "client_id": self.api.client_id})
+                    self.foreign_answers[status] += 1
+                    if status == 200:
+                        self.violation(f"finished another client's run {run}")
 
     def violation(self, text: str) -> None:
         if len(self.violations) < 50:
             self.violations.append(f"client {self.index}: {text}")
 
-    def run_phase(self, specs: list[dict], timeout: float) -> None:
+    def run_phase(self, specs: list[dict], timeout: float, mixed: bool = False) -> None:
+        stop = threading.Event()
         try:
             pending = set()
             for spec in specs:  # queue everything first, then read: every own prompt_id is known before its events
                 prompt_id = self.api.queue_prompt(build_prompt(spec, self.index, self.exemplar_defaults, self.size))
                 self.own[prompt_id] = spec
                 pending.add(prompt_id)
+            if mixed:
+                threading.Thread(target=self.poke_foreign_runs, args=(stop,), daemon=True).start()
             deadline = time.monotonic() + timeout
             while pending and time.monotonic() < deadline:
                 for event in self.api.events(timeout=min(5.0, max(deadline - time.monotonic(), 0.1))):
@@ -190,6 +242,10 @@ class LoadClient:
                 self.violation(f"{len(pending)} prompts did not finish within {timeout:.0f} s")
         except BaseException as error:  # reported by the main thread
             self.thread_error = error
+        finally:
+            stop.set()
+            for timer in self.timers:
+                timer.cancel()
 
     def handle(self, event: dict) -> None:
         kind, data = event.get("type"), event.get("data")
@@ -210,16 +266,26 @@ class LoadClient:
         if prompt_id not in self.own:
             self.violation(f"{kind} event of prompt {prompt_id}, which is not this client's")
             return
+        spec = self.own[prompt_id]
         if kind == "execution_start":
             self.running = prompt_id
             self.started_at[prompt_id] = time.monotonic()
+            if spec["kind"] == "cancel":
+                timer = threading.Timer(spec["cancel_after"], self.post, args=("/interrupt", {"prompt_id": prompt_id}))
+                timer.daemon = True
+                timer.start()
+                self.timers.append(timer)
         elif kind == OUTER_STEP_EVENT:
             if data.get("node") != SAMPLER:
                 self.violation(f"outer_step event from node {data.get('node')} of prompt {prompt_id}")
             self.outer_steps[prompt_id].append(data.get("outer_step"))
+            if spec["kind"] == "finish" and data.get("outer_step") == spec["finish_after_step"]:
+                self.finish_answers[prompt_id] = self.post("/nested_diffusion/finish", {
+                    "prompt_id": prompt_id, "node_id": SAMPLER, "client_id": self.api.client_id})
         elif kind in END_EVENTS:
             self.outcome[prompt_id] = END_EVENTS[kind]
             if kind == "execution_error":
+                self.error_types[prompt_id] = str(data.get("exception_type"))
                 self.errors[prompt_id] = f"{data.get('node_type')}: {data.get('exception_message', '')[:300]}"
         elif kind == "executing" and data.get("node") is None:
             self.ended[prompt_id] = self.outcome.get(prompt_id, "success")
@@ -228,11 +294,22 @@ class LoadClient:
 
     def check_results(self, prompt_ids: list[str]) -> None:
         """After the run: history, outer-step events and previews of every prompt of this client."""
+        allowed = {"nested": {"success"}, "vanilla": {"success"}, "bad": {"error"}, "cancel": {"interrupted", "success"},
+                   "finish": {"success"}}
         for prompt_id in prompt_ids:
             spec = self.own[prompt_id]
-            if self.outcome.get(prompt_id) != "success":
+            outcome = self.outcome.get(prompt_id)
+            if outcome not in allowed[spec["kind"]]:
                 self.violation(f"prompt {spec['index']} ({spec['kind']}, {spec['sampler']}) ended with "
-                               f"{self.outcome.get(prompt_id)}: {self.errors.get(prompt_id, '')}")
+                               f"{outcome}: {self.errors.get(prompt_id, '')}")
+                continue
+            if spec["kind"] == "bad":
+                if not self.error_types.get(prompt_id, "").endswith("NestedDiffusionError") or "max_nfe" not in self.errors[prompt_id]:
+                    self.violation(f"prompt {spec['index']} (bad input): not the clear error: {self.errors[prompt_id]}")
+                continue
+            if outcome == "interrupted":
+                if ((self.api.history(prompt_id).get("outputs") or {}).get(SAVE) or {}).get("images"):
+                    self.violation(f"prompt {spec['index']} was cancelled but saved an image")
                 continue
             entry = self.api.history(prompt_id)
             status = (entry.get("status") or {}).get("status_str")
@@ -240,19 +317,23 @@ class LoadClient:
             if status != "success" or len(images) != 1:
                 self.violation(f"prompt {spec['index']}: history status {status!r}, {len(images)} saved images")
             steps = self.outer_steps.get(prompt_id, [])
-            expected = list(range(1, spec["outer"] + 1)) if spec["kind"] == "nested" else []
+            expected = list(range(1, spec["outer"] + 1)) if spec["kind"] != "vanilla" else []
+            if spec["kind"] == "finish":  # ends after the step it asked at, or later; the answer 404/409 if it had ended
+                expected = list(range(1, max(len(steps), spec["finish_after_step"]) + 1))[:spec["outer"]]
+                if self.finish_answers.get(prompt_id) not in (200, 404, 409):
+                    self.violation(f"prompt {spec['index']}: finish answered {self.finish_answers.get(prompt_id)}")
             if steps != expected:
                 self.violation(f"prompt {spec['index']} ({spec['kind']}): outer_step events {steps}, expected {expected}")
-            if self.previews[prompt_id] < (spec["outer"] if spec["kind"] == "nested" else 1):
+            if self.previews[prompt_id] < (len(steps) if spec["kind"] != "vanilla" else 1):
                 self.violation(f"prompt {spec['index']} ({spec['kind']}): only {self.previews[prompt_id]} previews")
 
     def close(self) -> None:
         self.api.close()
 
 
-def run_phase(clients: list[LoadClient], shares: list[list[dict]], timeout: float) -> float:
+def run_phase(clients: list[LoadClient], shares: list[list[dict]], timeout: float, mixed: bool = False) -> float:
     started = time.monotonic()
-    threads = [threading.Thread(target=client.run_phase, args=(share, timeout), daemon=True)
+    threads = [threading.Thread(target=client.run_phase, args=(share, timeout, mixed), daemon=True)
                for client, share in zip(clients, shares)]
     for thread in threads:
         thread.start()
@@ -273,7 +354,7 @@ def interleaving(clients: list[LoadClient]) -> int:
 # -- the whole test -------------------------------------------------------------------------------------------
 def run_load_test(url: str, *, prompts: int = 200, clients: int = 4, warmup: int = 20, pid: Optional[int] = None,
                   size: int = 32, memory_tolerance: float = 0.05, check_memory: bool = True,
-                  seed_base: Optional[int] = None, timeout: float = 900.0, log=print) -> dict:
+                  seed_base: Optional[int] = None, timeout: float = 900.0, log=print, mixed: bool = False) -> dict:
     """Run the load test against the server at ``url``; returns the figures and checks (``result["pass"]``)."""
     if prompts < 1 or clients < 1 or not 0 <= warmup < prompts:
         raise ValueError("need prompts >= 1, clients >= 1 and 0 <= warmup < prompts")
@@ -282,7 +363,7 @@ def run_load_test(url: str, *, prompts: int = 200, clients: int = 4, warmup: int
     probe.wait_until_up(timeout=60)
     exemplar_defaults = widget_defaults(probe.object_info("NestedExemplarModel")["NestedExemplarModel"])
     probe.close()
-    specs = [prompt_spec(index, seed_base) for index in range(prompts)]
+    specs = [prompt_spec(index, seed_base, mixed) for index in range(prompts)]
     phases = [specs[:warmup], specs[warmup:]] if warmup else [specs]
     pool = [LoadClient(index, url, exemplar_defaults, size, legacy_previews=index == 0 and clients > 1)
             for index in range(clients)]
@@ -296,7 +377,7 @@ def run_load_test(url: str, *, prompts: int = 200, clients: int = 4, warmup: int
                 shares = [phase[index * len(phase) // clients:(index + 1) * len(phase) // clients]
                           for index in range(clients)]
                 log(f"phase {number + 1}/{len(phases)}: {len(phase)} prompts over {clients} clients ...")
-                durations.append(run_phase(pool, shares, timeout))
+                durations.append(run_phase(pool, shares, timeout, mixed))
                 if memory_measured:
                     time.sleep(0.5)
                     rss_after_phase.append(resident_memory(pid))
@@ -316,8 +397,16 @@ def run_load_test(url: str, *, prompts: int = 200, clients: int = 4, warmup: int
     growth = (rss_end - rss_warm) / rss_warm if memory_measured else None
     memory_ok = None if not (check_memory and memory_measured) else abs(growth) <= memory_tolerance
     total_seconds = sum(durations)
+    kinds = Counter(spec["kind"] for spec in specs)
+    foreign = Counter()
+    for client in pool:
+        foreign.update(client.foreign_answers)
     result = {
         "url": url,
+        "mixed": mixed,
+        "kinds": dict(kinds),
+        "finish_answers": dict(Counter(status for client in pool for status in client.finish_answers.values())),
+        "foreign_finish_answers": {str(status): count for status, count in foreign.items()},
         "prompts": prompts,
         "clients": clients,
         "warmup_prompts": warmup,
@@ -346,7 +435,8 @@ def run_load_test(url: str, *, prompts: int = 200, clients: int = 4, warmup: int
         "rss_growth_percent": round(100 * growth, 2) if memory_measured else None,
         "memory_tolerance_percent": round(100 * memory_tolerance, 2),
         "checks": {
-            "all_prompts_succeeded": outcomes.get("success", 0) == prompts,
+            "all_prompts_succeeded": (outcomes.get("success", 0) == prompts if not mixed else
+                                      outcomes.get("unfinished", 0) == 0),
             "isolation_and_events": not violations,
             "memory": memory_ok,  # None: not checked
         },
@@ -360,6 +450,9 @@ def report(result: dict, log=print) -> None:
     log(f"prompts: {result['prompts']} ({result['nested_prompts']} nested, {result['vanilla_prompts']} vanilla) "
         f"from {result['clients']} clients, {result['image_size']}x{result['image_size']} px")
     log(f"outcomes: {result['outcomes']}")
+    if result.get("mixed"):
+        log(f"mixed workload: kinds {result['kinds']}; own finish answers {result['finish_answers']}; "
+            f"finishing other clients' runs answered {result['foreign_finish_answers']}")
     log(f"time: {result['seconds_total']} s in all ({result['prompts_per_second']} prompts/s), "
         f"warm-up {result['seconds_warmup']} s; executions switched client {result['interleaved_switches']} times")
     for client in result["per_client"]:
@@ -392,6 +485,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="first seed (default: from the clock)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per phase")
     parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--mixed", action="store_true", help="good prompts, bad inputs, Cancels and Finish-nows "
+                                                             "(issue 13); see the module docstring")
     args = parser.parse_args(argv)
 
     server = None
@@ -413,7 +508,8 @@ def main(argv=None) -> int:
     try:
         result = run_load_test(url, prompts=args.prompts, clients=args.clients, warmup=args.warmup, pid=pid,
                                size=args.size, memory_tolerance=args.memory_tolerance,
-                               check_memory=not args.no_memory_check, seed_base=args.seed, timeout=args.timeout)
+                               check_memory=not args.no_memory_check, seed_base=args.seed, timeout=args.timeout,
+                               mixed=args.mixed)
     finally:
         if server is not None:
             server.stop()

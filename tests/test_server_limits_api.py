@@ -311,3 +311,26 @@ def test_the_extension_sends_the_tabs_client_id():
     source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
     assert "api.clientId ?? api.initialClientId" in source
     assert "/nested_diffusion/running?client_id=" in source and "client_id: clientId" in source
+
+
+# -- the load test's mixed workload --------------------------------------------------------------------------------
+def test_mixed_workload_from_four_clients(comfy_server):
+    """A reduced `scripts/load_test.py --mixed` (NESTED_MIXED_PROMPTS for more): good prompts, bad inputs, Cancels and
+    Finish-nows at random moments from 4 clients, each also trying to finish the others' runs. Memory is asserted by
+    the script's full run on a server of its own (this shared server's memory moves with the other tests)."""
+    import os
+
+    from test_reliability_api import load_test_module
+
+    load_test = load_test_module()
+    prompts = int(os.environ.get("NESTED_MIXED_PROMPTS", "32"))
+    lines: list[str] = []
+    result = load_test.run_load_test(comfy_server.url, prompts=prompts, clients=4, warmup=8, mixed=True,
+                                     pid=comfy_server.process.pid, check_memory=False, timeout=300, log=lines.append)
+    load_test.report(result, log=lines.append)
+    summary = "\n".join(lines)
+    assert result["pass"] and result["violations"] == [], summary
+    assert result["outcomes"].get("unfinished", 0) == 0, summary
+    assert result["outcomes"].get("error", 0) == result["kinds"]["bad"], summary  # only bad inputs fail
+    assert result["outcomes"].get("interrupted", 0) <= result["kinds"]["cancel"], summary
+    assert "200" not in result["foreign_finish_answers"], summary
