@@ -60,7 +60,7 @@ def test_the_cache_is_bounded_by_bytes_and_lengths_by_ksamplers_longest(cache_mo
     schedule = cache_module.schedule_function(sampling, "karras")
     for steps in range(9000, 10000, 7):  # ~143 schedules of ~38 KB: 5.4 MB
         schedule(steps)
-    schedule(MAX_SCHEDULE_LENGTH)  # 4 MB: built, and kept (a quarter of the budget at most)
+    schedule(MAX_SCHEDULE_LENGTH)  # 4 MB: built, but above a quarter of the budget, so not kept
     for steps in range(2000, 10000, 3):  # ~2667 schedules, ~64 MB if nothing were dropped
         schedule(steps)
     held = cache_module._CACHES[sampling].bytes
