@@ -270,7 +270,7 @@ class LoadClient:
         if kind == "execution_start":
             self.running = prompt_id
             self.started_at[prompt_id] = time.monotonic()
-            if spec["kind"] == "cancel":
+            if spec.get("kind") == "cancel":
                 timer = threading.Timer(spec["cancel_after"], self.post, args=("/interrupt", {"prompt_id": prompt_id}))
                 timer.daemon = True
                 timer.start()
@@ -279,7 +279,7 @@ class LoadClient:
             if data.get("node") != SAMPLER:
                 self.violation(f"outer_step event from node {data.get('node')} of prompt {prompt_id}")
             self.outer_steps[prompt_id].append(data.get("outer_step"))
-            if spec["kind"] == "finish" and data.get("outer_step") == spec["finish_after_step"]:
+            if spec.get("kind") == "finish" and data.get("outer_step") == spec["finish_after_step"]:
                 self.finish_answers[prompt_id] = self.post("/nested_diffusion/finish", {
                     "prompt_id": prompt_id, "node_id": SAMPLER, "client_id": self.api.client_id})
         elif kind in END_EVENTS:
