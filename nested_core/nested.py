@@ -8,7 +8,7 @@ eps, v and flow models: ``x_next = x0 + sigma_next * (x - x0) / sigma``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -28,18 +28,26 @@ def derive_seed(seed: Optional[int], stream: int, index: int) -> Optional[int]:
     return (int(seed) + (stream * 1_000_003 + index) * _SEED_STRIDE) % (2**63)
 
 
-def seeded_outer_noise(seed: Optional[int], stream: int = 1) -> OuterNoiseFn:
-    """Noise for ancestral outer steps, reproducible from the node's seed (a stream of its own; stream 2: the noise a
-    stage that ends early hands on with its state)."""
+def seeded_outer_noise(seed: Optional[int], stream: int = 1, batch_indices: Optional[Sequence[int]] = None) -> OuterNoiseFn:
+    """Noise for re-noised and ancestral outer steps, reproducible from the node's seed (a stream of its own; stream 2:
+    the noise a stage that ends early hands on with its state). Drawn per batch item from the item's own seed, so an
+    item gets the same outer noise whatever the batch around it: ``batch_indices`` are the items' indices in the
+    original batch (ComfyUI's ``batch_index`` of a LatentFromBatch latent), 0, 1, ... by default."""
 
-    def noise(index: int, x: torch.Tensor) -> torch.Tensor:
+    def item_noise(step_seed: Optional[int], item: int, shape: tuple) -> torch.Tensor:
         generator = torch.Generator(device="cpu")
-        derived = derive_seed(seed, stream, index)
+        derived = derive_seed(step_seed, 3, item)
         if derived is None:
             generator.seed()
         else:
             generator.manual_seed(derived)
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def noise(index: int, x: torch.Tensor) -> torch.Tensor:
+        step_seed = derive_seed(seed, stream, index)
+        items = list(batch_indices) if batch_indices is not None and len(batch_indices) == x.shape[0] else range(x.shape[0])
+        drawn = torch.stack([item_noise(step_seed, int(item), tuple(x.shape[1:])) for item in items])
+        return drawn.to(device=x.device, dtype=x.dtype)
 
     return noise
 
@@ -141,7 +149,8 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
                   outer_eta: float = 0.0, outer_s_noise: float = 1.0, flow: bool = False,
                   outer_noise: Optional[OuterNoiseFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
                   stop_after: Optional[Callable[[int, int], bool]] = None, index_offset: int = 0,
-                  renoise: bool = False, max_calls: int = 0, noise_scale: float = 1.0) -> torch.Tensor:
+                  renoise: bool = False, max_calls: int = 0, noise_scale: float = 1.0,
+                  batch_indices: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Nested diffusion over the outer ``sigmas``, with the k-diffusion sampler signature.
 
     ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per outer step, ``denoised``
@@ -161,14 +170,14 @@ def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Opti
     if not math.isfinite(outer_eta) or outer_eta < 0:
         raise NestedDiffusionError(f"outer_eta must be a number from 0 to 1, got {outer_eta}")
     counted = CountedModel(model, on_model_call, limit=max_calls)
-    noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"))
+    noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"), batch_indices=batch_indices)
     outer_sigmas = [float(s) for s in sigmas]
     previous = None
 
     def ended_early(x0: torch.Tensor, index: int) -> torch.Tensor:
         if outer_sigmas[-1] == 0:
             return x0
-        handover = seeded_outer_noise(extra_args.get("seed"), stream=2)(index + index_offset, x0)
+        handover = seeded_outer_noise(extra_args.get("seed"), stream=2, batch_indices=batch_indices)(index + index_offset, x0)
         return renoise_step(x0, outer_sigmas[-1], handover, flow, noise_scale)
 
     for index in range(len(outer_sigmas) - 1):

@@ -416,7 +416,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 1.0,
                            on_model_call: Optional[Callable[[int], None]] = None,
                            stop_after: Optional[Callable[[int, int], bool]] = None, outer_mode: str = "auto",
-                           on_outer_mode: Optional[Callable[[str], None]] = None, max_calls: int = 0) -> NestedKSAMPLER:
+                           on_outer_mode: Optional[Callable[[str], None]] = None, max_calls: int = 0,
+                           batch_indices: Optional[list[int]] = None) -> NestedKSAMPLER:
     """A ComfyUI SAMPLER whose sampler function is the nested outer loop; ``max_calls`` > 0 is a hard limit on
     model evaluations (``max_nfe``), even for a solver that spends more than measured."""
     options = {
@@ -429,6 +430,7 @@ def nested_ksampler_object(plan: NestedPlan, outer_eta: float, s_noise: float = 
         "on_model_call": on_model_call,
         "stop_after": stop_after,
         "index_offset": plan.first_outer_index,
+        "batch_indices": batch_indices,  # the latent's batch_index: each item's outer noise follows its index
     }
     return NestedKSAMPLER(plan, outer_mode, options, on_outer_mode)
 
@@ -503,7 +505,7 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
         stop_rule = stop_rule_for(plan, limits, finish_flag)
         sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule,
                                          outer_mode=outer_step, on_outer_mode=reporter.set_outer_step_mode,
-                                         max_calls=limits.max_nfe)
+                                         max_calls=limits.max_nfe, batch_indices=latent.get("batch_index"))
         samples = comfy.sample.sample_custom(
             model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent_image,
             noise_mask=latent.get("noise_mask"), callback=reporter.ksampler_callback,

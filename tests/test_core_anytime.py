@@ -206,3 +206,14 @@ def test_flow_outer_steps_keep_a_scaled_noise_scaled(renoise, eta, noise_scale):
     out = outer_step(x, x0, sigma, sigma_next, eta=eta, noise=noise, flow=True, renoise=renoise, noise_scale=noise_scale)
     residual = out - (1 - sigma_next) * x0
     assert abs(float(residual.std()) / (sigma_next * noise_scale) - 1) < 0.01
+
+
+def test_outer_noise_of_an_item_does_not_depend_on_its_batch():
+    from nested_core import seeded_outer_noise
+
+    x4, x1 = torch.zeros(4, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    batch = seeded_outer_noise(11)(2, x4)
+    assert torch.equal(seeded_outer_noise(11)(2, x1)[0], batch[0])
+    assert torch.equal(seeded_outer_noise(11, batch_indices=[2])(2, x1)[0], batch[2])  # LatentFromBatch(2)
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(seeded_outer_noise(11)(3, x4), batch)
+    assert torch.equal(seeded_outer_noise(11, stream=2)(2, x4), seeded_outer_noise(11, stream=2)(2, x4))
