@@ -11,4 +11,8 @@ case "${NESTED_ENGINE:-0.3.75}" in
   0.33.0) venv=.nested_env_033/venv ;;
   *) venv=.nested_env/venv ;;
 esac
-exec "$venv/bin/python" -m pytest -c tests/pytest.ini --rootdir tests tests "$@"
+targets=(tests)  # the whole suite, unless test files are named: scripts/test.sh tests/test_browser.py
+for arg in "$@"; do
+  case "$arg" in tests/*) targets=() ;; esac
+done
+exec "$venv/bin/python" -m pytest -c tests/pytest.ini --rootdir tests "${targets[@]}" "$@"

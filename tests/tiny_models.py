@@ -159,6 +159,17 @@ def tiny_sd15_unet(prediction: str = "eps", seed: int = 0):
     return _patcher(model)
 
 
+def flux_unet_config() -> dict:
+    """FLUX_UNET_CONFIG for this ComfyUI: 0.4.0 added ``txt_ids_dims`` to FluxParams (Flux-dev's: none), which
+    earlier releases refuse."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {**FLUX_UNET_CONFIG, "txt_ids_dims": []} if "txt_ids_dims" in fields else dict(FLUX_UNET_CONFIG)
+
+
 def tiny_flow_model(kind: str = "flux", seed: int = 0):
     """A flow (CONST) MODEL with 16-channel latents.
 
@@ -175,7 +186,7 @@ def tiny_flow_model(kind: str = "flux", seed: int = 0):
 
     device = comfy.model_management.unet_offload_device()
     if kind == "flux":
-        config = _tiny_config(comfy.supported_models.Flux, FLUX_UNET_CONFIG)
+        config = _tiny_config(comfy.supported_models.Flux, flux_unet_config())
         model = comfy.model_base.Flux(config, device=device)
     elif kind == "sd3":
         config = _tiny_config(comfy.supported_models.SD3, SD3_UNET_CONFIG)
