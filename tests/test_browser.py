@@ -129,6 +129,31 @@ def test_the_editor_runs_the_frontend_under_test(page):
     assert served == expected
 
 
+def test_finish_now_notices_use_the_frontends_current_toast_api(page):
+    """Issue 12: the extension adds its button from its own nodeCreated hook, and its notices use toast.info /
+    success / warning where the frontend has them (toast.add is deprecated there), toast.add on older ones. Finish
+    now on a node that is not sampling says so in a toast."""
+    result = page.evaluate("""async () => {
+        const toast = app.extensionManager?.toast;
+        const calls = [];
+        const spied = ["add", "info", "success", "warning"].filter((name) => typeof toast?.[name] === "function");
+        const originals = Object.fromEntries(spied.map((name) => [name, toast[name]]));
+        for (const name of spied) toast[name] = function (...args) { calls.push(name); return originals[name].apply(this, args); };
+        const node = LiteGraph.createNode("NestedKSampler");
+        app.graph.add(node);
+        const buttons = node.widgets.filter((widget) => widget.name === "Finish now");
+        buttons[0].callback();
+        for (let i = 0; i < 100 && calls.length === 0; i++) await new Promise((done) => setTimeout(done, 50));
+        for (const name of spied) toast[name] = originals[name];
+        app.graph.remove(node);
+        return { buttons: buttons.length, calls, hasInfo: typeof toast?.info === "function" };
+    }""")
+    print(f"toast API: {result}")
+    assert result["buttons"] == 1
+    assert result["calls"] == (["info"] if result["hasInfo"] else ["add"])
+    page.get_by_text("Nothing to finish").first.wait_for(timeout=10_000)  # the notice is shown
+
+
 def test_templates_dialog_offers_the_examples_with_thumbnails(page):
     dismiss_templates_dialog(page)
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")

@@ -9,9 +9,16 @@ import { api } from "../../scripts/api.js";
 
 const FINISHABLE = new Set(["NestedKSampler", "NestedKSamplerAdvanced"]);
 
+// severity: "info", "success" or "warn". Current frontends have toast.info / success / warning (toast.add is
+// deprecated there); older ones (1.32 with ComfyUI 0.3.75) only toast.add.
+const TOAST_METHODS = { info: "info", success: "success", warn: "warning" };
+
 function notify(severity, detail) {
   const toast = app.extensionManager?.toast;
-  if (toast?.add) {
+  const method = toast?.[TOAST_METHODS[severity]];
+  if (typeof method === "function") {
+    method.call(toast, "Nested Diffusion", { description: detail, duration: 4000 });
+  } else if (toast?.add) {
     toast.add({ severity, summary: "Nested Diffusion", detail, life: 4000 });
   } else {
     console.log(`[nested diffusion] ${detail}`);
@@ -56,16 +63,14 @@ async function finishNow(node) {
 
 app.registerExtension({
   name: "nested_diffusion.finish_now",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!FINISHABLE.has(nodeData.name)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
-      const button = this.addWidget("button", "Finish now", null, () => finishNow(this));
-      // not an input: keep it out of saved widget values and out of the queued prompt
-      button.serialize = false;
-      button.options = { ...(button.options ?? {}), serialize: false };
-      return result;
-    };
+  // The extension's own hook (every frontend calls it for every new node, loaded or added) instead of wrapping the
+  // node type's onNodeCreated.
+  nodeCreated(node) {
+    if (!FINISHABLE.has(node.comfyClass ?? node.type)) return;
+    if (node.widgets?.some((widget) => widget.name === "Finish now")) return;
+    const button = node.addWidget("button", "Finish now", null, () => finishNow(node));
+    // not an input: keep it out of saved widget values and out of the queued prompt
+    button.serialize = false;
+    button.options = { ...(button.options ?? {}), serialize: false };
   },
 });
