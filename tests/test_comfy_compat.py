@@ -182,12 +182,22 @@ def previews_on():
     comfy.utils.set_progress_bar_global_hook(hook)
 
 
+def comfy_version() -> tuple[int, ...]:
+    try:
+        import comfyui_version
+    except ImportError:
+        return (0,)
+    return tuple(int(part) for part in comfyui_version.__version__.split(".")[:3] if part.isdigit())
+
+
 def test_multi_latent_models_show_their_first_latent_in_previews_and_outer_previews(pack, previews_on):
     """Issue 12: since ComfyUI 0.30.0 a multi-latent model (video with audio) samples a NestedTensor latent, packed
     flat for the sampler and handed to callbacks as a NestedTensor ``x0`` (which stopped NestedKSampler). Its live
     previews and outer_previews now show the first latent, as ComfyUI's own previews do. The exact exemplar model
     stands in for such a model: two image latents, packed by ComfyUI, unpacked around every model evaluation."""
     nested_tensor = pytest.importorskip("comfy.nested_tensor", reason="this ComfyUI has no multi-latent models")
+    if comfy_version() < (0, 30, 0):
+        pytest.skip("before ComfyUI 0.30.0 sampler callbacks get a multi-latent x0 packed flat, not as a NestedTensor")
     import comfy.utils
     from comfy_helpers import IMAGE_SIZE
     from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
