@@ -60,16 +60,9 @@ class BinaryStandIn(GaussianStandIn):
     """The exact denoiser of data whose every value is -1 or +1 (a sharply nonlinear one, unlike the Gaussian's):
     an adaptive solver picks other steps on it than on the Gaussian stand-in."""
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
-        self.calls += 1
-        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))).clamp(min=1e-4)
-        mean = torch.tanh(x * (1 - s) / s**2) if self.flow else torch.tanh(x / s**2)
-        model_options = extra_args.get("model_options") or {}
-        for post_cfg in model_options.get("sampler_post_cfg_function", []):
-            mean = post_cfg({"denoised": mean, "cond": None, "uncond": None, "cond_scale": 1.0, "model": self.inner_model,
-                             "uncond_denoised": mean, "cond_denoised": mean, "sigma": sigma,
-                             "model_options": model_options, "input": x})
-        return mean
+    def posterior_mean(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        s = s.clamp(min=1e-4)
+        return torch.tanh(x * (1 - s) / s**2) if self.flow else torch.tanh(x / s**2)
 
 
 def _count_calls(solver: Callable[..., Any], sigmas: torch.Tensor, flow: bool, guider: Any, seed: int,

@@ -36,13 +36,12 @@ class GaussianStandIn:
         self.flow = flow
         self.calls = 0
 
+    def posterior_mean(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return x * (1 - s) / ((1 - s) ** 2 + s**2) if self.flow else x / (1 + s**2)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
         self.calls += 1
-        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        if self.flow:
-            mean = x * (1 - s) / ((1 - s) ** 2 + s**2)
-        else:
-            mean = x / (1 + s**2)
+        mean = self.posterior_mean(x, sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))))
         model_options = extra_args.get("model_options") or {}
         for post_cfg in model_options.get("sampler_post_cfg_function", []):
             mean = post_cfg({"denoised": mean, "cond": None, "uncond": None, "cond_scale": 1.0, "model": self.inner_model,
