@@ -288,42 +288,30 @@ def main(argv: list[str] | None = None) -> int:
         plots.plot_quality_grid(quality, out_dir / "anytime_quality_all.png")
         timings["quality"] = time.time() - t0
 
-    if "nfe" in parts:
-        from bench.nfe import nfe_checks, run_nfe
-
+    def run_part(name: str, run, part_checks, single_thread: bool = True) -> dict | None:
+        """Run one part if asked for: its results (with the environment) in ``<name>.json``, its targets checked."""
+        if name not in parts:
+            return None
         t0 = time.time()
-        torch.set_num_threads(1)
-        nfe = run_nfe(args.quick, log)
+        if single_thread:  # the exact model's ops are tiny: one thread is fastest and steadiest
+            torch.set_num_threads(1)
+        results = run(args.quick, log)
         torch.set_num_threads(threads)
-        checks += nfe_checks(nfe)
-        nfe["environment"] = env
-        write_json(out_dir / "nfe.json", nfe)
-        timings["nfe"] = time.time() - t0
+        checks.extend(part_checks(results))
+        results["environment"] = env
+        write_json(out_dir / f"{name}.json", results)
+        timings[name] = time.time() - t0
+        return results
 
-    spread = None
-    if "spread" in parts:
-        from bench.spread import run_spread, spread_checks
+    from bench.fid import fid_checks, plot_fid, run_fid
+    from bench.nfe import nfe_checks, run_nfe
+    from bench.spread import run_spread, spread_checks
 
-        t0 = time.time()
-        torch.set_num_threads(1)
-        spread = run_spread(args.quick, log)
-        torch.set_num_threads(threads)
-        checks += spread_checks(spread)
-        spread["environment"] = env
-        write_json(out_dir / "spread.json", spread)
-        timings["spread"] = time.time() - t0
-
-    fid_results = None
-    if "fid" in parts:
-        from bench.fid import fid_checks, plot_fid, run_fid
-
-        t0 = time.time()
-        fid_results = run_fid(args.quick, log)
-        checks += fid_checks(fid_results)
-        fid_results["environment"] = env
-        write_json(out_dir / "fid.json", fid_results)
+    nfe = run_part("nfe", run_nfe, nfe_checks)
+    spread = run_part("spread", run_spread, spread_checks)
+    fid_results = run_part("fid", run_fid, fid_checks, single_thread=False)
+    if fid_results:
         plot_fid(fid_results, out_dir / "fid_vs_nfe.png")
-        timings["fid"] = time.time() - t0
 
     if "cost" in parts:
         from bench.cost import cost_checks, run_cost
