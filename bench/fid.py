@@ -14,7 +14,7 @@ import time
 import torch
 
 SAMPLES = 1000
-QUICK_SAMPLES = 200
+QUICK_SAMPLES = 100
 CFG = 2.0
 SEED = 3
 BUDGETS = {40: [(4, 10), (2, 20)], 100: [(4, 25), (10, 10)]}
@@ -70,15 +70,27 @@ def ksampler_with_x0(model, solver: str, steps: int, scheduler: str, positive, n
 
 
 def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: str, positive, negative, count: int):
-    """NestedKSampler's final images and its anytime image at every outer boundary: {nfe: pixels}."""
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
+    """NestedKSampler's sampler on the same noise: final images, the FID of its anytime image at every outer
+    boundary ({nfe: fid}, computed as the images arrive: outer_previews keeps a bounded subset) and its outer step."""
+    import comfy.sample
+
+    from comfyui_nested_diffusion.demo_models.digits.metrics import fid
+    from comfyui_nested_diffusion.nodes.sampling import nested_ksampler_object, plan_nested_run
 
     plan = plan_nested_run(model.get_model_object("model_sampling"), inner_spec(solver, inner, scheduler), outer, scheduler)
-    samples, previews = run_nested_sampling(model, SEED, CFG, positive, negative, empty_latent(count), plan, 0.0,
-                                            node_id="fid")
-    images = previews["samples"].reshape(outer, count, *previews["samples"].shape[1:])
-    boundaries = {nfe: images[k] for k, nfe in enumerate(previews["nested_nfe"])}
-    return model.model.process_latent_out(samples["samples"].cpu()), boundaries, previews["nested_outer_step_mode"]
+    boundaries = {inner * (step + 1): step for step in range(outer)}  # one-call solvers: NFEs at each boundary
+    fid_by_nfe, mode = {}, {}
+
+    def keep_x0(step, x0, x, total):
+        fid_by_nfe[inner * (step + 1)] = fid(model.model.process_latent_out(x0.detach().cpu()))
+
+    sampler = nested_ksampler_object(plan, 0.0, on_outer_mode=lambda chosen: mode.setdefault("outer_step", chosen))
+    latent = empty_latent(count)["samples"]
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    out = comfy.sample.sample_custom(model, noise, CFG, sampler, plan.outer_sigmas, positive, negative, latent,
+                                     callback=keep_x0, disable_pbar=True, seed=SEED)
+    assert set(fid_by_nfe) == set(boundaries), "a boundary without an anytime image"
+    return model.model.process_latent_out(out.cpu()), fid_by_nfe, mode.get("outer_step")
 
 
 def run_variant(variant: str, count: int, budgets: dict, log) -> dict:
@@ -104,8 +116,7 @@ def run_variant(variant: str, count: int, budgets: dict, log) -> dict:
                 final, boundaries, mode = nested_with_previews(model, solver, outer, inner, scheduler, positive, negative, count)
                 run = {"variant": variant, "solver": solver, "budget": budget, "outer": outer, "inner": inner,
                        "outer_step": mode, "fid_final": fid(final), "accuracy": class_accuracy(final, labels),
-                       "fid_boundaries": {n: fid(images) for n, images in boundaries.items()},
-                       "ksampler": vanilla}
+                       "fid_boundaries": boundaries, "ksampler": vanilla}
                 results["runs"].append(run)
                 log(f"  fid {variant} {solver} N={budget} {outer}x{inner} ({mode}): boundaries "
                     + ", ".join(f"{n}: {v:.2f} vs {vanilla['fid_x0'].get(n, float('nan')):.2f}"

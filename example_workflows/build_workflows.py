@@ -945,10 +945,11 @@ def render_thumbnail(workflow: Workflow, images: dict):
     size = THUMBNAIL_SIZE
     card = Image.new("RGB", (size, size), (24, 27, 33))
     draw = ImageDraw.Draw(card)
-    if workflow.name == "nested_vs_vanilla_exemplar":
+    if workflow.name in ("nested_vs_vanilla_exemplar", "nested_vs_vanilla_digits"):
         # Rows: the 4 outer steps of nested batch item 1 and 2; last row: vanilla's finals.
-        shown = [_crop_labelled(image) for image in images["10"]]
-        batch = 4
+        ids = {node.title: str(node.id) for node in workflow.nodes}
+        shown = [_crop_labelled(image) for image in images[ids["Outer Step Preview (nested)"]]]
+        batch = next(node.widgets["batch_size"] for node in workflow.nodes if node.type == "EmptyChromaRadianceLatentImage")
         _label(draw, (12, 8), "nested: a finished image every outer step", 15)
         tile, gap, x0, y0 = 84, 10, 12, 32
         for row in range(2):
@@ -960,9 +961,9 @@ def render_thumbnail(workflow: Workflow, images: dict):
         y1 = y0 + 2 * (tile + gap) + 26
         _label(draw, (12, y1), "final images: nested (top) and vanilla, same 40 NFEs", 13)
         small = 44
-        for index, image in enumerate(images["7"][:4]):
+        for index, image in enumerate(images[ids["Save nested"]][:4]):
             card.paste(_tile(image, small), (12 + index * (small + 6), y1 + 20))
-        for index, image in enumerate(images["9"][:4]):
+        for index, image in enumerate(images[ids["Save vanilla"]][:4]):
             card.paste(_tile(image, small), (12 + index * (small + 6), y1 + 20 + small + 6))
     elif workflow.name == "exemplar_img2img_inpaint_nested":
         ids = {n.title: str(n.id) for n in workflow.nodes}

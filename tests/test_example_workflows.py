@@ -143,6 +143,32 @@ def test_nested_vs_vanilla_exemplar_runs(client):
     assert len(previews) >= outer
 
 
+def test_nested_vs_vanilla_digits_runs_and_draws_the_digit(client):
+    """The demo's learned-model workflow: both samplers' images are the digit asked for (the pack's classifier)."""
+    import numpy
+    import torch
+
+    from demo_models.digits.metrics import predict  # pure torch: no ComfyUI in this process
+
+    name = "nested_vs_vanilla_digits"
+    prompt = api_prompt(name)
+    prompt_id, events = client.run(prompt, timeout=300)
+    entry = client.history(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    digit = int(prompt[node_id(name, "Digit")]["inputs"]["digit"])
+    for title in ("Save nested", "Save vanilla"):
+        images = images_of(client, outputs[node_id(name, title)])
+        assert len(images) == prompt[node_id(name, "Empty pixel latent")]["inputs"]["batch_size"]
+        pixels = torch.from_numpy(numpy.stack([numpy.asarray(i.convert("RGB"), dtype=numpy.float32) for i in images]))
+        read = predict(pixels.permute(0, 3, 1, 2) / 127.5 - 1.0)
+        assert float((read == digit).float().mean()) >= 0.75, (title, read.tolist())
+    nested = node_id(name, "Nested KSampler (anytime)")
+    steps = [e for e in events if e["type"] == OUTER_STEP_EVENT and e["data"]["node"] == nested]
+    assert [e["data"]["outer_step"] for e in steps] == [1, 2, 3, 4]
+    assert {e["data"]["outer_step_mode"] for e in steps} == {"ddim"}  # euler_ancestral: a posterior sampler
+
+
 def test_exemplar_img2img_inpaint_runs_and_keeps_the_unmasked_half(client):
     name = "exemplar_img2img_inpaint_nested"
     prompt_id, _ = client.run(api_prompt(name), timeout=120)
@@ -256,7 +282,7 @@ def test_exemplar_prompt_refine_runs_and_every_final_image_follows_the_added_det
 def test_every_runnable_example_is_tested_here():
     assert RUNNABLE == ["exemplar_custom_advanced_nested", "exemplar_img2img_inpaint_nested",
                         "exemplar_pick_candidate_nested", "exemplar_prompt_refine_nested",
-                        "nested_vs_vanilla_exemplar"]
+                        "nested_vs_vanilla_digits", "nested_vs_vanilla_exemplar"]
 
 
 @pytest.mark.parametrize("name", NEEDS_WEIGHTS)
