@@ -47,7 +47,8 @@ DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_
 DIGITS_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_digits_api.json"
 DEFAULT_WORKFLOWS = (DIGITS_WORKFLOW, DEFAULT_WORKFLOW)  # the learned model first, then the exact one
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
-OUTPUT_MARKER = ".nested_demo_output"  # only folders carrying it are ever cleaned
+OUTPUT_MARKER = ".nested_demo_output"
+OUTPUT_SUBFOLDERS = ("previews", "final", "outer_step_preview")  # only folders carrying it are ever cleaned
 NESTED, VANILLA = "nested", "vanilla"
 CELL_SIZE = 128
 LABEL_PATTERN = re.compile(r"outer (\d+)/(\d+)(?: · (\d+) NFE)?(?: · index (\d+))?")
@@ -217,7 +218,7 @@ def prepare_output_dir(out: Path) -> Path:
         if not (out / OUTPUT_MARKER).exists():
             raise SystemExit(f"{out} is not empty and was not written by this demo: choose another --out")
         shutil.rmtree(out)
-    for sub in ("previews", "final", "outer_step_preview"):
+    for sub in OUTPUT_SUBFOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     (out / OUTPUT_MARKER).write_text("written by scripts/demo.py; cleaned on the next run\n")
     return out
@@ -756,13 +757,17 @@ def workflow_folder_name(path: Path) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     workflows = args.workflow or list(DEFAULT_WORKFLOWS)
     out = prepare_output_dir(args.out)
+    if len(workflows) > 1:  # each workflow writes into a folder of its own
+        for sub in OUTPUT_SUBFOLDERS:
+            (out / sub).rmdir()
     began = time.monotonic()
     print(f"starting ComfyUI ({'GPU' if args.gpu else 'CPU'}) with the nested-diffusion pack ...", flush=True)
     with ComfyServer(port=args.port, preview_method="auto", cpu=not args.gpu, keep_base_dir=args.keep_server_dir) as server:
         print(f"ComfyUI up at {server.url} in {server.startup_seconds:.1f} s (log: {server.log_path})", flush=True)
         for path in workflows:
             folder = out if len(workflows) == 1 else out / workflow_folder_name(path)
-            folder.mkdir(parents=True, exist_ok=True)
+            for sub in OUTPUT_SUBFOLDERS:
+                (folder / sub).mkdir(parents=True, exist_ok=True)
             if len(workflows) > 1:
                 print(f"\n== {path.name} -> {folder}", flush=True)
             run_workflow(args, server, path, folder, began)
