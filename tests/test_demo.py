@@ -142,3 +142,17 @@ def test_output_folder_is_only_cleaned_when_the_demo_wrote_it(tmp_path):
     (out / "strip.png").write_bytes(b"old")
     demo.prepare_output_dir(out)
     assert not (out / "strip.png").exists() and (out / "previews").is_dir()
+
+
+def test_default_demo_runs_the_digits_and_the_exemplar_workflows(tmp_path):
+    """The README's main job as a user runs it: both workflows on one server, each in a folder of its own."""
+    out = tmp_path / "out"
+    command = [default_python(), str(DEMO), "--outer", "2", "--inner", "3", "--port", str(free_port()), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    for folder in ("digits", "exemplar"):
+        strip = open_image(out / folder / "strip.png")
+        assert strip.width >= 2 * 96 and strip.height >= 2 * 96
+        summary = json.loads((out / folder / "summary.json").read_text())
+        assert summary["nfe"]["nested_per_outer_step"] == [3, 6] and summary["workflow"].endswith(f"{folder}_api.json")
+    assert not (out / "previews").exists()  # nothing written outside the two folders
