@@ -66,7 +66,7 @@ def ksampler_with_x0(model, solver: str, steps: int, scheduler: str, positive, n
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
     out = comfy.sample.sample_custom(model, noise, CFG, sampler, sigmas, positive, negative, latent,
                                      callback=keep_x0, disable_pbar=True, seed=SEED)
-    return model.model.process_latent_out(out.cpu()), fid_by_step
+    return out.cpu(), fid_by_step  # sample_custom already returns process_latent_out-ed latents
 
 
 def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: str, positive, negative, count: int):
@@ -90,7 +90,7 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     out = comfy.sample.sample_custom(model, noise, CFG, sampler, plan.outer_sigmas, positive, negative, latent,
                                      callback=keep_x0, disable_pbar=True, seed=SEED)
     assert set(fid_by_nfe) == set(boundaries), "a boundary without an anytime image"
-    return model.model.process_latent_out(out.cpu()), fid_by_nfe, mode.get("outer_step")
+    return out.cpu(), fid_by_nfe, mode.get("outer_step")
 
 
 def run_variant(variant: str, count: int, budgets: dict, log) -> dict:
