@@ -6,6 +6,7 @@ from typing_extensions import override
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
+    from ..demo_models.digits.nodes import NestedDigitsModel, NestedDigitsPrompt
     from .exemplar_model import NestedExemplarModel, NestedExemplarPrompt
     from .inner_solver import InnerSolverSelect
     from .nested_ksampler import NestedKSampler, NestedKSamplerAdvanced
@@ -14,7 +15,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from .pick_candidate import NestedPickCandidate
 
     return [NestedKSampler, NestedKSamplerAdvanced, NestedSampler, InnerSolverSelect, OuterStepPreview,
-            NestedPickCandidate, NestedExemplarModel, NestedExemplarPrompt]
+            NestedPickCandidate, NestedExemplarModel, NestedExemplarPrompt, NestedDigitsModel, NestedDigitsPrompt]
 
 
 class NestedDiffusionExtension(ComfyExtension):

@@ -1,0 +1,6 @@
+"""Small learned diffusion models trained in this repository, for demos and quality measurements.
+
+``digits``: class-conditional models of scikit-learn's handwritten digits (16x16 RGB pixel latents),
+built from ComfyUI's own UNet, in an eps (SD1.5-style) and a flow (rectified-flow) variant, plus a
+FID-like metric. See ``demo_models/digits/README.md``.
+"""

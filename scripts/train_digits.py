@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Train the digits demo models (demo_models/digits): eps and flow diffusion models and the metric's classifier.
+
+    .nested_env/venv/bin/python scripts/train_digits.py --variant all      # eps, flow and classifier
+    .nested_env/venv/bin/python scripts/train_digits.py --variant flow --steps 200 --out /tmp/digits
+
+Seeded and deterministic for a given machine, thread count and precision (CPU only). The diffusion models are
+ComfyUI's own UNet inside a ComfyUI BaseModel and are trained through ``BaseModel.apply_model`` in ComfyUI's
+sigma space (demo_models/digits/model.py: ``training_loss``), on the training split, with label dropout (the
+"any" class, for classifier-free guidance) and an EMA of the weights, which is what gets saved. The classifier
+trains on the held-out split (demo_models/digits/metrics.py). Weights land in ``--out`` (default: the shipped
+``demo_models/digits/weights/``), with the settings needed to rebuild the model in the safetensors metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from demo_models.digits import data, metrics  # noqa: E402
+
+DEFAULT_OUT = REPO_ROOT / "demo_models" / "digits" / "weights"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def train_diffusion(variant: str, args) -> Path:
+    from tools.comfy_env import import_comfy
+
+    import_comfy(force_cpu=True)
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    from demo_models.digits import model as digits_model
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    config = digits_model.default_config(variant)
+    if args.latent_scale is not None:
+        config["latent_scale"] = args.latent_scale
+    if args.latent_shift is not None:
+        config["latent_shift"] = args.latent_shift
+    if variant == "flow" and args.shift is not None:
+        config["shift"] = args.shift
+    model = digits_model.build_base_model(config, initialise=True)
+    net = model.diffusion_model
+    net.train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    parameters = sum(p.numel() for p in net.parameters())
+
+    images, labels = data.load_digits("train")
+    latents = model.latent_format.process_in(images)  # (pixels - shift) * scale, as ComfyUI feeds the model
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, min(100, args.steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+    log(f"{variant}: {parameters / 1e6:.2f}M parameters, latent scale {config['latent_scale']} shift {config['latent_shift']}, "
+        f"flow shift {config['shift']}, "
+        f"{args.steps} steps x batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} threads")
+    start = time.time()
+    order = torch.randperm(latents.shape[0], generator=generator)
+    cursor = 0
+    running = None
+    for step in range(args.steps):
+        if cursor + args.batch_size > order.numel():
+            order, cursor = torch.randperm(latents.shape[0], generator=generator), 0
+        index = order[cursor:cursor + args.batch_size]
+        cursor += args.batch_size
+        batch_labels = labels[index].clone()
+        batch_labels[torch.rand(index.numel(), generator=generator) < args.label_dropout] = data.ANY
+        context = data.digit_context(batch_labels)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:
+            loss = digits_model.training_loss(model, latents[index], context, generator, weighted=args.weighting == "snr+1")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_p, p in zip(ema.parameters(), net.parameters()):
+                ema_p.lerp_(p, 1.0 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            elapsed = time.time() - start
+            log(f"{variant} step {step + 1}/{args.steps}: loss {running:.4f}, {elapsed:.0f} s "
+                f"({elapsed / (step + 1):.3f} s/step)")
+    seconds = time.time() - start
+    info = {
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
+        "label_dropout": args.label_dropout, "weighting": args.weighting if variant == "eps" else "none",
+        "precision": args.precision, "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1), "final_loss": round(running, 5), "parameters": parameters,
+        "torch": torch.__version__, "split": "train",
+    }
+    path = Path(args.out) / f"digits_{variant}.safetensors"
+    digits_model.save_weights(path, config, ema.state_dict(), info)
+    log(f"{variant}: trained in {seconds:.0f} s, saved {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
+
+
+def train_classifier(args) -> Path:
+    torch.manual_seed(args.seed)
+    start = time.time()
+    classifier = metrics.train_classifier(seed=metrics.CLASSIFIER_SEED, log=log)
+    seconds = time.time() - start
+    path = Path(args.out) / metrics.CLASSIFIER_PATH.name
+    metrics.save_classifier(classifier, path)
+    images, labels = data.load_digits("train")
+    accuracy = metrics.class_accuracy(images, labels, classifier)
+    log(f"classifier: trained in {seconds:.0f} s, accuracy on the (unseen) training split {accuracy:.4f}, saved {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=["eps", "flow", "both", "classifier", "all"], default="all",
+                        help="what to train: one diffusion variant, both, the metric's classifier, or all three")
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per diffusion model")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
+    parser.add_argument("--label-dropout", type=float, default=0.12, help="fraction of 'any' labels (for CFG)")
+    parser.add_argument("--latent-scale", type=float, default=None, help="override the latent scale (default: model.py's)")
+    parser.add_argument("--latent-shift", type=float, default=None, help="override the latent shift (default: model.py's)")
+    parser.add_argument("--shift", type=float, default=None, help="override the flow shift (default: model.py's)")
+    parser.add_argument("--weighting", choices=["none", "snr+1"], default="none",
+                        help="eps loss weighting: none (the plain eps loss; default) or 1 + sigma^2 (the v objective's)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: autocast matmuls/convs (fp32 weights), ~2x faster on CPUs with AMX/AVX512-BF16")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared 2-core machine 2 threads ran 2-15x slower")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the .safetensors files")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    started = time.time()
+    if args.variant in ("classifier", "all"):
+        train_classifier(args)
+    for variant in ("eps", "flow"):
+        if args.variant in (variant, "both", "all"):
+            train_diffusion(variant, args)
+    log(f"total {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

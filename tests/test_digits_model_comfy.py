@@ -1,0 +1,141 @@
+"""The learned digits models (demo_models/digits) as real ComfyUI MODELs, sampled by ComfyUI's own samplers."""
+import pytest
+import torch
+from comfy_helpers import run_node
+
+STEPS = 20
+PER_CLASS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these small batches gain nothing from two, and two threads on a busy 2-core machine
+    crawl (each waits for the other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["eps", "flow"])
+def digits(request, pack):
+    from comfyui_nested_diffusion.demo_models.digits.nodes import NestedDigitsModel
+
+    return request.param, run_node(NestedDigitsModel, variant=request.param)[0]
+
+
+def prompt(digit: str) -> list:
+    from comfyui_nested_diffusion.demo_models.digits.nodes import NestedDigitsPrompt
+
+    return run_node(NestedDigitsPrompt, digit=digit)[0]
+
+
+def latent(batch: int) -> dict:
+    return {"samples": torch.zeros(batch, 3, 16, 16)}
+
+
+def ksampler(model, positive, negative, batch, seed, cfg, steps=STEPS):
+    import nodes
+
+    out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent(batch))[0]["samples"]
+    assert out.shape == (batch, 3, 16, 16) and torch.isfinite(out).all()
+    return out
+
+
+def test_prompt_node_encodes_the_digit_and_any_as_zero(pack):
+    from comfyui_nested_diffusion.demo_models.digits.data import CONTEXT_DIM
+
+    (context, extras), = prompt("7")
+    assert context.shape == (1, 1, CONTEXT_DIM) and extras == {}
+    assert int(context[0, 0].argmax()) == 7 and float(context.sum()) == 1.0
+    (anything, _), = prompt("any")
+    assert anything.shape == (1, 1, CONTEXT_DIM) and float(anything.abs().sum()) == 0.0
+
+
+def test_nodes_are_registered(pack):
+    from comfyui_nested_diffusion.nodes import all_nodes
+
+    ids = {node.define_schema().node_id for node in all_nodes()}
+    assert {"NestedDigitsModel", "NestedDigitsPrompt"} <= ids
+
+
+def test_loader_builds_a_comfy_model_from_the_shipped_weights(digits, pack):
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.model_sampling
+    from comfyui_nested_diffusion.demo_models.digits.model import read_weights, weights_path
+
+    variant, model = digits
+    assert isinstance(model, comfy.model_patcher.ModelPatcher)
+    assert isinstance(model.model, comfy.model_base.BaseModel)
+    assert isinstance(model.model.diffusion_model, openaimodel.UNetModel)
+    assert model.model.latent_format.latent_channels == 3
+    config, state = read_weights(weights_path(variant))
+    assert config["variant"] == variant
+    loaded = model.model.diffusion_model.state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[key], state[key].float()) for key in state)
+    sampling = model.get_model_object("model_sampling")
+    if variant == "flow":
+        assert model.model.model_type == comfy.model_base.ModelType.FLOW
+        assert isinstance(sampling, comfy.model_sampling.CONST)
+        assert isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow)
+        assert sampling.shift == config["shift"] and float(sampling.sigma_max) == pytest.approx(1.0)
+    else:
+        assert model.model.model_type == comfy.model_base.ModelType.EPS
+        assert isinstance(sampling, comfy.model_sampling.EPS)
+        assert not isinstance(sampling, comfy.model_sampling.CONST)
+        assert float(sampling.sigma_max) == pytest.approx(14.6146, rel=1e-3)  # the SD1.5 schedule
+
+
+def test_ksampler_draws_the_requested_digits(digits, pack):
+    """ComfyUI's KSampler path with CFG: the metric's classifier reads the requested digit (chance: 10%)."""
+    from comfyui_nested_diffusion.demo_models.digits.metrics import class_accuracy
+
+    _, model = digits
+    negative = prompt("any")
+    samples = torch.cat([ksampler(model, prompt(str(d)), negative, PER_CLASS, seed=d, cfg=3.0) for d in range(10)])
+    labels = torch.arange(10).repeat_interleave(PER_CLASS)
+    assert class_accuracy(samples, labels) >= 0.7
+    # KSampler hands back pixels (the digits' mean is -0.39), not the model's centred latents (mean 0)
+    assert abs(float(samples.mean()) + 0.39) < 0.12
+
+
+def test_any_prompt_gives_varied_digits_and_a_digit_prompt_one_digit(digits, pack):
+    from comfyui_nested_diffusion.demo_models.digits.metrics import predict
+
+    _, model = digits
+    anything = predict(ksampler(model, prompt("any"), prompt("any"), 20, seed=5, cfg=1.0))
+    sevens = predict(ksampler(model, prompt("7"), prompt("any"), 20, seed=5, cfg=3.0))
+    assert len(set(anything.tolist())) >= 5
+    assert float((sevens == 7).double().mean()) >= 0.8 > float((anything == 7).double().mean())
+
+
+def test_zero_conditioning_of_any_width_means_any(digits, pack):
+    """A CLIP-less empty conditioning (here the exemplar model's 8-wide zero token) samples exactly like 'any'."""
+    from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
+
+    _, model = digits
+    expected = ksampler(model, prompt("any"), prompt("any"), 2, seed=3, cfg=1.0, steps=4)
+    zero = empty_conditioning()
+    assert zero[0][0].shape[-1] != prompt("any")[0][0].shape[-1]
+    assert torch.allclose(ksampler(model, zero, zero, 2, seed=3, cfg=1.0, steps=4), expected, atol=1e-5)
+    with pytest.raises(Exception, match="Digits Prompt"):
+        bad = [[torch.ones(1, 1, 8), {}]]
+        ksampler(model, bad, bad, 1, seed=3, cfg=1.0, steps=2)
+
+
+def test_sampler_custom_and_nested_ksampler_accept_the_model(digits, pack):
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, KSamplerSelect, SamplerCustom
+    from comfyui_nested_diffusion.demo_models.digits.metrics import predict
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+
+    _, model = digits
+    sigmas = BasicScheduler.execute(model, "normal", STEPS, 1.0).args[0]
+    sampler = KSamplerSelect.execute("euler").args[0]
+    output, _ = SamplerCustom.execute(model, True, 1, 3.0, prompt("4"), prompt("any"), sampler, sigmas, latent(6)).args
+    assert float((predict(output["samples"]) == 4).double().mean()) >= 0.8
+    samples, previews = run_node(NestedKSampler, model=model, seed=2, outer_steps=2, inner_steps=10, cfg=3.0,
+                                 sampler_name="euler", scheduler="normal", positive=prompt("2"), negative=prompt("any"),
+                                 latent_image=latent(6), denoise=1.0)
+    assert float((predict(samples["samples"]) == 2).double().mean()) >= 0.8
