@@ -51,7 +51,6 @@ def ksampler_with_x0(model, solver: str, steps: int, scheduler: str, positive, n
     """KSampler's final images and the FID of its x0 prediction after every step."""
     import comfy.sample
     import comfy.samplers
-
     from comfyui_nested_diffusion.demo_models.digits.metrics import fid
 
     latent = empty_latent(count)["samples"]
@@ -73,7 +72,6 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     """NestedKSampler's sampler on the same noise: final images, the FID of its anytime image at every outer
     boundary ({nfe: fid}, computed as the images arrive: outer_previews keeps a bounded subset) and its outer step."""
     import comfy.sample
-
     from comfyui_nested_diffusion.demo_models.digits.metrics import fid
     from comfyui_nested_diffusion.nodes.sampling import nested_ksampler_object, plan_nested_run
 
@@ -95,7 +93,6 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
 
 def run_variant(variant: str, count: int, budgets: dict, log) -> dict:
     import comfy.samplers  # noqa: F401
-
     from comfyui_nested_diffusion.demo_models.digits.metrics import class_accuracy, fid
     from comfyui_nested_diffusion.demo_models.digits.model import load_digits_model
 

@@ -50,9 +50,9 @@ def nested_std(model, spec, outer_step: str = "auto", outer_steps: int = 4, seed
 
 
 def ksampler_std(model, sampler_name: str, steps: int, seed: int = 0, batch: int = BATCH) -> float:
-    import nodes
-
     from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
+
+    import nodes
 
     cond = empty_conditioning()
     out = nodes.common_ksampler(model, seed, steps, 1.0, sampler_name, "normal", cond, cond, gaussian_latent(batch))[0]

@@ -90,9 +90,8 @@ def ksampler(setup: Setup, model=None, positive=None, negative=None, seed=5, ste
 def nested_ksampler(setup: Setup, model=None, positive=None, negative=None, seed=5, outer_steps=OUTER,
                     inner_steps=INNER, sampler_name="euler", inner_solver=None):
     """The NestedKSampler node itself (as ComfyUI's executor prepares it); returns (samples, outer_previews)."""
-    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
-
     from comfy_helpers import node_with_hidden
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     node = node_with_hidden(NestedKSampler, unique_id="9")
     return node.execute(model=model or setup.model, seed=seed, outer_steps=outer_steps, inner_steps=inner_steps,

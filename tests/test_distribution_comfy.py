@@ -70,10 +70,10 @@ def test_every_inner_solver_keeps_the_spread_or_its_own_accuracy(pack, predictio
 
 @pytest.mark.parametrize("prediction,shift", FAMILIES)
 def test_one_outer_step_still_equals_ksampler(pack, prediction, shift):
-    import nodes
-
     from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
     from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
+
+    import nodes
 
     model = gaussian_model(prediction, shift)
     cond = empty_conditioning()

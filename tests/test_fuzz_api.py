@@ -15,7 +15,6 @@ import re
 import threading
 import time
 
-import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -95,9 +95,8 @@ def nested_ksampler(fam: Family, model=None, seed=5, outer_steps=3, inner_steps=
                     scheduler=None, cfg=CFG, outer_eta=0.0, inner_solver=None, positive=None, negative=None,
                     latent=None, denoise=1.0, outer_step="auto"):
     """The NestedKSampler node itself (as ComfyUI's executor prepares it); returns (samples, outer_previews)."""
-    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
-
     from comfy_helpers import node_with_hidden
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     node = node_with_hidden(NestedKSampler, unique_id="9")
     output = node.execute(model=model or fam.model, seed=seed, outer_steps=outer_steps, inner_steps=inner_steps, cfg=cfg,
