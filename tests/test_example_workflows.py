@@ -152,7 +152,7 @@ def test_nested_vs_vanilla_digits_runs_and_draws_the_digit(client):
 
     name = "nested_vs_vanilla_digits"
     prompt = api_prompt(name)
-    prompt_id, events = client.run(prompt, timeout=300)
+    prompt_id, events = client.run(prompt, timeout=900)  # a real UNet: about a minute on 2 idle cores, more when busy
     entry = client.history(prompt_id)
     assert entry["status"]["status_str"] == "success"
     outputs = entry["outputs"]
