@@ -37,7 +37,7 @@ from ..nested_core import (
 from . import rerun, schedule_cache
 from .finish import finishable_run
 from .kept_previews import KeptPreviews, KeptStep
-from .solver_cost import measure_inner_costs
+from .solver_cost import measure_inner_costs, solver_key
 from .solver_probe import inner_solver_is_posterior_sampler
 
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
@@ -281,10 +281,8 @@ def executing_node_id() -> Optional[str]:
 class NestedRunReporter:
     """One progress bar per node run, counted in NFEs; a preview and an event after every inner process."""
 
-    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True,
-                 keep_inner_results: bool = True):
+    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True):
         self.node_id = node_id
-        self.keep_inner_results = keep_inner_results  # for outer_previews: one latent per outer step
         self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
         self.first_outer_index = plan.first_outer_index
         self.outer_steps = plan.total_outer_steps or len(self.outer_sigmas) - 1
@@ -297,9 +295,6 @@ class NestedRunReporter:
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
         self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format) if own_progress_bar else None
         self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
-        self.nfe_at_outer_step: list[int] = []  # counted over the whole schedule, earlier stages included
-        self.sigma_at_outer_step: list[float] = []
-        self.outer_step_numbers: list[int] = []  # 1-based, in the whole schedule
         self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
 
     def set_outer_step_mode(self, mode: str) -> None:
@@ -321,12 +316,8 @@ class NestedRunReporter:
         # whose model calls do not depend on the model; dpm_adaptive's follows what it really spends).
         self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)
         self.nfe_total = max(sum(projected_costs(self.nfe_planned, self.nfe_spent)), self.nfe_done, 1)
-        if self.keep_inner_results:
-            self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
-                                   self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1))
-        self.nfe_at_outer_step.append(self.nfe_before + self.nfe_done)
-        self.sigma_at_outer_step.append(sigma)
-        self.outer_step_numbers.append(self.first_outer_index + index + 1)
+        self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
+                               self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1))
         if self.progress is not None:
             self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
         send_to_prompt_client(OUTER_STEP_EVENT, {
@@ -366,9 +357,7 @@ def check_outer_step_mode(mode: str) -> str:
 
 
 def _probe_key(plan: NestedPlan, inner_sigmas: torch.Tensor, channels: int) -> tuple:
-    solver = plan.solver
-    options = tuple(sorted((name, repr(value)) for name, value in getattr(solver, "keywords", {}).items()))
-    return (getattr(solver, "func", solver), options, tuple(inner_sigmas.tolist()), plan.flow, channels)
+    return (solver_key(plan.solver), tuple(inner_sigmas.tolist()), plan.flow, channels)
 
 
 def inner_solver_needs_renoise(plan: NestedPlan, model_wrap: Any, channels: int) -> bool:
@@ -440,15 +429,14 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
     kept = reporter.kept.steps
     batch = kept[0].latent.shape[0] if kept else 0
     samples = torch.cat([model.model.process_latent_out(step.latent) for step in kept]) if kept else torch.zeros(0)
-    everything = not reporter.keep_inner_results  # no images: the metadata of every outer step
     return {
         "samples": samples,
         "nested_outer_steps": reporter.outer_steps,
-        "nested_outer_step_numbers": list(reporter.outer_step_numbers) if everything else [s.number for s in kept],
+        "nested_outer_step_numbers": [s.number for s in kept],
         "nested_batch_size": batch,
-        "nested_nfe": list(reporter.nfe_at_outer_step) if everything else [s.nfe for s in kept],
+        "nested_nfe": [s.nfe for s in kept],
         "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
-        "nested_sigmas": list(reporter.sigma_at_outer_step) if everything else [s.sigma for s in kept],
+        "nested_sigmas": [s.sigma for s in kept],
         "nested_outer_step_mode": reporter.outer_step_mode,
     }
 
@@ -487,10 +475,8 @@ def stop_rule_for(plan: NestedPlan, limits: RunLimits, finish_flag=None) -> Stop
 
 def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, latent: dict, plan: NestedPlan,
                         outer_eta: float, node_id: Optional[str], add_noise: bool = True,
-                        limits: RunLimits = RunLimits(), keep_previews: bool = True,
-                        outer_step: str = "auto") -> tuple[dict, dict]:
-    """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews).
-    ``keep_previews`` False (outer_previews not connected) saves one latent per outer step."""
+                        limits: RunLimits = RunLimits(), outer_step: str = "auto") -> tuple[dict, dict]:
+    """Sample like ``nodes.common_ksampler`` but with the nested outer loop; returns (samples, outer_previews)."""
     check_number("cfg", cfg, 0.0, 100.0)
     check_number("outer_eta", outer_eta, 0.0, 1.0)
     check_outer_step_mode(outer_step)
@@ -500,7 +486,7 @@ def run_nested_sampling(model: Any, seed: int, cfg: float, positive, negative, l
         noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     else:
         noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
-    reporter = NestedRunReporter(model, node_id, plan, keep_inner_results=keep_previews)
+    reporter = NestedRunReporter(model, node_id, plan)
     with finishable_run(executing_prompt_id(), node_id) as finish_flag:
         stop_rule = stop_rule_for(plan, limits, finish_flag)
         sampler = nested_ksampler_object(plan, outer_eta, on_model_call=reporter.on_model_call, stop_after=stop_rule,
@@ -546,14 +532,3 @@ class NestedSamplerObject(comfy.samplers.KSAMPLER):
                                              max_calls=self.limits.max_nfe)
             return sampler.sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, outer_callback, noise,
                                   latent_image, denoise_mask, disable_pbar)
-
-
-def output_is_linked(prompt: Optional[dict], node_id: Optional[str], slot: int) -> bool:
-    """Whether any node of the (API-format) prompt takes output ``slot`` of ``node_id``; True when unknown."""
-    if not isinstance(prompt, dict) or node_id is None:
-        return True
-    for node in prompt.values():
-        for value in (node.get("inputs") or {}).values() if isinstance(node, dict) else ():
-            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id) and value[1] == slot:
-                return True
-    return False
