@@ -426,6 +426,31 @@ NESTED_SD = {"outer_steps": 4, "inner_steps": 10, "cfg": 7.0, "sampler_name": "d
              "outer_eta": 0.0, "outer_step": "auto"}
 
 
+def _nested_vs_vanilla(w: Workflow, model, positive, negative, latent, sampling: dict, first_id: int, vae_pos,
+                       prefix: str) -> tuple:
+    """The demo's pair: NestedKSampler (4 x 10) and KSampler (40 steps) on the same seed, both decoded and saved,
+    and the nested run's Outer Step Preview. Returns (nested, vanilla, vae, result nodes)."""
+    nested = w.add("NestedKSampler", (420, 110), {"seed": 7, "outer_steps": 4, "inner_steps": 10, **sampling,
+                                                  "outer_eta": 0.0, "outer_step": "auto"},
+                   id=first_id, title="Nested KSampler (anytime)", color="nested", size=(320, 660), model=model,
+                   positive=positive, negative=negative, latent_image=latent)
+    vanilla = w.add("KSampler", (780, 110), {"seed": 7, "steps": 40, **sampling},
+                    id=first_id + 1, title="Vanilla KSampler (same NFEs)", size=(320, 660), model=model,
+                    positive=positive, negative=negative, latent_image=latent)
+    vae = w.add("VAELoader", vae_pos, {"vae_name": "pixel_space"}, id=first_id + 2, title="Pixel-space VAE")
+    decode_nested = w.add("VAEDecode", (1160, 110), id=first_id + 3, title="Decode nested", samples=nested.out(0),
+                          vae=vae.out(0))
+    save_nested = w.add("SaveImage", (1360, 110), {"filename_prefix": f"{prefix}nested"}, id=first_id + 4,
+                        title="Save nested", size=(320, 300), images=decode_nested.out(0))
+    decode_vanilla = w.add("VAEDecode", (1160, 480), id=first_id + 5, title="Decode vanilla", samples=vanilla.out(0),
+                           vae=vae.out(0))
+    save_vanilla = w.add("SaveImage", (1360, 480), {"filename_prefix": f"{prefix}vanilla"}, id=first_id + 6,
+                         title="Save vanilla", size=(320, 290), images=decode_vanilla.out(0))
+    w.add("OuterStepPreview", (1740, 110), id=first_id + 7, title="Outer Step Preview (nested)", size=(560, 660),
+          previews=nested.out(1), vae=vae.out(0))
+    return nested, vanilla, vae, [decode_nested, save_nested, decode_vanilla, save_vanilla]
+
+
 def nested_vs_vanilla_exemplar() -> Workflow:
     w = Workflow("nested_vs_vanilla_exemplar", "Nested vs vanilla KSampler (exemplar model, runs anywhere)",
                  "The demo: NestedKSampler (4 outer x 10 inner) next to KSampler with the same 40 steps, on the "
@@ -434,26 +459,9 @@ def nested_vs_vanilla_exemplar() -> Workflow:
                   title="Exemplar Mixture Model (testing)")
     latent = w.add("EmptyChromaRadianceLatentImage", (40, 360), {"width": 32, "height": 32, "batch_size": 4}, id=2,
                    title="Empty pixel latent")
-    nested = w.add("NestedKSampler", (420, 110), {"seed": 7, "outer_steps": 4, "inner_steps": 10, "cfg": 1.0,
-                                                  "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-                                                  "outer_eta": 0.0, "outer_step": "auto"},
-                   id=3, title="Nested KSampler (anytime)", color="nested", size=(320, 660), model=model.out(0),
-                   positive=model.out(1), negative=model.out(1), latent_image=latent.out(0))
-    vanilla = w.add("KSampler", (780, 110), {"seed": 7, "steps": 40, "cfg": 1.0, "sampler_name": "euler",
-                                             "scheduler": "normal", "denoise": 1.0},
-                    id=4, title="Vanilla KSampler (same NFEs)", size=(320, 660), model=model.out(0),
-                    positive=model.out(1), negative=model.out(1), latent_image=latent.out(0))
-    vae = w.add("VAELoader", (40, 530), {"vae_name": "pixel_space"}, id=5, title="Pixel-space VAE")
-    decode_nested = w.add("VAEDecode", (1160, 110), id=6, title="Decode nested", samples=nested.out(0),
-                          vae=vae.out(0))
-    save_nested = w.add("SaveImage", (1360, 110), {"filename_prefix": "nested_demo/nested"}, id=7,
-                        title="Save nested", size=(320, 300), images=decode_nested.out(0))
-    decode_vanilla = w.add("VAEDecode", (1160, 480), id=8, title="Decode vanilla", samples=vanilla.out(0),
-                           vae=vae.out(0))
-    save_vanilla = w.add("SaveImage", (1360, 480), {"filename_prefix": "nested_demo/vanilla"}, id=9,
-                         title="Save vanilla", size=(320, 290), images=decode_vanilla.out(0))
-    w.add("OuterStepPreview", (1740, 110), id=10, title="Outer Step Preview (nested)", size=(560, 660),
-          previews=nested.out(1), vae=vae.out(0))
+    sampling = {"cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    nested, vanilla, vae, results = _nested_vs_vanilla(w, model.out(0), model.out(1), model.out(1), latent.out(0),
+                                                       sampling, 3, (40, 530), "nested_demo/")
     w.note("**Nested vs vanilla, same cost.** Both samplers spend 40 model calls on the same seed. The "
                   "nested one runs 4 outer steps of a complete 10-step inner diffusion: its preview (and *Outer Step "
                   "Preview*) shows a finished image after every outer step, one row per outer step, 4 batch items "
@@ -462,7 +470,7 @@ def nested_vs_vanilla_exemplar() -> Workflow:
                   (40, 700), size=(340, 260))
     w.group("Exact model, no downloads", [model, latent, vae], "model")
     w.group("Same seed, 40 NFEs each", [nested, vanilla], "sample")
-    w.group("Results", [decode_nested, save_nested, decode_vanilla, save_vanilla], "output")
+    w.group("Results", results, "output")
     return w
 
 
@@ -477,30 +485,15 @@ def nested_vs_vanilla_digits() -> Workflow:
     latent = w.add("EmptyChromaRadianceLatentImage", (40, 470), {"width": 16, "height": 16, "batch_size": 8}, id=4,
                    title="Empty pixel latent")
     sampling = {"cfg": 2.0, "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}
-    nested = w.add("NestedKSampler", (420, 110), {"seed": 7, "outer_steps": 4, "inner_steps": 10, **sampling,
-                                                  "outer_eta": 0.0, "outer_step": "auto"},
-                   id=5, title="Nested KSampler (anytime)", color="nested", size=(320, 660), model=model.out(0),
-                   positive=positive.out(0), negative=negative.out(0), latent_image=latent.out(0))
-    vanilla = w.add("KSampler", (780, 110), {"seed": 7, "steps": 40, **sampling},
-                    id=6, title="Vanilla KSampler (same NFEs)", size=(320, 660), model=model.out(0),
-                    positive=positive.out(0), negative=negative.out(0), latent_image=latent.out(0))
-    vae = w.add("VAELoader", (40, 640), {"vae_name": "pixel_space"}, id=7, title="Pixel-space VAE")
-    decode_nested = w.add("VAEDecode", (1160, 110), id=8, title="Decode nested", samples=nested.out(0), vae=vae.out(0))
-    save_nested = w.add("SaveImage", (1360, 110), {"filename_prefix": "nested_demo/digits_nested"}, id=9,
-                        title="Save nested", size=(320, 300), images=decode_nested.out(0))
-    decode_vanilla = w.add("VAEDecode", (1160, 480), id=10, title="Decode vanilla", samples=vanilla.out(0),
-                           vae=vae.out(0))
-    save_vanilla = w.add("SaveImage", (1360, 480), {"filename_prefix": "nested_demo/digits_vanilla"}, id=11,
-                         title="Save vanilla", size=(320, 290), images=decode_vanilla.out(0))
-    w.add("OuterStepPreview", (1740, 110), id=12, title="Outer Step Preview (nested)", size=(560, 660),
-          previews=nested.out(1), vae=vae.out(0))
+    nested, vanilla, vae, results = _nested_vs_vanilla(w, model.out(0), positive.out(0), negative.out(0), latent.out(0),
+                                                       sampling, 5, (40, 640), "nested_demo/digits_")
     w.note("**A learned model, same cost.** The *Digits Model* is a small UNet of ComfyUI's own class, trained in "
            "this pack on scikit-learn's handwritten digits (eps variant; a rectified-flow variant too). Both samplers "
            "spend 40 model calls on the same seed with CFG 2 for the digit 3. The nested one shows a finished digit "
            "after every 10-call inner diffusion; KSampler's preview is a blur until late.", (40, 760), size=(340, 240))
     w.group("Learned model, no downloads", [model, positive, negative, latent, vae], "model")
     w.group("Same seed, 40 NFEs each", [nested, vanilla], "sample")
-    w.group("Results", [decode_nested, save_nested, decode_vanilla, save_vanilla], "output")
+    w.group("Results", results, "output")
     return w
 
 
