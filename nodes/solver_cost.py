@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
+import comfy.model_management
 import torch
 
 from .solver_probe import GaussianStandIn
@@ -93,6 +94,8 @@ def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, f
             counts = [_count_calls(solver, sigmas, flow, guider, seed, GaussianStandIn if data == "gaussian" else BinaryStandIn)
                       for seed, data in _INPUTS]
             cost = InnerCost(nfe=counts[0], exact=len(set(counts)) == 1)  # the Gaussian's count: the estimate
+        except comfy.model_management.InterruptProcessingException:  # Cancel: not a solver the stand-in cannot drive
+            raise
         except Exception as error:  # a third-party solver the stand-in cannot drive: estimate, count at run time
             logging.warning("nested diffusion: could not measure the inner solver's cost (%s: %s); estimating it",
                             type(error).__name__, error)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
+import comfy.model_management
 import torch
+
+from .schedule_cache import planning_checkpoint
 
 # Below this posterior ratio the eta-0 outer step widens the spread of the samples by more than ~10% on
 # data wider than the smallest sigma (euler_ancestral: eta 0.85 -> 0.44 keeps it, eta 0.5 -> 0.16 does not),
@@ -40,6 +43,7 @@ class GaussianStandIn:
         return x * (1 - s) / ((1 - s) ** 2 + s**2) if self.flow else x / (1 + s**2)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+        planning_checkpoint()  # a probe of a 10000-step solver takes seconds: Cancel must not wait for it
         self.calls += 1
         mean = self.posterior_mean(x, sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))))
         model_options = extra_args.get("model_options") or {}
@@ -82,6 +86,8 @@ def inner_solver_is_posterior_sampler(solver: Callable[..., torch.Tensor], inner
     """True when the eta-0 outer step suits this solver, False when it needs re-noising; None if the probe failed."""
     try:
         ratio = posterior_ratio(solver, inner_sigmas, inner_model, flow, channels)
+    except comfy.model_management.InterruptProcessingException:  # Cancel: not a solver the stand-in cannot drive
+        raise
     except Exception as error:  # a third-party solver the stand-in cannot drive: the caller decides
         logging.warning("nested diffusion: could not probe the inner solver (%s: %s)", type(error).__name__, error)
         return None

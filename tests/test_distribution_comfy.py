@@ -140,3 +140,25 @@ def test_real_model_example_workflows_keep_the_distribution(pack, name):
         outer_spec = replace(spec, scheduler=spec.scheduler)
         std, mode = nested_std(model, outer_spec, outer_step=outer_step, outer_steps=outer_steps)
         assert abs(std - 1.0) <= TOLERANCE, (name, spec, outer_steps, mode, std)
+
+
+def test_a_cancel_during_solver_measurement_stops_planning(pack):
+    """The stand-in runs (cost and posterior probes) honour Cancel and do not mistake it for a solver they cannot
+    drive: a plan of a long deterministic solver raises ComfyUI's interrupt instead of falling back to estimates."""
+    import comfy.model_management
+    from comfyui_nested_diffusion.nodes.sampling import inner_solver_function
+    from comfyui_nested_diffusion.nodes.solver_cost import measure_inner_costs
+    from comfyui_nested_diffusion.nodes.solver_probe import inner_solver_is_posterior_sampler
+
+    model_sampling = gaussian_model("eps", 1.0).get_model_object("model_sampling")
+    solver, _ = inner_solver_function(node_default_spec("uni_pc", steps=37))
+    schedule = torch.linspace(3.7, 0, 38)  # a schedule no earlier test measured (nothing cached)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            measure_inner_costs(solver, [schedule], False, model_sampling)
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            inner_solver_is_posterior_sampler(solver, schedule, None, False, 3)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
