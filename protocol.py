@@ -1,0 +1,13 @@
+"""The names the pack and its clients share: websocket events and HTTP routes.
+
+Plain constants, no imports: the nodes, the developer tools (API client, demo, load test, benchmark) and the tests
+all read them from here. The web extension (``web/nested_diffusion.js``) spells the same strings.
+"""
+
+OUTER_STEP_EVENT = "nested_diffusion.outer_step"  # after every inner diffusion: outer_step, nfe, nfe_total, sigma, ...
+CANDIDATES_EVENT = "nested_diffusion.candidates"  # after every inner diffusion: a small preview of every batch item
+PICKED_EVENT = "nested_diffusion.picked"  # a run dropped all batch items but the one picked
+
+FINISH_ROUTE = "/nested_diffusion/finish"  # POST {prompt_id, node_id, client_id}: end after this inner diffusion
+RUNNING_ROUTE = "/nested_diffusion/running"  # GET ?client_id=: the runs that client can finish or pick in
+PICK_ROUTE = "/nested_diffusion/pick"  # POST {prompt_id, node, index, client_id}: keep only that batch item
