@@ -125,7 +125,7 @@ def _plan_seconds(model, item, repeats: int = 5) -> float:
     import time
 
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     spec = solver_spec("euler", item["scheduler"], item["inner"])
     model_sampling = model.get_model_object("model_sampling")
@@ -138,7 +138,7 @@ def _plan_seconds(model, item, repeats: int = 5) -> float:
 
 
 def _time_workload(item: dict, device: torch.device, log) -> dict:
-    from comfyui_nested_diffusion.nodes.sampling import NestedRunReporter
+    from comfyui_nested_diffusion.nodes.reporting import NestedRunReporter
 
     if item["model"] == "exact":
         model, cond, _ = exact_model("eps")
@@ -247,7 +247,7 @@ def _plan_table(quick: bool) -> dict:
     import time
 
     import comfy.samplers
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec, plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, plan_nested_run
 
     splits = ((4, 12),) if quick else ((4, 12), (4, 25), (10, 10))
     table = {}

@@ -41,7 +41,7 @@ def empty_latent(count: int) -> dict:
 
 
 def inner_spec(solver: str, steps: int, scheduler: str):
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     eta = 0.85 if solver == "euler_ancestral" else None
     return InnerSolverSpec(solver, scheduler, steps, eta=eta, s_noise=1.0)
@@ -73,22 +73,24 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     boundary ({nfe: fid}, computed as the images arrive: outer_previews keeps a bounded subset) and its outer step."""
     import comfy.sample
     from comfyui_nested_diffusion.demo_models.digits.metrics import fid
-    from comfyui_nested_diffusion.nodes.sampling import nested_ksampler_object, plan_nested_run
+    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
-    plan = plan_nested_run(model.get_model_object("model_sampling"), inner_spec(solver, inner, scheduler), outer, scheduler)
+    spec = inner_spec(solver, inner, scheduler)
+    plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer, scheduler)
     boundaries = {inner * (step + 1): step for step in range(outer)}  # one-call solvers: NFEs at each boundary
-    fid_by_nfe, mode = {}, {}
+    fid_by_nfe = {}
 
     def keep_x0(step, x0, x, total):
         fid_by_nfe[inner * (step + 1)] = fid(model.model.process_latent_out(x0.detach().cpu()))
 
-    sampler = nested_ksampler_object(plan, 0.0, on_outer_mode=lambda chosen: mode.setdefault("outer_step", chosen))
+    sampler = NestedKSAMPLER(NestedSettings(spec), plan)
     latent = empty_latent(count)["samples"]
     noise = comfy.sample.prepare_noise(latent, SEED)
     out = comfy.sample.sample_custom(model, noise, CFG, sampler, plan.outer_sigmas, positive, negative, latent,
                                      callback=keep_x0, disable_pbar=True, seed=SEED)
     assert set(fid_by_nfe) == set(boundaries), "a boundary without an anytime image"
-    return out.cpu(), fid_by_nfe, mode.get("outer_step")
+    return out.cpu(), fid_by_nfe, sampler.last_run.reporter.outer_step_mode
 
 
 def run_variant(variant: str, count: int, budgets: dict, log) -> dict:

@@ -26,8 +26,8 @@ def scheduler_for(prediction: str) -> str:
 
 def exact_model(prediction: str):
     """(MODEL, CONDITIONING, exemplars [8, 3, 32, 32] in [-1, 1]) for one model family."""
-    from comfyui_nested_diffusion.nested_core.exemplars import default_exemplars
-    from comfyui_nested_diffusion.nodes.exemplar_model import build_exemplar_model, empty_conditioning
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
 
     exemplars = default_exemplars(IMAGE_SIZE)
     shift = FLOW_SHIFT if prediction == "flow" else 1.0
@@ -36,10 +36,10 @@ def exact_model(prediction: str):
 
 
 def exact_model_config(prediction: str) -> dict:
-    from comfyui_nested_diffusion.nodes.exemplar_model import DEFAULT_LATENT_SCALE
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import DEFAULT_LATENT_SCALE
 
     return {
-        "model": "exemplar mixture (exact denoiser), nodes/exemplar_model.py",
+        "model": "exemplar mixture (exact denoiser), demo_models/exemplar/nodes.py",
         "prediction": prediction,
         "exemplars": f"default_exemplars({IMAGE_SIZE}): 8 images 3x{IMAGE_SIZE}x{IMAGE_SIZE}",
         "spread": SPREAD,

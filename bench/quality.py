@@ -52,13 +52,13 @@ def splits(budget: int, quick: bool) -> tuple[list[tuple[int, int]], list[tuple[
 
 
 def _distances(images: torch.Tensor, exemplars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     return manifold_distance(images.float().cpu(), exemplars)
 
 
 def _distinct(images: torch.Tensor, exemplars: torch.Tensor) -> int:
-    from comfyui_nested_diffusion.nested_core.exemplars import distinct_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import distinct_exemplars
 
     return distinct_exemplars(images.float().cpu(), exemplars, ON_MANIFOLD)
 

@@ -20,7 +20,7 @@ KNOWN_EXCEPTIONS = {"flow": {"dpmpp_2s_ancestral_cfg_pp", "ddpm", "res_multistep
 
 def gaussian_model(prediction: str, shift: float):
     """N(0, I) data as an exact-denoiser MODEL (one exemplar at 0, spread 1.0, latent scale 1.0)."""
-    from comfyui_nested_diffusion.nodes.exemplar_model import build_exemplar_model
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model
 
     return build_exemplar_model(torch.zeros(1, 3, 8, 8), 1.0, prediction, shift=shift, latent_scale=1.0)
 
@@ -39,18 +39,19 @@ def node_default_spec(sampler_name: str, scheduler: str = "normal", steps: int =
 def nested_std(model, spec, outer_step: str = "auto", outer_steps: int = 4, seed: int = 0,
                batch: int = BATCH) -> tuple[float, str]:
     """Final std of a NestedKSampler run on the Gaussian model, and the outer step it used."""
-    from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
+    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings, sample_latent
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     cond = empty_conditioning()
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, spec.scheduler, 1.0)
-    samples, previews = run_nested_sampling(model, seed, 1.0, cond, cond, gaussian_latent(batch), plan, 0.0,
-                                            node_id="spread", outer_step=outer_step)
+    sampler = NestedKSAMPLER(NestedSettings(spec, outer_step=outer_step), plan)
+    samples, previews = sample_latent(model, sampler, seed, 1.0, cond, cond, gaussian_latent(batch))
     return float(samples["samples"].std()), previews["nested_outer_step_mode"]
 
 
 def ksampler_std(model, sampler_name: str, steps: int, seed: int = 0, batch: int = BATCH) -> float:
-    from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
 
     import nodes
 

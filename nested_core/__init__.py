@@ -1,7 +1,16 @@
 """The nested diffusion algorithm in pure torch: no ComfyUI imports, testable alone."""
 from .budget import StopRule, projected_costs, spent_per_inner_process
 from .errors import NestedDiffusionError, check_number
-from .nested import CountedModel, derive_seed, outer_step, sample_nested, seeded_outer_noise
+from .nested import (
+    CountedModel,
+    NestedResult,
+    OuterStepRule,
+    derive_seed,
+    outer_step,
+    run_nested,
+    sample_nested,
+    seeded_outer_noise,
+)
 from .schedules import (
     MAX_TOTAL_STEPS,
     check_schedule,
@@ -23,7 +32,7 @@ from .steps import (
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
+    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
     "truncated_schedule", "projected_costs", "spent_per_inner_process",

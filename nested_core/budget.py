@@ -12,7 +12,8 @@ from .errors import NestedDiffusionError
 
 @dataclass
 class StopRule:
-    """``rule(index, nfe_done)`` after outer step ``index``: True ends the run with that step's inner result.
+    """``rule(index, nfe_done)`` after outer step ``index``: a reason ends the run with that step's inner result
+    (None: go on).
 
     ``max_nfe``: never start an outer step whose inner diffusion would take the run past this many NFEs.
     ``max_seconds``: don't start one that, at the speed measured so far, would end past this time.
@@ -24,7 +25,6 @@ class StopRule:
     max_seconds: float = 0.0
     finish_requested: Optional[Callable[[], bool]] = None
     started: float = field(default_factory=time.monotonic)
-    reason: Optional[str] = None
     spent: list = field(default_factory=list)  # NFEs each inner process so far really spent
 
     def __post_init__(self) -> None:
@@ -38,14 +38,9 @@ class StopRule:
                 f"raise max_nfe to at least {self.nfe_per_outer[0]}, or use fewer inner steps"
             )
 
-    def __call__(self, index: int, nfe_done: int) -> bool:
+    def __call__(self, index: int, nfe_done: int) -> Optional[str]:
         self.spent = spent_per_inner_process(self.spent[:index], nfe_done)
-        self.reason = self._reason_to_stop(index, nfe_done)
-        return self.reason is not None
-
-    def inner_process_cut(self) -> None:
-        """The model-call limit (``max_nfe``) ended an inner diffusion that cost more than projected."""
-        self.reason = "max_nfe"
+        return self._reason_to_stop(index, nfe_done)
 
     def _reason_to_stop(self, index: int, nfe_done: int) -> Optional[str]:
         following = index + 1

@@ -8,6 +8,7 @@ eps, v and flow models: ``x_next = x0 + sigma_next * (x - x0) / sigma``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,8 +16,7 @@ import torch
 from .errors import NestedDiffusionError
 
 InnerSolver = Callable[..., torch.Tensor]  # k-diffusion signature: (model, x, sigmas, extra_args=, callback=, disable=)
-InnerScheduleFn = Callable[[int, float], torch.Tensor]  # (outer index, outer sigma) -> inner sigmas ending at 0
-OuterNoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (outer index, x) -> standard normal noise like x
+OuterNoiseFn = Callable[[int, torch.Tensor, Sequence[int]], torch.Tensor]  # (outer index, x, batch indices) -> N(0, I) like x
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads derived seeds far apart; any odd 64-bit constant works
 
@@ -28,11 +28,11 @@ def derive_seed(seed: Optional[int], stream: int, index: int) -> Optional[int]:
     return (int(seed) + (stream * 1_000_003 + index) * _SEED_STRIDE) % (2**63)
 
 
-def seeded_outer_noise(seed: Optional[int], stream: int = 1, batch_indices: Optional[Sequence[int]] = None) -> OuterNoiseFn:
+def seeded_outer_noise(seed: Optional[int], stream: int = 1) -> OuterNoiseFn:
     """Noise for re-noised and ancestral outer steps, reproducible from the node's seed (a stream of its own; stream 2:
     the noise a stage that ends early hands on with its state). Drawn per batch item from the item's own seed, so an
-    item gets the same outer noise whatever the batch around it: ``batch_indices`` are the items' indices in the
-    original batch (ComfyUI's ``batch_index`` of a LatentFromBatch latent), 0, 1, ... by default."""
+    item gets the same outer noise whatever the batch around it: the noise function is given the items' indices in
+    the original batch (ComfyUI's ``batch_index`` of a LatentFromBatch latent; 0, 1, ... by default)."""
 
     def item_noise(step_seed: Optional[int], item: int, shape: tuple) -> torch.Tensor:
         generator = torch.Generator(device="cpu")
@@ -43,9 +43,8 @@ def seeded_outer_noise(seed: Optional[int], stream: int = 1, batch_indices: Opti
             generator.manual_seed(derived)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
-    def noise(index: int, x: torch.Tensor) -> torch.Tensor:
+    def noise(index: int, x: torch.Tensor, items: Sequence[int]) -> torch.Tensor:
         step_seed = derive_seed(seed, stream, index)
-        items = list(batch_indices) if batch_indices is not None and len(batch_indices) == x.shape[0] else range(x.shape[0])
         drawn = torch.stack([item_noise(step_seed, int(item), tuple(x.shape[1:])) for item in items])
         return drawn.to(device=x.device, dtype=x.dtype)
 
@@ -143,65 +142,123 @@ def _inner_extra_args(extra_args: dict, index: int, inner_sigmas: Optional[torch
     return extra_args
 
 
-@torch.no_grad()
-def sample_nested(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None, callback=None,
-                  disable=None, *, inner_solver: InnerSolver, inner_schedule: InnerScheduleFn,
-                  outer_eta: float = 0.0, outer_s_noise: float = 1.0, flow: bool = False,
-                  outer_noise: Optional[OuterNoiseFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
-                  stop_after: Optional[Callable[[int, int], bool]] = None, index_offset: int = 0,
-                  renoise: bool = False, max_calls: int = 0, noise_scale: float = 1.0,
-                  batch_indices: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Nested diffusion over the outer ``sigmas``, with the k-diffusion sampler signature.
+@dataclass(frozen=True)
+class OuterStepRule:
+    """How the outer state moves on after each inner diffusion (see ``outer_step``)."""
 
-    ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per outer step, ``denoised``
-    being the inner result: the anytime image. ``on_model_call(n)`` sees every model evaluation.
-    ``stop_after(outer_index, nfe_done)`` returning True ends the run with that inner result; where ``sigmas`` ends
-    above 0 (a stage with leftover noise) with that inner result diffused afresh to the last sigma, so that the next
-    stage continues from a true state at that sigma (not from a clean image taken for a noisy one).
-    ``index_offset``: where ``sigmas`` starts in the whole outer schedule (a later stage of a split run).
-    ``renoise``: every outer step diffuses the inner result afresh (for deterministic inner solvers, whose
-    ``(x - x0) / sigma`` is not independent of ``x0``: the eta-0 step would widen the samples' spread).
-    ``noise_scale``: a flow model's ``model_sampling.noise_scale`` (the fresh noise of outer steps is scaled by it).
-    ``max_calls`` > 0: a hard limit on model evaluations. An inner diffusion that would need more (an adaptive
-    solver spending more than projected) is cut, and the run ends with the previous inner result (and
-    ``stop_after.inner_process_cut()`` when it has one); cut in the first outer step it is an error.
+    eta: float = 0.0
+    s_noise: float = 1.0
+    flow: bool = False
+    renoise: bool = False
+    noise_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.eta) or not 0 <= self.eta <= 1:
+            raise NestedDiffusionError(f"outer_eta must be a number from 0 to 1, got {self.eta}")
+
+    def needs_noise(self, sigma_next: float) -> bool:
+        return (self.renoise or self.eta > 0) and sigma_next > 0
+
+
+@dataclass
+class NestedResult:
+    """What a nested run returns. ``x``: the final state (the last inner result at sigma 0; a stage ending above 0:
+    a state at its last sigma). ``stop_reason``: why it ended early (None: it ran to the end). ``latest``: the
+    latest inner result, the anytime image. ``kept``: the batch position a pick kept (None: no pick)."""
+
+    x: torch.Tensor
+    stop_reason: Optional[str] = None
+    latest: Optional[torch.Tensor] = None
+    nfe: int = 0
+    kept: Optional[int] = None
+
+
+StopRuleFn = Callable[[int, int], Optional[str]]  # (outer index, NFEs so far) -> why to stop now, or None
+InnerResultFn = Callable[[int, torch.Tensor, torch.Tensor], None]  # (outer index, state x, inner result x0)
+PickFn = Callable[[int], Optional[int]]  # (batch size) -> the batch position to keep from now on, or None
+OnPickFn = Callable[[int, int, int], None]  # (outer index, batch position kept, its batch index)
+
+
+def narrow_batch(extra_args: dict, position: int, batch: int) -> dict:
+    """``extra_args`` with every tensor shaped per batch item (such as an inpainting ``denoise_mask``) narrowed to
+    the one item kept."""
+    return {name: value[position:position + 1] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch
+            and batch > 1 else value for name, value in extra_args.items()}
+
+
+@torch.no_grad()
+def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: Sequence[torch.Tensor],
+               inner_solver: InnerSolver, extra_args: Optional[dict] = None, *, rule: OuterStepRule = OuterStepRule(),
+               on_inner_result: Optional[InnerResultFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
+               stop_rule: Optional[StopRuleFn] = None, take_pick: Optional[PickFn] = None,
+               on_pick: Optional[OnPickFn] = None, index_offset: int = 0, max_calls: int = 0,
+               outer_noise: Optional[OuterNoiseFn] = None, batch_indices: Optional[Sequence[int]] = None) -> NestedResult:
+    """Nested diffusion over the outer ``sigmas``: at outer step k, a complete inner diffusion over
+    ``inner_sigmas[k]`` (from that sigma down to 0) with ``inner_solver`` (k-diffusion signature), whose result
+    moves the outer state on by ``rule``.
+
+    ``on_inner_result(k, x, x0)`` sees every inner result, the anytime image; ``on_model_call(n)`` every model
+    evaluation. ``stop_rule(k, nfe_done)`` naming a reason ends the run with that inner result; where ``sigmas``
+    ends above 0 (a stage with leftover noise), with that result diffused afresh to the last sigma, so that the next
+    stage continues from a true state there. ``take_pick(batch)`` naming a batch position, asked at every outer
+    boundary, keeps only that item from then on (``on_pick`` is told). ``index_offset``: where ``sigmas`` starts in
+    the whole outer schedule (a later stage). ``batch_indices``: the items' indices in the original batch (their
+    outer noise follows them). ``max_calls`` > 0: a hard limit on model evaluations; an inner diffusion that would
+    need more is cut and the run ends with the previous inner result; cut in the first outer step it is an error.
     """
     extra_args = {} if extra_args is None else extra_args
-    if not math.isfinite(outer_eta) or outer_eta < 0:
-        raise NestedDiffusionError(f"outer_eta must be a number from 0 to 1, got {outer_eta}")
     counted = CountedModel(model, on_model_call, limit=max_calls)
-    noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"), batch_indices=batch_indices)
+    noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"))
+    items = list(batch_indices) if batch_indices is not None and len(batch_indices) == x.shape[0] else list(range(x.shape[0]))
     outer_sigmas = [float(s) for s in sigmas]
-    previous = None
+    latest: Optional[torch.Tensor] = None  # the latest inner result (a cut inner diffusion ends with it)
+    kept: Optional[int] = None
 
-    def ended_early(x0: torch.Tensor, index: int) -> torch.Tensor:
+    def ended(x0: torch.Tensor, index: int, reason: str) -> NestedResult:
         if outer_sigmas[-1] == 0:
-            return x0
-        handover = seeded_outer_noise(extra_args.get("seed"), stream=2, batch_indices=batch_indices)(index + index_offset, x0)
-        return renoise_step(x0, outer_sigmas[-1], handover, flow, noise_scale)
+            return NestedResult(x0, reason, x0, counted.calls, kept)
+        handover = seeded_outer_noise(extra_args.get("seed"), stream=2)(index + index_offset, x0, items)
+        return NestedResult(renoise_step(x0, outer_sigmas[-1], handover, rule.flow, rule.noise_scale), reason, x0,
+                            counted.calls, kept)
 
     for index in range(len(outer_sigmas) - 1):
         sigma, sigma_next = outer_sigmas[index], outer_sigmas[index + 1]
         # a copy: some solvers write into the schedule they are given (uni_pc sets its final 0 to 0.001 in place)
-        inner_sigmas = inner_schedule(index, sigma).to(device=x.device, copy=True)
+        schedule = inner_sigmas[index].to(device=x.device, copy=True)
         try:
-            x0 = inner_solver(counted, x, inner_sigmas, callback=None, disable=True,
-                              extra_args=_inner_extra_args(extra_args, index + index_offset, inner_sigmas))
+            x0 = inner_solver(counted, x, schedule, callback=None, disable=True,
+                              extra_args=_inner_extra_args(extra_args, index + index_offset, schedule))
         except ModelCallLimitReached:
-            if previous is None:
+            if latest is None:
                 raise NestedDiffusionError(
                     f"max_nfe {max_calls} was used up before the first inner diffusion ended (the inner solver spent "
                     f"more model evaluations on this model than measured): raise max_nfe, or use fewer inner steps"
                 ) from None
-            getattr(stop_after, "inner_process_cut", lambda: None)()
-            return ended_early(previous, index - 1)
-        if callback is not None:
-            callback({"x": x, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
-        if stop_after is not None and stop_after(index, counted.calls):
-            return ended_early(x0, index)
-        noise = noise_fn(index + index_offset, x) if (renoise or outer_eta > 0) and sigma_next > 0 else None
-        x = outer_step(x, x0, sigma, sigma_next, outer_eta, outer_s_noise, noise, flow, renoise, noise_scale)
-        # Only a run with a hard call limit can need an earlier inner result again (a cut inner diffusion).
-        previous = x0 if max_calls else None
-        del x0, noise  # otherwise not held during the next inner diffusion
-    return x
+            return ended(latest, index - 1, "max_nfe")
+        if on_inner_result is not None:
+            on_inner_result(index, x, x0)
+        reason = stop_rule(index, counted.calls) if stop_rule is not None else None
+        if reason is not None:
+            return ended(x0, index, reason)
+        position = take_pick(x.shape[0]) if take_pick is not None and kept is None and x.shape[0] > 1 and sigma_next > 0 else None
+        if position is not None and 0 <= position < x.shape[0]:
+            x, x0, extra_args = x[position:position + 1], x0[position:position + 1], narrow_batch(extra_args, position, x.shape[0])
+            kept, items = position, [items[position]]
+            if on_pick is not None:
+                on_pick(index, position, items[0])
+        noise = noise_fn(index + index_offset, x, items) if rule.needs_noise(sigma_next) else None
+        x = outer_step(x, x0, sigma, sigma_next, rule.eta, rule.s_noise, noise, rule.flow, rule.renoise, rule.noise_scale)
+        latest = x0
+        del x0, noise
+    return NestedResult(x, None, latest, counted.calls, kept)
+
+
+def sample_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
+                  callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None,
+                  **options: Any) -> torch.Tensor:
+    """``run_nested`` with the k-diffusion sampler signature: returns the final state; ``callback`` gets
+    ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per outer step, ``denoised`` being the inner result."""
+    def report(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
+        callback({"x": state, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
+
+    return run_nested(model, x, sigmas, extra_args=extra_args, on_inner_result=report if callback else None, **options).x

@@ -7,7 +7,7 @@ from typing_extensions import override
 
 def all_nodes() -> list[type[io.ComfyNode]]:
     from ..demo_models.digits.nodes import NestedDigitsModel, NestedDigitsPrompt
-    from .exemplar_model import NestedExemplarModel, NestedExemplarPrompt
+    from ..demo_models.exemplar.nodes import NestedExemplarModel, NestedExemplarPrompt
     from .inner_solver import InnerSolverSelect
     from .nested_ksampler import NestedKSampler, NestedKSamplerAdvanced
     from .nested_sampler import NestedSampler

@@ -5,7 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..nested_core import STEP_SCHEDULE_PRESETS, NestedDiffusionError, check_number, parse_step_schedule
-from .sampling import InnerSolverSpec
+from .planning import InnerSolverSpec
 
 InnerSolver = io.Custom("NESTED_INNER_SOLVER")
 

@@ -8,7 +8,7 @@ up to 64 outer steps, batch 4 up to 16, batch 16 up to 4, a batch above 32 only 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ class KeptStep:
     nfe: int
     sigma: float
     number: int  # 1-based outer step in the whole schedule
+    items: list[int] = field(default_factory=list)  # each image's batch index (after a pick: the one kept)
 
 
 class KeptPreviews:

@@ -7,13 +7,8 @@ from comfy_api.latest import io
 from ..nested_core import NestedDiffusionError
 from . import rerun
 from .inner_solver import InnerSolver
-from .sampling import (
-    OUTER_STEP_MODES,
-    InnerSolverSpec,
-    RunLimits,
-    plan_nested_run,
-    run_nested_sampling,
-)
+from .nested_run import NestedKSAMPLER, NestedSettings, RunLimits, sample_latent
+from .planning import OUTER_STEP_MODES, InnerSolverSpec, plan_nested_run
 
 OUTPUTS = [
     io.Latent.Output(display_name="samples"),
@@ -94,20 +89,25 @@ class NestedKSampler(io.ComfyNode):
     def execute(cls, model, seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0,
                 outer_step="auto") -> io.NodeOutput:
-        spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
-        plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
+        key = rerun_key(cls, "NestedKSampler", locals())
+        settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
+                                   outer_step)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise)
         # outer_previews is always filled (a bounded selection): whether it is connected is not part of ComfyUI's
         # cache key, so a run cached without it must still serve a preview node connected later.
-        with rerun.running_node(rerun_key(cls, "NestedKSampler", locals())):
-            samples, previews = run_nested_sampling(model, seed, cfg, positive, negative, latent_image, plan, outer_eta,
-                                                    cls.hidden.unique_id, limits=RunLimits(max_nfe, max_seconds),
-                                                    outer_step=outer_step)
-        return io.NodeOutput(samples, previews)
+        sampler = NestedKSAMPLER(settings, plan, own_progress=True, rerun_key=key)
+        return io.NodeOutput(*sample_latent(model, sampler, seed, cfg, positive, negative, latent_image))
+
+
+def nested_settings(sampler_name: str, scheduler: str, inner_steps: int, inner_solver, outer_eta: float, max_nfe: int,
+                    max_seconds: float, outer_step: str) -> NestedSettings:
+    return NestedSettings(solver_spec(sampler_name, scheduler, inner_steps, inner_solver), outer_eta, outer_step,
+                          RunLimits(max_nfe, max_seconds))
 
 
 def rerun_key(cls, node_class: str, arguments: dict):
     """The key under which an early stop of this node's run defeats ComfyUI's cache (see rerun.py)."""
-    names = [name for name in arguments if name not in ("cls", "spec", "plan")]
+    names = [name for name in arguments if name != "cls"]
     return rerun.key_from_prompt(node_class, cls.hidden.prompt, cls.hidden.unique_id, names)
 
 
@@ -155,11 +155,10 @@ class NestedKSamplerAdvanced(io.ComfyNode):
                 inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
         key = rerun_key(cls, "NestedKSamplerAdvanced", locals())
         end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
-        spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
-        plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler)
+        settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
+                                   outer_step)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler)
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
-        with rerun.running_node(key):  # outer_previews always filled: see NestedKSampler
-            samples, previews = run_nested_sampling(model, noise_seed, cfg, positive, negative, latent_image, stage,
-                                                    outer_eta, cls.hidden.unique_id, add_noise=add_noise == "enable",
-                                                    limits=RunLimits(max_nfe, max_seconds), outer_step=outer_step)
-        return io.NodeOutput(samples, previews)
+        sampler = NestedKSAMPLER(settings, stage, own_progress=True, rerun_key=key)  # outer_previews: see NestedKSampler
+        return io.NodeOutput(*sample_latent(model, sampler, noise_seed, cfg, positive, negative, latent_image,
+                                            add_noise=add_noise == "enable"))

@@ -5,7 +5,8 @@ from comfy_api.latest import io
 
 from . import rerun
 from .nested_ksampler import optional_inputs
-from .sampling import InnerSolverSpec, NestedSamplerObject, RunLimits
+from .nested_run import NestedKSAMPLER, NestedSettings, RunLimits
+from .planning import InnerSolverSpec
 
 # The paper's inner default: DDIM with eta 0.85, which is ComfyUI's euler_ancestral with eta 0.85.
 PAPER_INNER_SOLVER = InnerSolverSpec(sampler_name="euler_ancestral", scheduler="normal", steps=10, eta=0.85, s_noise=1.0)
@@ -36,9 +37,8 @@ class NestedSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
-        sampler = NestedSamplerObject(inner_solver or PAPER_INNER_SOLVER, outer_eta, RunLimits(max_nfe, max_seconds),
-                                      outer_step)
+        settings = NestedSettings(inner_solver or PAPER_INNER_SOLVER, outer_eta, outer_step, RunLimits(max_nfe, max_seconds))
         hidden = cls.hidden  # None when execute is called outside ComfyUI's executor (scripts, tests)
-        sampler.rerun_key = rerun.key_from_prompt("NestedSampler", getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
-                                                  ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"])
-        return io.NodeOutput(sampler)
+        key = rerun.key_from_prompt("NestedSampler", getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
+                                    ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"])
+        return io.NodeOutput(NestedKSAMPLER(settings, rerun_key=key))

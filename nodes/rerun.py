@@ -84,15 +84,3 @@ def stopped_early(reason: Optional[str]) -> None:
     if reason in NOT_FROM_INPUTS:
         invalidate(getattr(_current, "key", None))
 
-
-def reporting_stop_rule(rule_class: type) -> type:
-    """A subclass of nested_core's StopRule that reports every stop to ``stopped_early``."""
-
-    class ReportingStopRule(rule_class):
-        def __call__(self, index: int, nfe_done: int) -> bool:
-            stop = super().__call__(index, nfe_done)
-            if stop:
-                stopped_early(self.reason)
-            return stop
-
-    return ReportingStopRule

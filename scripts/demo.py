@@ -502,7 +502,7 @@ def exemplar_reference(prompt: dict, size: Optional[tuple[int, int]]) -> Optiona
     if isinstance(inputs.get("exemplars"), list) or inputs.get("image_size", size[0]) != size[0]:
         return None  # custom exemplar images: not known here
     try:
-        from nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
+        from demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
         return default_exemplars(size[0]), EXEMPLAR_NAMES
     except Exception as error:  # distances are a bonus: never fail the demo for them
         print(f"note: no exemplar distances ({error})", file=sys.stderr)
@@ -516,7 +516,7 @@ def exemplar_distance(image: Image.Image, reference: Optional[tuple[Any, tuple[s
     import numpy as np
     import torch
 
-    from nested_core.exemplars import manifold_distance
+    from demo_models.exemplar.exemplars import manifold_distance
 
     exemplars, names = reference
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)

@@ -9,8 +9,8 @@ IMAGE_SIZE = 32
 
 def exemplar_setup(pack, prediction: str, shift: float = 1.0):
     """(model, conditioning, exemplars) for one model family."""
-    from comfyui_nested_diffusion.nested_core.exemplars import default_exemplars
-    from comfyui_nested_diffusion.nodes.exemplar_model import build_exemplar_model, empty_conditioning
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
 
     exemplars = default_exemplars(IMAGE_SIZE)
     model = build_exemplar_model(exemplars, SPREAD, prediction, shift=shift)
@@ -48,11 +48,19 @@ def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, s
            scheduler="normal", denoise=1.0, inner_solver=None, outer_eta=0.0, outer_step="auto"):
     """NestedKSampler's own code path; returns (samples LATENT, outer_previews LATENT)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     spec = solver_spec(sampler_name, scheduler, inner_steps, inner_solver)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler, denoise)
-    return run_nested_sampling(model, seed, cfg, cond, cond, latent, plan, outer_eta, node_id="test", outer_step=outer_step)
+    return run_plan(model, plan, spec, seed, cond, latent, cfg=cfg, outer_eta=outer_eta, outer_step=outer_step)
+
+
+def run_plan(model, plan, spec, seed, cond, latent, cfg=1.0, outer_eta=0.0, outer_step="auto", max_nfe=0):
+    """A planned run as the NestedKSampler nodes make it (their sampler with its plan, through sample_custom)."""
+    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings, RunLimits, sample_latent
+
+    settings = NestedSettings(spec, outer_eta, outer_step, RunLimits(max_nfe=max_nfe))
+    return sample_latent(model, NestedKSAMPLER(settings, plan, own_progress=True), seed, cfg, cond, cond, latent)
 
 
 def node_with_hidden(node_cls, **hidden):

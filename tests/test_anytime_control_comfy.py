@@ -16,7 +16,7 @@ def advanced_node():
 
 
 def distances(images, exemplars):
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     return manifold_distance(images, exemplars)[0]
 
@@ -135,7 +135,7 @@ def test_early_finish_in_a_stage_with_leftover_noise_hands_on_a_state_the_next_s
     inner result as if it were the noisy state at the stage's last sigma, and the next stage lost contrast. It
     now hands on that inner result diffused afresh to the last sigma: noise of exactly that sigma around it."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     prediction, model, cond, exemplars = family
     batch = 4

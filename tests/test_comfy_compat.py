@@ -56,7 +56,7 @@ def nested_ksampler(model, cond, batch=2, seed=3, outer=3, inner=5, sampler_name
 @pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "heun"])
 def test_every_inner_process_sees_its_own_schedule_as_sample_sigmas(eps_family, pack, sampler_name):
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     model, cond, _ = eps_family
     recorded, seen = recording_clone(model)
@@ -200,7 +200,7 @@ def test_multi_latent_models_show_their_first_latent_in_previews_and_outer_previ
         pytest.skip("before ComfyUI 0.30.0 sampler callbacks get a multi-latent x0 packed flat, not as a NestedTensor")
     import comfy.utils
     from comfy_helpers import IMAGE_SIZE
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     model, cond, exemplars = exemplar_setup(pack, "eps")

@@ -102,7 +102,7 @@ def nested_ksampler(setup: Setup, model=None, positive=None, negative=None, seed
 
 def inner_sigmas(model, outer_steps=OUTER, inner_steps=INNER, sampler_name="euler") -> list[list[float]]:
     """The sigma of every model evaluation of the nested run, one list per inner diffusion (euler: one per step)."""
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec, plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, plan_nested_run
 
     spec = InnerSolverSpec(sampler_name=sampler_name, scheduler="normal", steps=inner_steps)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, "normal")
@@ -274,7 +274,7 @@ def test_chained_controlnets_with_start_and_end_percent(sd15, controlnet):
 def test_controlled_guider_through_nested_sampler_equals_nested_ksampler(sd15, controlnet):
     from comfy_extras.nodes_custom_sampler import BasicScheduler, CFGGuider, RandomNoise, SamplerCustomAdvanced
     from comfyui_nested_diffusion.nodes.nested_sampler import NestedSampler
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     positive, negative = sd15.controlled(controlnet, end=0.5)
     spec = InnerSolverSpec(sampler_name="dpmpp_2m", scheduler="normal", steps=INNER)

@@ -4,7 +4,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nested_core import NestedDiffusionError, StopRule, inner_steps_per_outer, preset_step_schedule, sample_nested
+from nested_core import (
+    NestedDiffusionError,
+    OuterStepRule,
+    StopRule,
+    inner_steps_per_outer,
+    preset_step_schedule,
+    run_nested,
+    sample_nested,
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -27,14 +35,14 @@ def test_preset_names_are_accepted_in_step_schedule_text():
 
 def test_stop_rule_budgets():
     rule = StopRule(nfe_per_outer=[5, 5, 5, 5], max_nfe=12)
-    assert rule(0, 5) is False
-    assert rule(1, 10) is True and rule.reason == "max_nfe"
-    assert StopRule(nfe_per_outer=[5, 5], max_nfe=0)(0, 5) is False
-    assert StopRule(nfe_per_outer=[5, 5])(1, 10) is False  # nothing follows the last step
+    assert rule(0, 5) is None
+    assert rule(1, 10) == "max_nfe"
+    assert StopRule(nfe_per_outer=[5, 5], max_nfe=0)(0, 5) is None
+    assert StopRule(nfe_per_outer=[5, 5])(1, 10) is None  # nothing follows the last step
     with pytest.raises(NestedDiffusionError, match="max_nfe 3 is below"):
         StopRule(nfe_per_outer=[5, 5], max_nfe=3)
     finish = StopRule(nfe_per_outer=[5, 5, 5], finish_requested=lambda: True)
-    assert finish(0, 5) is True and finish.reason == "finish requested"
+    assert finish(0, 5) == "finish requested"
 
 
 def toy_denoiser(target: torch.Tensor):
@@ -54,12 +62,19 @@ def euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
 def test_sample_nested_stops_with_the_latest_inner_result_and_counts_nfes():
     target = torch.full((1, 2), 0.5)
     calls, seen = [], []
-    result = sample_nested(toy_denoiser(target), torch.randn(1, 2) * 10, torch.tensor([10.0, 5.0, 2.0, 0.0]),
-                           inner_solver=euler, inner_schedule=lambda k, s: torch.tensor([s, s / 2, 0.0]),
-                           on_model_call=calls.append, callback=lambda d: seen.append(d["i"]),
-                           stop_after=lambda index, nfe: index == 1)
-    assert torch.allclose(result, target)
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.0])
+    result = run_nested(toy_denoiser(target), torch.randn(1, 2) * 10, sigmas,
+                        [torch.tensor([s, s / 2, 0.0]) for s in sigmas[:-1].tolist()], euler,
+                        on_model_call=calls.append, on_inner_result=lambda index, x, x0: seen.append(index),
+                        stop_rule=lambda index, nfe: "enough" if index == 1 else None)
+    assert torch.allclose(result.x, target) and torch.equal(result.latest, result.x)
+    assert result.stop_reason == "enough" and result.nfe == 4
     assert seen == [0, 1] and calls[-1] == 4
+
+
+def _to_zero(sigmas: list) -> list:
+    """One-step inner schedules: from each outer sigma straight to 0."""
+    return [torch.tensor([sigma, 0.0]) for sigma in sigmas]
 
 
 def test_sample_nested_seeds_follow_the_global_outer_index():
@@ -69,11 +84,12 @@ def test_sample_nested_seeds_follow_the_global_outer_index():
         seeds.append(extra_args["seed"])
         return torch.zeros_like(x)
 
-    common = dict(inner_solver=solver, inner_schedule=lambda k, s: torch.tensor([s, 0.0]))
-    sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([3.0, 2.0, 1.0, 0.0]), {"seed": 7}, **common)
+    sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([3.0, 2.0, 1.0, 0.0]), {"seed": 7},
+                  inner_solver=solver, inner_sigmas=_to_zero([3.0, 2.0, 1.0]))
     whole = list(seeds)
     seeds.clear()
-    sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([1.0, 0.0]), {"seed": 7}, index_offset=2, **common)
+    sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([1.0, 0.0]), {"seed": 7}, index_offset=2,
+                  inner_solver=solver, inner_sigmas=_to_zero([1.0]))
     assert whole[0] == 7 and len(set(whole)) == 3
     assert seeds == [whole[2]]
 
@@ -100,9 +116,7 @@ def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
     outer = torch.tensor([0.95, 0.8, 0.5, 0.25, 0.0]) if flow else torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
     model = _gaussian_posterior_mean(flow)
 
-    def inner(index, sigma):
-        ramp = torch.linspace(1, 0, 51)
-        return sigma * ramp  # linear to 0: fine for an exact Gaussian denoiser with 50 steps
+    inner = [sigma * torch.linspace(1, 0, 51) for sigma in outer[:-1]]  # linear to 0: fine for an exact Gaussian denoiser
 
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(20000, 1, generator=generator)
@@ -110,7 +124,7 @@ def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
     std = {}
     for renoise in (False, True):
         out = sample_nested(model, x.clone(), outer, extra_args={"seed": 3}, inner_solver=_deterministic_euler,
-                            inner_schedule=inner, flow=flow, renoise=renoise)
+                            inner_sigmas=inner, rule=OuterStepRule(flow=flow, renoise=renoise))
         std[renoise] = float(out.std())
     assert std[False] > 1.25
     assert abs(std[True] - 1.0) < 0.05
@@ -140,13 +154,13 @@ def test_projected_costs_follow_what_inner_processes_really_spent():
 def test_stop_rule_budget_uses_what_was_really_spent():
     """Issue 12: an adaptive solver that spends more than measured must not take the run past max_nfe."""
     rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
-    assert rule(0, 14) is False  # 14 spent: the next is projected at 14 too, 28 fits
-    assert rule(1, 28) is True and rule.reason == "max_nfe"  # a third at 14 would end at 42
+    assert rule(0, 14) is None  # 14 spent: the next is projected at 14 too, 28 fits
+    assert rule(1, 28) == "max_nfe"  # a third at 14 would end at 42
     rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
-    assert rule(0, 10) is False and rule(1, 20) is False and rule(2, 30) is False  # exact costs: all 4 fit
+    assert rule(0, 10) is None and rule(1, 20) is None and rule(2, 30) is None  # exact costs: all 4 fit
     rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
-    assert rule(0, 12) is False  # 12 + 12 <= 40
-    assert rule(1, 30) is True  # the second spent 18: the third is projected at 18, 48 > 40
+    assert rule(0, 12) is None  # 12 + 12 <= 40
+    assert rule(1, 30) == "max_nfe"  # the second spent 18: the third is projected at 18, 48 > 40
 
 
 def _adaptive_toy_solver(costs):
@@ -174,13 +188,12 @@ def test_a_hard_call_limit_cuts_an_inner_diffusion_and_keeps_the_previous_result
     solver, runs = _adaptive_toy_solver([6, 14, 20])
     rule = StopRule(nfe_per_outer=[6, 6, 6], max_nfe=max_calls)
     x = torch.randn(1, 2)
-    out = sample_nested(toy_denoiser(torch.full((1, 2), 0.5)), x, torch.tensor([3.0, 2.0, 1.0, 0.0]),
-                        inner_solver=solver, inner_schedule=lambda k, s: torch.tensor([s, 0.0]),
-                        on_model_call=calls.append, stop_after=rule, max_calls=max_calls,
-                        callback=lambda d: seen.append(d["i"]))
+    result = run_nested(toy_denoiser(torch.full((1, 2), 0.5)), x, torch.tensor([3.0, 2.0, 1.0, 0.0]),
+                        _to_zero([3.0, 2.0, 1.0]), solver, on_model_call=calls.append, stop_rule=rule,
+                        max_calls=max_calls, on_inner_result=lambda index, state, x0: seen.append(index))
     assert calls[-1] == spent <= max_calls
-    assert rule.reason == reason
-    assert torch.allclose(out, torch.full((1, 2), 0.5))
+    assert result.stop_reason == reason
+    assert torch.allclose(result.x, torch.full((1, 2), 0.5))
     assert len(seen) == len([n for n in [6, 20, 40] if n <= spent])  # a cut inner diffusion shows no image
 
 
@@ -188,7 +201,7 @@ def test_a_first_inner_diffusion_past_the_call_limit_is_a_clear_error():
     solver, _ = _adaptive_toy_solver([6])
     with pytest.raises(NestedDiffusionError, match="max_nfe 5 was used up before the first inner diffusion ended"):
         sample_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(1, 2), torch.tensor([3.0, 0.0]), inner_solver=solver,
-                      inner_schedule=lambda k, s: torch.tensor([s, 0.0]), max_calls=5)
+                      inner_sigmas=_to_zero([3.0]), max_calls=5)
 
 
 @pytest.mark.parametrize("renoise, eta", [(False, 1.0), (False, 0.5), (True, 0.0), (False, 0.0)])
@@ -212,8 +225,43 @@ def test_outer_noise_of_an_item_does_not_depend_on_its_batch():
     from nested_core import seeded_outer_noise
 
     x4, x1 = torch.zeros(4, 3, 2, 2), torch.zeros(1, 3, 2, 2)
-    batch = seeded_outer_noise(11)(2, x4)
-    assert torch.equal(seeded_outer_noise(11)(2, x1)[0], batch[0])
-    assert torch.equal(seeded_outer_noise(11, batch_indices=[2])(2, x1)[0], batch[2])  # LatentFromBatch(2)
-    assert not torch.equal(batch[0], batch[1]) and not torch.equal(seeded_outer_noise(11)(3, x4), batch)
-    assert torch.equal(seeded_outer_noise(11, stream=2)(2, x4), seeded_outer_noise(11, stream=2)(2, x4))
+    batch = seeded_outer_noise(11)(2, x4, range(4))
+    assert torch.equal(seeded_outer_noise(11)(2, x1, [0])[0], batch[0])
+    assert torch.equal(seeded_outer_noise(11)(2, x1, [2])[0], batch[2])  # LatentFromBatch(2)
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(seeded_outer_noise(11)(3, x4, range(4)), batch)
+    assert torch.equal(seeded_outer_noise(11, stream=2)(2, x4, range(4)), seeded_outer_noise(11, stream=2)(2, x4, range(4)))
+
+
+@pytest.mark.parametrize("renoise, eta", [(True, 0.0), (False, 0.5), (False, 0.0)])
+def test_a_pick_continues_the_kept_item_as_the_full_batch_would(renoise, eta):
+    """Issue 14: keeping batch position 1 after outer step 1 runs the rest on that item alone (1/B of the model
+    work) and gives what the full batch gives that item: the pack's outer noise is drawn per item."""
+    sigmas = torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
+    inner = [sigma * torch.linspace(1, 0, 6) for sigma in sigmas[:-1]]
+    model = _gaussian_posterior_mean(flow=False)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    common = dict(extra_args={"seed": 5}, rule=OuterStepRule(eta=eta, renoise=renoise), batch_indices=[4, 7, 9])
+    full = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common)
+    seen, picked, calls = [], [], []
+    result = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common,
+                        on_inner_result=lambda index, state, x0: seen.append(x0.shape[0]),
+                        take_pick=lambda batch: 1, on_pick=lambda *args: picked.append(args), on_model_call=calls.append)
+    assert result.kept == 1 and picked == [(0, 1, 7)]
+    assert seen == [3, 1, 1, 1] and result.x.shape == (1, 2)
+    assert torch.allclose(result.x, full.x[1:2], atol=1e-5)
+
+
+def test_a_pick_is_taken_once_and_never_after_the_last_outer_step():
+    sigmas = torch.tensor([3.0, 2.0, 0.0])
+    asked = []
+
+    def take_pick(batch):
+        asked.append(batch)
+        return 0
+
+    result = run_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(2, 2), sigmas, _to_zero([3.0, 2.0]), euler,
+                        take_pick=take_pick)
+    assert asked == [2] and result.kept == 0 and result.x.shape == (1, 2)
+    out_of_range = run_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(2, 2), sigmas, _to_zero([3.0, 2.0]), euler,
+                              take_pick=lambda batch: 5)
+    assert out_of_range.kept is None and out_of_range.x.shape == (2, 2)

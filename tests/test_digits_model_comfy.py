@@ -113,7 +113,7 @@ def test_any_prompt_gives_varied_digits_and_a_digit_prompt_one_digit(digits, pac
 
 def test_zero_conditioning_of_any_width_means_any(digits, pack):
     """A CLIP-less empty conditioning (here the exemplar model's 8-wide zero token) samples exactly like 'any'."""
-    from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
 
     _, model = digits
     expected = ksampler(model, prompt("any"), prompt("any"), 2, seed=3, cfg=1.0, steps=4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from comfy_helpers import run_plan
 
 from bench.spread import (
     KNOWN_EXCEPTIONS,
@@ -70,8 +71,8 @@ def test_every_inner_solver_keeps_the_spread_or_its_own_accuracy(pack, predictio
 
 @pytest.mark.parametrize("prediction,shift", FAMILIES)
 def test_one_outer_step_still_equals_ksampler(pack, prediction, shift):
-    from comfyui_nested_diffusion.nodes.exemplar_model import empty_conditioning
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run, run_nested_sampling
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     import nodes
 
@@ -79,14 +80,14 @@ def test_one_outer_step_still_equals_ksampler(pack, prediction, shift):
     cond = empty_conditioning()
     reference = nodes.common_ksampler(model, 5, 12, 1.0, "dpmpp_2m", "normal", cond, cond, gaussian_latent(8))[0]
     for outer_step in ("auto", "renoise", "ddim"):
-        plan = plan_nested_run(model.get_model_object("model_sampling"), node_default_spec("dpmpp_2m", steps=12), 1, "normal")
-        samples, _ = run_nested_sampling(model, 5, 1.0, cond, cond, gaussian_latent(8), plan, 0.0, node_id="one",
-                                         outer_step=outer_step)
+        spec = node_default_spec("dpmpp_2m", steps=12)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), spec, 1, "normal")
+        samples, _ = run_plan(model, plan, spec, 5, cond, gaussian_latent(8), outer_step=outer_step)
         assert torch.allclose(samples["samples"], reference["samples"], atol=1e-5), outer_step
 
 
 def test_probe_tells_odes_from_posterior_samplers(pack):
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     model = gaussian_model("eps", 1.0)
     cases = [("euler", None, "renoise"), ("uni_pc", None, "renoise"), ("euler_ancestral", 1.0, "ddim"),
@@ -109,7 +110,7 @@ def test_explicit_outer_step_is_honoured_and_bad_names_refused(pack):
 
 def _nested_settings(prompt: dict) -> list[tuple[str, object, int]]:
     """(workflow, inner solver spec, outer steps) of every nested sampler in an API-format prompt."""
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     found = []
     for node in prompt.values():
@@ -146,7 +147,7 @@ def test_a_cancel_during_solver_measurement_stops_planning(pack):
     """The stand-in runs (cost and posterior probes) honour Cancel and do not mistake it for a solver they cannot
     drive: a plan of a long deterministic solver raises ComfyUI's interrupt instead of falling back to estimates."""
     import comfy.model_management
-    from comfyui_nested_diffusion.nodes.sampling import inner_solver_function
+    from comfyui_nested_diffusion.nodes.planning import inner_solver_function
     from comfyui_nested_diffusion.nodes.solver_cost import measure_inner_costs
     from comfyui_nested_diffusion.nodes.solver_probe import inner_solver_is_posterior_sampler
 

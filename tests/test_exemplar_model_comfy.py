@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from nested_core.exemplars import (
+from demo_models.exemplar.exemplars import (
     default_exemplars,
     distinct_exemplars,
     manifold_distance,
@@ -19,7 +19,7 @@ CASES = [("eps", "normal"), ("v_prediction", "normal"), ("flow", "normal"), ("fl
 
 @pytest.fixture(scope="module")
 def em(pack):
-    return importlib.import_module(f"{pack.__name__}.nodes.exemplar_model")
+    return importlib.import_module(f"{pack.__name__}.demo_models.exemplar.nodes")
 
 
 @pytest.fixture(scope="module")

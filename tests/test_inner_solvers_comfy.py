@@ -2,7 +2,7 @@
 the node plans and reports, and every inner result lands on the data manifold."""
 import pytest
 import torch
-from comfy_helpers import SPREAD, empty_latent, exemplar_setup, ksampler, nested
+from comfy_helpers import SPREAD, empty_latent, exemplar_setup, ksampler, nested, run_plan
 
 from tools.comfy_env import counting_clone
 
@@ -35,9 +35,9 @@ def all_scheduler_names():
 @pytest.mark.parametrize("scheduler", ["karras", "normal", "beta"])
 @pytest.mark.parametrize("sampler_name", all_sampler_names())
 def test_counted_model_calls_equal_reported_and_planned_nfes(eps_family, pack, sampler_name, scheduler):
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     model, cond, exemplars = eps_family
     counted, calls = counting_clone(model)
@@ -67,10 +67,10 @@ def any_family(request, pack):
 @pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "uni_pc"])
 @pytest.mark.parametrize("scheduler", all_scheduler_names())
 def test_every_scheduler_builds_inner_processes_for_every_family(any_family, pack, scheduler, sampler_name):
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
     from comfyui_nested_diffusion.nested_core import check_schedule
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     model, cond, exemplars = any_family
     outer, inner = 3, 10
@@ -93,13 +93,12 @@ def test_every_scheduler_builds_inner_processes_for_every_family(any_family, pac
 def run_with_budget(pack, model, cond, sampler_name, scheduler, outer, inner, max_nfe, seed=1, inner_solver=None):
     """NestedKSampler's code path with ``max_nfe``; returns (plan, outer_previews, model calls counted by ComfyUI)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import RunLimits, plan_nested_run, run_nested_sampling
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     counted, calls = counting_clone(model)
     spec = solver_spec(sampler_name, scheduler, inner, inner_solver)
     plan = plan_nested_run(counted.get_model_object("model_sampling"), spec, outer, scheduler)
-    _, previews = run_nested_sampling(counted, seed, 1.0, cond, cond, empty_latent(1), plan, 0.0, "test",
-                                      limits=RunLimits(max_nfe=max_nfe))
+    _, previews = run_plan(counted, plan, spec, seed, cond, empty_latent(1), max_nfe=max_nfe)
     return plan, previews, calls["n"]
 
 
@@ -118,11 +117,16 @@ def test_max_nfe_is_never_exceeded_and_fits_the_outer_steps_it_can(eps_family, p
         assert len(previews["nested_nfe"]) == 2 and calls == budget - 1, f"{sampler_name}: {previews['nested_nfe']}"
 
 
-def plan_nested_run_for(model, sampler_name, scheduler, outer, inner):
+def spec_for(sampler_name, scheduler, inner):
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
 
-    return plan_nested_run(model.get_model_object("model_sampling"), solver_spec(sampler_name, scheduler, inner), outer, scheduler)
+    return solver_spec(sampler_name, scheduler, inner)
+
+
+def plan_nested_run_for(model, sampler_name, scheduler, outer, inner):
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
+
+    return plan_nested_run(model.get_model_object("model_sampling"), spec_for(sampler_name, scheduler, inner), outer, scheduler)
 
 
 @pytest.mark.parametrize("max_nfe", [30, 37, 44, 51, 58, 65, 80, 100])
@@ -209,7 +213,7 @@ class ThirdPartySamplers:
 
 
 def test_third_party_samplers_costs_are_measured_and_budgets_kept(eps_family, pack, caplog):
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     model, cond, exemplars = eps_family
     with ThirdPartySamplers() as samplers:
@@ -233,13 +237,13 @@ def test_third_party_samplers_costs_are_measured_and_budgets_kept(eps_family, pa
         # wants 20: the hard limit cuts it at 25 and the run ends with the first inner diffusion's image.
         samplers.grows_runs.clear()
         from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-        from comfyui_nested_diffusion.nodes.sampling import RunLimits, plan_nested_run, run_nested_sampling
+        from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
         counted, counter = counting_clone(model)
-        plan = plan_nested_run(counted.get_model_object("model_sampling"), solver_spec("nested_test_grows", "normal", 5), 3, "normal")
+        spec = solver_spec("nested_test_grows", "normal", 5)
+        plan = plan_nested_run(counted.get_model_object("model_sampling"), spec, 3, "normal")
         assert plan.nfe_per_outer == [5, 5, 5]
-        out, previews = run_nested_sampling(counted, 1, 1.0, cond, cond, empty_latent(1), plan, 0.0, "test",
-                                            limits=RunLimits(max_nfe=25))
+        out, previews = run_plan(counted, plan, spec, 1, cond, empty_latent(1), max_nfe=25)
         assert counter["n"] == 25 and previews["nested_nfe"] == [10] and len(samplers.grows_runs) == 2
         assert torch.allclose(out["samples"], previews["samples"][:1], atol=1e-5)
         distances, _ = manifold_distance(out["samples"], exemplars)
@@ -251,14 +255,12 @@ def test_measuring_and_running_a_solver_leaves_the_plans_schedules_alone(eps_fam
     """uni_pc writes 0.001 over the final 0 of the schedule it is given; the cost measurement, the outer step
     probe and the run itself must hand it copies (a plan's inner schedules end at 0 before and after)."""
     from comfyui_nested_diffusion.nested_core import check_schedule
-    from comfyui_nested_diffusion.nodes.sampling import run_nested_sampling
-
     model, cond, _ = eps_family
-    plan = plan_nested_run_for(model, sampler_name, "normal", 3, 6)
+    plan, spec = plan_nested_run_for(model, sampler_name, "normal", 3, 6), spec_for(sampler_name, "normal", 6)
     for sigmas in plan.inner_sigmas:
         check_schedule(sigmas)
-    first, _ = run_nested_sampling(model, 4, 1.0, cond, cond, empty_latent(1), plan, 0.0, "test", outer_step="auto")
+    first, _ = run_plan(model, plan, spec, 4, cond, empty_latent(1))
     for sigmas in plan.inner_sigmas:
         check_schedule(sigmas)
-    again, _ = run_nested_sampling(model, 4, 1.0, cond, cond, empty_latent(1), plan, 0.0, "test", outer_step="auto")
+    again, _ = run_plan(model, plan, spec, 4, cond, empty_latent(1))
     assert torch.equal(first["samples"], again["samples"])

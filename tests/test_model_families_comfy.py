@@ -108,7 +108,7 @@ def nested_ksampler(fam: Family, model=None, seed=5, outer_steps=3, inner_steps=
 
 
 def plan_for(model, sampler_name, scheduler, inner_steps, outer_steps):
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec, plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, plan_nested_run
 
     spec = InnerSolverSpec(sampler_name=sampler_name, scheduler=scheduler, steps=inner_steps)
     return plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, scheduler)
@@ -181,7 +181,7 @@ def test_one_inner_step_is_euler_over_the_outer_schedule(family):
 def test_sampler_path_equals_nested_ksampler(family, sampler_name):
     from comfy_extras.nodes_custom_sampler import CFGGuider, RandomNoise, SamplerCustomAdvanced
     from comfyui_nested_diffusion.nodes.nested_sampler import NestedSampler
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     outer = 3
     spec = InnerSolverSpec(sampler_name=sampler_name, scheduler=family.scheduler, steps=4)

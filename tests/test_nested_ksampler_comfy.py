@@ -18,7 +18,7 @@ def family(request, pack):
 
 
 def manifold_distance(images, exemplars):
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance as distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance as distance
 
     return distance(images, exemplars)
 
@@ -51,7 +51,7 @@ def test_vanilla_x0_at_the_first_outer_boundary_is_off_the_manifold(family, pack
 
 
 def test_final_images_as_good_and_as_diverse_as_ksampler(family, pack):
-    from comfyui_nested_diffusion.nested_core.exemplars import distinct_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import distinct_exemplars
 
     prediction, model, cond, exemplars = family
     outer, inner, batch = 4, 8, 32  # 8 exemplars: 16 draws miss one about half the time, for either sampler
@@ -89,7 +89,7 @@ def test_one_inner_step_is_euler_over_the_outer_schedule(family, pack):
     import comfy.sample
     import comfy.samplers
     from comfyui_nested_diffusion.nested_core import outer_schedule
-    from comfyui_nested_diffusion.nodes.sampling import schedule_function
+    from comfyui_nested_diffusion.nodes.planning import schedule_function
 
     prediction, model, cond, _ = family
     outer = 8

@@ -25,14 +25,14 @@ def nested_sampler(inner_solver=None, outer_eta=0.0):
 
 
 def spec(sampler_name, scheduler, steps, eta=None):
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     return InnerSolverSpec(sampler_name=sampler_name, scheduler=scheduler, steps=steps, eta=eta)
 
 
 @pytest.mark.parametrize("sampler_name,outer_eta", [("euler", 0.0), ("euler_ancestral", 0.0), ("dpmpp_2m", 0.5)])
 def test_sampler_path_equals_nested_ksampler(family, pack, sampler_name, outer_eta):
-    from comfyui_nested_diffusion.nodes.sampling import plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     prediction, model, cond, exemplars = family
     inner = spec(sampler_name, "normal", 5)
@@ -50,7 +50,7 @@ def test_sampler_path_equals_nested_ksampler(family, pack, sampler_name, outer_e
 
 def test_sigmas_from_basic_scheduler_with_the_paper_default(family, pack):
     from comfy_extras.nodes_custom_sampler import BasicScheduler
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     prediction, model, cond, exemplars = family
     sigmas = BasicScheduler.execute(model, "simple" if prediction == "flow" else "karras", 5, 1.0).args[0]
@@ -84,7 +84,7 @@ def test_bad_sigmas_get_a_clear_error(family, pack):
 
 def test_basic_and_dual_cfg_guiders_drive_the_nested_sampler(family, pack):
     from comfy_extras.nodes_custom_sampler import BasicGuider, BasicScheduler, DualCFGGuider, RandomNoise, SamplerCustomAdvanced
-    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     prediction, model, cond, exemplars = family
     sigmas = BasicScheduler.execute(model, "normal", 4, 1.0).args[0]

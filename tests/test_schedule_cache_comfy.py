@@ -81,7 +81,7 @@ def test_denoise_start_is_computed_at_a_bounded_length(pack):
 
 def test_cancel_stops_planning(pack, samplings):
     import comfy.model_management
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec, plan_nested_run
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, plan_nested_run
 
     spec = InnerSolverSpec(sampler_name="euler", scheduler="exponential", steps=777)
     comfy.model_management.interrupt_current_processing(True)
@@ -105,7 +105,7 @@ def test_the_schedules_of_the_slow_inputs_take_well_under_a_second(pack, cache_m
     0.01 110 s. Only the schedules are timed here (build_inner_sigmas / build_outer_sigmas), on a fresh model
     sampling each, so no cache helps; the whole plan through the API is timed in test_server_limits_api.py."""
     from comfyui_nested_diffusion.nested_core import NestedDiffusionError, denoise_start_sigma
-    from comfyui_nested_diffusion.nodes.sampling import InnerSolverSpec, build_inner_sigmas, build_outer_sigmas
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, build_inner_sigmas, build_outer_sigmas
 
     timings = {}
     for outer, inner, scheduler, denoise in SLOW_BEFORE:

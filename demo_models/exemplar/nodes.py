@@ -25,8 +25,8 @@ import comfy.supported_models_base
 import torch
 from comfy_api.latest import io
 
-from ..nested_core import NestedDiffusionError
-from ..nested_core.exemplars import (
+from ...nested_core import NestedDiffusionError
+from .exemplars import (
     EXEMPLAR_NAMES,
     default_exemplars,
     log_prior_from_weights,

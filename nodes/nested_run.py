@@ -1,0 +1,184 @@
+"""The one SAMPLER that runs nested diffusion inside ComfyUI, and the KSampler-like way the nodes call it.
+
+``NestedKSAMPLER`` is a ComfyUI ``KSAMPLER``: SamplerCustom(Advanced) and the guider give it the model, the sigmas,
+the noise and the latent, as to any sampler. It plans from the sigmas it is given (or takes the plan the
+NestedKSampler nodes made from their own inputs), resolves the "auto" outer step against the real model, reports
+progress, previews and events, honours Finish now, picks and the budgets, and runs ``nested_core.run_nested``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+
+from ..nested_core import NestedDiffusionError, NestedResult, OuterStepRule, StopRule, check_number, run_nested
+from . import rerun
+from .finish import finishable_run
+from .planning import InnerSolverSpec, NestedPlan, check_outer_step_mode, plan_from_sigmas, resolve_outer_step_mode
+from .reporting import NestedRunReporter, executing_node_id, outer_previews_latent
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Ways to end a run early and keep its latest image (0 = no limit)."""
+
+    max_nfe: int = 0
+    max_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class NestedSettings:
+    """What every nested sampler node takes besides model, conditioning and latent: checked once, here."""
+
+    spec: InnerSolverSpec
+    outer_eta: float = 0.0
+    outer_step: str = "auto"
+    limits: RunLimits = RunLimits()
+
+    def __post_init__(self) -> None:
+        OuterStepRule(eta=self.outer_eta)  # refuses an outer_eta outside 0..1, naming it
+        check_outer_step_mode(self.outer_step)
+
+
+@dataclass
+class NestedRunOutcome:
+    """What the last run of a NestedKSAMPLER left: the core's result and what was reported (for outer_previews)."""
+
+    result: NestedResult
+    reporter: NestedRunReporter
+
+
+class NestedKSAMPLER(comfy.samplers.KSAMPLER):
+    """Nested diffusion as a ComfyUI SAMPLER. ``plan``: the NestedKSampler nodes' own plan (their scheduler, denoise,
+    stage); without it the connected sigmas are the outer steps (``outer_sigmas_from``). ``own_progress``: a
+    progress bar and preview of its own (inside SamplerCustom, the node's bar and previews count outer steps).
+    ``batch_indices``: the latent's ``batch_index`` (each item's outer noise follows its index)."""
+
+    def __init__(self, settings: NestedSettings, plan: Optional[NestedPlan] = None, own_progress: bool = False,
+                 rerun_key: Optional[tuple] = None, batch_indices: Optional[list[int]] = None):
+        super().__init__(None)
+        self.settings = settings
+        self.plan = plan
+        self.own_progress = own_progress
+        self.rerun_key = rerun_key
+        self.batch_indices = batch_indices
+        self.last_run: Optional[NestedRunOutcome] = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        model_sampling = model_wrap.inner_model.model_sampling
+        plan = self.plan if self.plan is not None else plan_from_sigmas(model_sampling, self.settings.spec, sigmas)
+        reporter = NestedRunReporter(model_wrap.model_patcher, executing_node_id(), plan, self.own_progress,
+                                     self.batch_indices)
+        mode = resolve_outer_step_mode(self.settings.outer_step, plan, model_wrap, channels_of(noise))
+        reporter.set_outer_step_mode(mode)
+        # A flow model's noise can be scaled (model_sampling.noise_scale, ComfyUI 0.21.1 on): fresh outer noise too.
+        rule = OuterStepRule(eta=self.settings.outer_eta, flow=plan.flow, renoise=mode == "renoise",
+                             noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
+        self.inpaint_options = plan.inpaint_options
+        results: list[NestedResult] = []
+        with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:
+            set_batch_size(control, int(noise.shape[0]))
+            self.sampler_function = self.nested_function(plan, rule, reporter, control, results)
+            samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
+                                     latent_image, denoise_mask, disable_pbar)
+        self.last_run = NestedRunOutcome(results[0], reporter)
+        rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
+        return samples
+
+    def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: Any,
+                        results: list) -> Any:
+        """The sampler function KSAMPLER.sample calls with ComfyUI's model (``KSamplerX0Inpaint``) for one run; its
+        NestedResult goes to ``results``."""
+        limits = self.settings.limits
+
+        def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            def on_inner_result(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
+                reporter.on_outer_step(index, x0)
+                if callback is not None:
+                    callback({"x": state, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
+
+            def on_pick(index: int, position: int, batch_index: int) -> None:
+                narrow_inpainting(model_k, position)
+                reporter.on_pick(index, position, batch_index)
+                set_batch_size(control, 1)
+
+            result = run_nested(
+                model_k, x, sigmas, plan.inner_sigmas, plan.solver, extra_args, rule=rule,
+                on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
+                stop_rule=StopRule(plan.nfe_per_outer, limits.max_nfe, limits.max_seconds, control.is_set),
+                take_pick=getattr(control, "take_pick", None), on_pick=on_pick, index_offset=plan.first_outer_index,
+                max_calls=limits.max_nfe, batch_indices=self.batch_indices,
+            )
+            results.append(result)
+            return result.x
+
+        return sampler_function
+
+
+def set_batch_size(control: Any, batch: int) -> None:
+    """Tell Finish now / pick how many items the run holds (what a pick may name)."""
+    setter = getattr(control, "set_batch_size", None)
+    if setter is not None:
+        setter(batch)
+
+
+def channels_of(noise: torch.Tensor) -> int:
+    return int(noise.shape[1]) if noise.ndim >= 2 else 1
+
+
+def narrow_inpainting(model_k: Any, position: int) -> None:
+    """After a pick, ComfyUI's inpainting wrapper keeps only the kept item's latent and noise."""
+    for name in ("latent_image", "noise"):
+        value = getattr(model_k, name, None)
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] > 1:
+            setattr(model_k, name, value[position:position + 1])
+
+
+def check_latent(model: Any, latent_image: torch.Tensor) -> None:
+    """Refuse latents the model cannot denoise, before any model call."""
+    expected = model.get_model_object("latent_format").latent_channels
+    if not latent_image.is_nested and latent_image.ndim >= 2 and latent_image.shape[1] != expected:
+        raise NestedDiffusionError(
+            f"latent_image has {latent_image.shape[1]} channels but this model works on {expected}-channel latents: "
+            f"use an empty latent or a VAE that matches the model"
+        )
+    if not latent_image.is_nested and not bool(torch.isfinite(latent_image).all()):
+        raise NestedDiffusionError("latent_image contains NaN or Inf values: it must be finite")
+
+
+def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, positive, negative, latent: dict,
+                  add_noise: bool = True) -> tuple[dict, dict]:
+    """Sample like ``nodes.common_ksampler`` with a NestedKSAMPLER holding its plan; returns (samples,
+    outer_previews)."""
+    check_number("cfg", cfg, 0.0, 100.0)
+    latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
+    check_latent(model, latent_image)
+    if add_noise:
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    else:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+    sampler.batch_indices = latent.get("batch_index")
+    samples = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, sampler.plan.outer_sigmas, positive, negative, latent_image,
+        noise_mask=latent.get("noise_mask"), disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )
+    out = latent.copy()
+    out["samples"] = samples
+    if sampler.last_run.result.kept is not None:  # a pick: the kept item, as LatentFromBatch would give it
+        keep_picked_item(out, sampler.last_run.result.kept)
+    return out, outer_previews_latent(sampler.last_run.reporter, model)
+
+
+def keep_picked_item(latent: dict, position: int) -> None:
+    """The other per-item entries of a LATENT narrowed to the kept item (its batch_index, its noise_mask)."""
+    batch_index = latent.get("batch_index")
+    latent["batch_index"] = [batch_index[position]] if batch_index is not None else [position]
+    mask = latent.get("noise_mask")
+    if torch.is_tensor(mask) and mask.ndim > 0 and mask.shape[0] > 1:
+        latent["noise_mask"] = mask[position:position + 1]

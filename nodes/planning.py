@@ -1,0 +1,272 @@
+"""Planning a nested run before any model call: the inner solver, the outer and inner schedules, the measured
+cost of every inner process, and which outer step "auto" takes.
+
+Everything model-specific comes from ComfyUI itself (``sampler_object``, ``calculate_sigmas``); the algorithm lives
+in ``nested_core``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import comfy.model_sampling
+import comfy.samplers
+import torch
+
+from ..nested_core import (
+    NestedDiffusionError,
+    denoise_start_sigma,
+    inner_steps_per_outer,
+    largest_count_that_works,
+    nfe_for_inner_process,
+    outer_schedule,
+    truncated_schedule,
+)
+from . import schedule_cache
+from .solver_cost import measure_inner_costs, solver_key
+from .solver_probe import inner_solver_is_posterior_sampler
+
+
+@dataclass(frozen=True)
+class InnerSolverSpec:
+    """What runs inside every outer step (the NESTED_INNER_SOLVER value passed between nodes)."""
+
+    sampler_name: str
+    scheduler: str
+    steps: int
+    eta: Optional[float] = None
+    s_noise: Optional[float] = None
+    step_schedule: str = ""
+    steps_input: str = "inner_steps"  # how error messages name the steps: the input the user set them with
+
+    def steps_per_outer(self, outer_steps: int) -> list[int]:
+        return inner_steps_per_outer(outer_steps, self.steps, self.step_schedule)
+
+
+def check_solver_names(spec: InnerSolverSpec) -> None:
+    if spec.sampler_name not in comfy.samplers.SAMPLER_NAMES:
+        raise NestedDiffusionError(f"sampler_name {spec.sampler_name!r} is not one of ComfyUI's samplers: {', '.join(comfy.samplers.SAMPLER_NAMES)}")
+    if spec.scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise NestedDiffusionError(f"scheduler {spec.scheduler!r} is not one of ComfyUI's schedulers: {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+
+
+# Step count -> sigmas as KSampler builds them: cached by bytes, vectorised where ComfyUI loops, cancellable.
+schedule_function = schedule_cache.schedule_function
+
+
+def inner_solver_function(spec: InnerSolverSpec) -> tuple[Callable[..., torch.Tensor], dict]:
+    """ComfyUI's own solver for ``sampler_name``, with eta / s_noise bound where it takes them."""
+    sampler = comfy.samplers.sampler_object(spec.sampler_name)
+    options = dict(sampler.extra_options)
+    accepted = inspect.signature(sampler.sampler_function).parameters
+    for name in ("eta", "s_noise"):
+        value = getattr(spec, name)
+        if value is not None and name in accepted:
+            options[name] = value
+    return functools.partial(sampler.sampler_function, **options), dict(sampler.inpaint_options)
+
+
+def is_flow_model(model_sampling: Any) -> bool:
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+@dataclass
+class NestedPlan:
+    """Everything one nested run (or one stage of it) needs, resolved and checked before any model call."""
+
+    outer_sigmas: torch.Tensor
+    steps_per_outer: list[int]
+    nfe_per_outer: list[int]
+    nfe_exact: bool
+    solver: Callable[..., torch.Tensor]
+    inpaint_options: dict
+    flow: bool
+    inner_sigmas: list[torch.Tensor] = field(default_factory=list)
+    first_outer_index: int = 0  # where this stage starts in the whole outer schedule
+    total_outer_steps: int = 0
+    nfe_before: int = 0  # NFEs the earlier stages spend
+
+    @property
+    def nfe_total(self) -> int:
+        return sum(self.nfe_per_outer)
+
+    @property
+    def takes_outer_steps(self) -> bool:
+        """Whether any outer step moves the state on (one outer step to 0 is exactly KSampler)."""
+        return bool((self.outer_sigmas[1:] > 0).any())
+
+    def stage(self, start: int, end: int, full_denoise: bool = False) -> "NestedPlan":
+        """Outer steps ``start`` to ``end - 1`` of this plan, as a plan of their own. It ends at the noisy outer
+        state at sigma ``end``, or with ``full_denoise`` at its last inner result (its last sigma becomes 0)."""
+        outer_sigmas = self.outer_sigmas[start:end + 1].clone()
+        if full_denoise:
+            outer_sigmas[-1] = 0.0
+        return NestedPlan(
+            outer_sigmas=outer_sigmas,
+            steps_per_outer=self.steps_per_outer[start:end],
+            nfe_per_outer=self.nfe_per_outer[start:end],
+            nfe_exact=self.nfe_exact,
+            solver=self.solver,
+            inpaint_options=self.inpaint_options,
+            flow=self.flow,
+            inner_sigmas=self.inner_sigmas[start:end],
+            first_outer_index=self.first_outer_index + start,
+            total_outer_steps=self.total_outer_steps,
+            nfe_before=self.nfe_before + sum(self.nfe_per_outer[:start]),
+        )
+
+
+def outer_sigmas_from(sigmas: torch.Tensor) -> torch.Tensor:
+    """Connected SIGMAS as outer steps, read the way NestedKSampler builds its own schedule.
+
+    A schedule that ends at 0 loses its last non-zero sigma (the scheduler's floor, where no inner
+    diffusion can run; the last inner process ends at 0 anyway), so BasicScheduler with N + 1 steps
+    gives N outer steps. A schedule that ends above 0 (the first half of SplitSigmas) is kept whole
+    and the result is the noisy outer state at its last sigma.
+    """
+    sigmas = sigmas.detach().to(dtype=torch.float32, device="cpu").flatten()
+    if sigmas.numel() < 2 or not bool(torch.isfinite(sigmas).all()) or float(sigmas[-1]) < 0:
+        raise NestedDiffusionError(f"sigmas must hold at least 2 finite values >= 0 (one outer step), got {sigmas.tolist()}")
+    if not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise NestedDiffusionError(f"sigmas must be strictly decreasing to be used as outer steps, got {sigmas.tolist()}")
+    if float(sigmas[-1]) == 0.0 and sigmas.numel() >= 3:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas
+
+
+def other_schedulers(scheduler: str) -> str:
+    return " or ".join([name for name in ("normal", "karras", "exponential") if name != scheduler][:2])
+
+
+FIT_SEARCH_SECONDS = 0.5  # the "at most N fit" answer: counted down for this long, then a binary search's answer
+
+
+def largest_outer_steps_that_fit(schedule_fn: Callable[[int], torch.Tensor], outer_steps: int, start: Optional[float]) -> int:
+    """Counted down one by one, since some schedulers (ddim_uniform) fit 200 outer steps but not 150; when that
+    takes longer than FIT_SEARCH_SECONDS, the largest count a binary search finds (one that fits, its next does not)."""
+    def fits(count: int) -> bool:
+        schedule_cache.planning_checkpoint()
+        try:
+            outer_schedule(schedule_fn, count, start)
+            return True
+        except NestedDiffusionError:
+            return False
+
+    deadline = time.monotonic() + FIT_SEARCH_SECONDS
+    for count in range(outer_steps - 1, 0, -1):
+        if fits(count):
+            return count
+        if time.monotonic() > deadline:
+            return largest_count_that_works(lambda n: outer_schedule(schedule_fn, n, start), count)
+    return 0
+
+
+def build_outer_sigmas(model_sampling: Any, scheduler: str, outer_steps: int, start: Optional[float]) -> torch.Tensor:
+    schedule_fn = schedule_function(model_sampling, scheduler)
+    try:
+        return outer_schedule(schedule_fn, outer_steps, start)
+    except NestedDiffusionError as error:
+        fits = largest_outer_steps_that_fit(schedule_fn, outer_steps, start)
+        raise NestedDiffusionError(
+            f"outer_steps {outer_steps} is beyond the resolution of scheduler '{scheduler}' for this model: at most "
+            f"{fits} outer steps fit; use fewer or another scheduler such as {other_schedulers(scheduler)} ({error})"
+        ) from None
+
+
+def build_inner_sigmas(inner_fn: Callable[[int], torch.Tensor], spec: InnerSolverSpec, steps: list[int],
+                       outer_sigmas: torch.Tensor) -> list[torch.Tensor]:
+    inner_sigmas = []
+    for index, count in enumerate(steps):
+        schedule_cache.planning_checkpoint()  # Cancel while planning many outer steps
+        sigma = float(outer_sigmas[index])
+        try:
+            inner_sigmas.append(truncated_schedule(inner_fn, count, sigma))
+        except NestedDiffusionError:
+            fits = largest_count_that_works(lambda n: truncated_schedule(inner_fn, n, sigma, scan_all=False), count)
+            name = f"step_schedule entry {index + 1}" if spec.step_schedule else spec.steps_input
+            raise NestedDiffusionError(
+                f"{name} {count} is beyond the resolution of scheduler '{spec.scheduler}' for this model at outer step "
+                f"{index + 1} (sigma {sigma:.3g}): at most {fits} inner steps fit there; use fewer or another "
+                f"scheduler such as {other_schedulers(spec.scheduler)}"
+            ) from None
+    return inner_sigmas
+
+
+@schedule_cache.planning  # single-threaded: thousands of small tensor operations
+def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: Optional[str] = None,
+                    denoise: float = 1.0, outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
+    """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input.
+
+    The outer schedule is ``outer_scheduler``'s (with KSampler's ``denoise`` start), or ``outer_sigmas``
+    as given (already checked by ``outer_sigmas_from``).
+    """
+    check_solver_names(spec)
+    steps = spec.steps_per_outer(outer_steps)
+    inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
+    if outer_sigmas is None:
+        start = denoise_start_sigma(inner_fn, sum(steps), denoise, f"scheduler '{spec.scheduler}' for this model "
+                                    f"({outer_steps} outer_steps x {spec.steps_input})")
+        if start is None and outer_steps == 1:  # exactly KSampler with the inner steps
+            start = float(inner_fn(steps[0])[0])
+        outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
+    inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
+    solver, inpaint_options = inner_solver_function(spec)
+    flow = is_flow_model(model_sampling)
+    # Measured by running the bound solver on a counting stand-in (solver_cost); the name table only where it can't run.
+    costs = measure_inner_costs(solver, inner_sigmas, flow, model_sampling,
+                                fallbacks=[nfe_for_inner_process(spec.sampler_name, count) for count in steps])
+    return NestedPlan(
+        outer_sigmas=outer_sigmas,
+        steps_per_outer=steps,
+        nfe_per_outer=[cost.nfe for cost in costs],
+        nfe_exact=all(cost.exact for cost in costs),
+        solver=solver,
+        inpaint_options=inpaint_options,
+        flow=flow,
+        inner_sigmas=inner_sigmas,
+        total_outer_steps=len(outer_sigmas) - 1,
+    )
+
+
+OUTER_STEP_MODES = ("auto", "ddim", "renoise")
+_POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> bool, bounded below
+POSTERIOR_PROBE_CACHE_LIMIT = 256
+
+
+def check_outer_step_mode(mode: str) -> str:
+    if mode not in OUTER_STEP_MODES:
+        raise NestedDiffusionError(f"outer_step must be one of {', '.join(OUTER_STEP_MODES)}, got {mode!r}")
+    return mode
+
+
+def _probe_key(plan: NestedPlan, inner_sigmas: torch.Tensor, channels: int) -> tuple:
+    return (solver_key(plan.solver), tuple(inner_sigmas.tolist()), plan.flow, channels)
+
+
+def resolve_outer_step_mode(mode: str, plan: NestedPlan, model_wrap: Any, channels: int) -> str:
+    """The outer step a run takes: "ddim" or "renoise" as asked, or for "auto" what the measured solver needs."""
+    if mode != "auto":
+        return check_outer_step_mode(mode)
+    return "renoise" if plan.takes_outer_steps and inner_solver_needs_renoise(plan, model_wrap, channels) else "ddim"
+
+
+def inner_solver_needs_renoise(plan: NestedPlan, model_wrap: Any, channels: int) -> bool:
+    """Whether "auto" re-noises: the inner solver, probed over the middle outer step's own inner schedule, is not
+    close enough to a posterior sampler for the eta-0 outer step (see ``solver_probe``)."""
+    inner_sigmas = plan.inner_sigmas[len(plan.inner_sigmas) // 2]
+    key = _probe_key(plan, inner_sigmas, channels)
+    if key not in _POSTERIOR_PROBES:
+        if len(_POSTERIOR_PROBES) >= POSTERIOR_PROBE_CACHE_LIMIT:
+            _POSTERIOR_PROBES.clear()
+        posterior = inner_solver_is_posterior_sampler(plan.solver, inner_sigmas, model_wrap, plan.flow, channels)
+        _POSTERIOR_PROBES[key] = posterior is False  # a solver the probe cannot drive keeps the paper's step
+    return _POSTERIOR_PROBES[key]
+
+
+def plan_from_sigmas(model_sampling: Any, spec: InnerSolverSpec, sigmas: torch.Tensor) -> NestedPlan:
+    """The plan for connected SIGMAS (SamplerCustom): their outer steps as ``outer_sigmas_from`` reads them."""
+    outer_sigmas = outer_sigmas_from(sigmas)
+    return plan_nested_run(model_sampling, spec, len(outer_sigmas) - 1, outer_sigmas=outer_sigmas)

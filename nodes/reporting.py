@@ -1,0 +1,184 @@
+"""What a nested run shows while it runs: one progress bar counted in NFEs, a preview and an event after every inner
+diffusion, a small preview of every batch item (the filmstrip), and the kept inner results (``outer_previews``).
+
+Everything goes through ComfyUI's own ``ProgressBar``, ``latent_preview`` and ``PromptServer``.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import logging
+from typing import Any, Optional
+
+import comfy.model_management
+import comfy.utils
+import latent_preview
+import torch
+
+from ..nested_core import projected_costs, spent_per_inner_process
+from ..protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICKED_EVENT
+from .kept_previews import KeptPreviews, KeptStep
+from .planning import NestedPlan
+
+PREVIEW_FORMAT = "JPEG"
+MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
+CANDIDATE_SIZE = 256  # longest side of a filmstrip preview, in pixels
+
+
+@functools.lru_cache(maxsize=None)
+def _prompt_server_class():
+    """ComfyUI's PromptServer class, or None where ``server`` cannot be imported (looked up once, not per step)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return PromptServer
+
+
+def prompt_server() -> Any:
+    """The running server, or None (in-process use: scripts, tests)."""
+    return getattr(_prompt_server_class(), "instance", None)
+
+
+def send_to_prompt_client(event: str, data: dict) -> None:
+    """Send a websocket event to the client that queued the running prompt (as ComfyUI's progress does)."""
+    server = prompt_server()
+    if server is not None:
+        server.send_sync(event, data, server.client_id)
+
+
+def _executing_context():
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # ComfyUI releases before the execution context existed
+        return None
+    return get_executing_context()
+
+
+def executing_prompt_id() -> Optional[str]:
+    context = _executing_context()
+    return context.prompt_id if context is not None else None
+
+
+def executing_node_id() -> Optional[str]:
+    context = _executing_context()
+    return context.node_id if context is not None else None
+
+
+def first_latent(x0: Any) -> torch.Tensor:
+    """A multi-latent model's NestedTensor (ComfyUI 0.30.0 on) is shown by its first latent (the video), as ComfyUI's
+    own previews do."""
+    return x0.tensors[0] if getattr(x0, "is_nested", False) else x0
+
+
+class NestedRunReporter:
+    """One progress bar per node run, counted in NFEs; a preview and an event after every inner process."""
+
+    def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True,
+                 batch_indices: Optional[list[int]] = None):
+        self.node_id = node_id
+        self.prompt_id = executing_prompt_id()
+        self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
+        self.first_outer_index = plan.first_outer_index
+        self.outer_steps = plan.total_outer_steps or len(self.outer_sigmas) - 1
+        self.nfe_before = plan.nfe_before
+        self.nfe_total = max(plan.nfe_total, 1)
+        self.nfe_planned = list(plan.nfe_per_outer)
+        self.nfe_spent: list[int] = []  # what each inner process of this run really spent
+        self.nfe_done = 0
+        self.batch_indices = batch_indices
+        # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
+        self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
+        self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
+
+    def set_outer_step_mode(self, mode: str) -> None:
+        self.outer_step_mode = mode
+
+    def on_model_call(self, calls: int) -> None:
+        self.nfe_done = calls
+        if calls > self.nfe_total:  # adaptive solvers can only be estimated beforehand
+            self.nfe_total = calls
+        if self.progress is not None:
+            self.progress.update_absolute(calls, self.nfe_total)  # its hook also honours Cancel
+        else:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def items(self, batch: int) -> list[int]:
+        """The batch index of every item now in the run (a pick leaves one)."""
+        if self.batch_indices is not None and len(self.batch_indices) == batch:
+            return list(self.batch_indices)
+        return list(range(batch))
+
+    def on_outer_step(self, index: int, x0: torch.Tensor) -> None:
+        x0 = first_latent(x0)
+        # The total: what the inner processes so far spent plus the projected cost of the rest (exact for solvers
+        # whose model calls do not depend on the model; dpm_adaptive's follows what it really spends).
+        self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)
+        self.nfe_total = max(sum(projected_costs(self.nfe_planned, self.nfe_spent)), self.nfe_done, 1)
+        sigma = self.outer_sigmas[index]
+        self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
+                               self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1,
+                               self.items(x0.shape[0])))
+        if self.progress is not None:
+            self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
+        step = self.step_fields(index)
+        send_to_prompt_client(OUTER_STEP_EVENT, {**step, "sigma": sigma, "outer_step_mode": self.outer_step_mode})
+        if prompt_server() is not None:
+            send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
+                                                     "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
+                                                     "images": self.candidate_images(x0), "picked": None})
+
+    def step_fields(self, index: int) -> dict:
+        return {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
+                "outer_steps": self.outer_steps, "nfe": self.nfe_done, "nfe_total": self.nfe_total}
+
+    def on_pick(self, index: int, position: int, batch_index: int) -> None:
+        """A pick kept batch position ``position`` after outer step ``index``."""
+        self.batch_indices = [batch_index]
+        send_to_prompt_client(PICKED_EVENT, {"node": self.node_id, "prompt_id": self.prompt_id, "index": position,
+                                             "batch_index": batch_index, "outer_step": self.first_outer_index + index + 1})
+
+    def preview_bytes(self, x0: torch.Tensor):
+        if self.previewer is None:
+            return None
+        try:
+            return self.previewer.decode_latent_to_preview_image(PREVIEW_FORMAT, x0)
+        except Exception as error:  # a preview must never fail the run
+            logging.warning("nested diffusion: preview failed: %s", error)
+            return None
+
+    def candidate_images(self, x0: torch.Tensor) -> list[Optional[str]]:
+        """A small JPEG data URL per batch item (at most MAX_CANDIDATES), through ComfyUI's previewer."""
+        return [self.candidate_image(x0[item:item + 1]) for item in range(min(x0.shape[0], MAX_CANDIDATES))]
+
+    def candidate_image(self, latent: torch.Tensor) -> Optional[str]:
+        preview = self.preview_bytes(latent)
+        if preview is None:
+            return None
+        image = preview[1].copy()
+        image.thumbnail((CANDIDATE_SIZE, CANDIDATE_SIZE))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=85)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
+    """All inner results, outer-major, with what a downstream node needs to label them."""
+    kept = reporter.kept.steps
+    batch = kept[0].latent.shape[0] if kept else 0
+    samples = torch.cat([model.model.process_latent_out(step.latent) for step in kept]) if kept else torch.zeros(0)
+    return {
+        "samples": samples,
+        "nested_outer_steps": reporter.outer_steps,
+        "nested_outer_step_numbers": [s.number for s in kept],
+        "nested_batch_size": batch,
+        "nested_step_batch_sizes": [s.latent.shape[0] for s in kept],  # a pick leaves 1 after it
+        "nested_batch_indices": [item for s in kept for item in s.items],
+        "nested_nfe": [s.nfe for s in kept],
+        "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
+        "nested_sigmas": [s.sigma for s in kept],
+        "nested_outer_step_mode": reporter.outer_step_mode,
+    }
