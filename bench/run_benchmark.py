@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.spread import spread_table
 
         extra_tables.append(["Final standard deviation on N(0, I) data (the data's: 1.000), 4 x 10, scheduler normal; "
-                             "exempt rows are explained in the README (Keeping the distribution)", "",
+                             "exempt rows are explained in docs/results.md (Keeping the distribution)", "",
                              *spread_table(spread)])
     for table in extra_tables:
         for line in table:
