@@ -68,6 +68,10 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         self.rerun_key = rerun_key
         self.batch_indices = batch_indices
         self.last_run: Optional[NestedRunOutcome] = None
+        # The NestedKSampler nodes hand sample_custom ``report_outer_step`` as its callback, so that the reporter sees
+        # each inner result as ComfyUI's guider hands callbacks it (a multi-latent model's x0 as a NestedTensor).
+        self.reports_through_callback = False
+        self.reporter: Optional[NestedRunReporter] = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -77,6 +81,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                                      self.batch_indices)
         mode = resolve_outer_step_mode(self.settings.outer_step, plan, model_wrap, channels_of(noise))
         reporter.set_outer_step_mode(mode)
+        self.reporter = reporter
         # A flow model's noise can be scaled (model_sampling.noise_scale, ComfyUI 0.21.1 on): fresh outer noise too.
         rule = OuterStepRule(eta=self.settings.outer_eta, flow=plan.flow, renoise=mode == "renoise",
                              noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
@@ -99,7 +104,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
             def on_inner_result(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
-                reporter.on_outer_step(index, x0)
+                if not self.reports_through_callback:
+                    reporter.on_outer_step(index, x0)
                 if callback is not None:
                     callback({"x": state, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
 
@@ -119,6 +125,10 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             return result.x
 
         return sampler_function
+
+    def report_outer_step(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        """The sample_custom callback of the NestedKSampler nodes: the running reporter's outer step."""
+        self.reporter.on_outer_step(step, x0)
 
 
 def set_batch_size(control: Any, batch: int) -> None:
@@ -164,9 +174,11 @@ def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, po
     else:
         noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
     sampler.batch_indices = latent.get("batch_index")
+    sampler.reports_through_callback = True
     samples = comfy.sample.sample_custom(
         model, noise, cfg, sampler, sampler.plan.outer_sigmas, positive, negative, latent_image,
-        noise_mask=latent.get("noise_mask"), disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        noise_mask=latent.get("noise_mask"), callback=sampler.report_outer_step,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )
     out = latent.copy()
     out["samples"] = samples
