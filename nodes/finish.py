@@ -32,7 +32,8 @@ class RunControl:
     """What a client asks of one running sampler; thread-safe (the server's thread asks, the sampler's reads).
 
     The sampler: ``finish_requested()`` after every inner diffusion; ``set_batch_size(n)`` at the start and after
-    a pick; ``take_pick()`` at every outer boundary (the pending pick's batch position, once; None otherwise).
+    a pick; ``take_pick()`` (or ``take_pick(batch)``) at every outer boundary (the pending pick's batch position,
+    once; None otherwise).
     ``is_set()``/``set()`` are the finish pair under ``threading.Event``'s names, for callers written against the
     flag this replaces.
     """
@@ -79,10 +80,14 @@ class RunControl:
         with self._lock:
             return self._pending
 
-    def take_pick(self) -> Optional[int]:
-        """The pending pick's batch position, once (it counts as applied from then on); None when there is none."""
+    def take_pick(self, batch: Optional[int] = None) -> Optional[int]:
+        """The pending pick's batch position, once (it counts as applied from then on); None when there is none.
+        ``batch``: the run's batch size now, when the caller passes it; a pick outside it is dropped (None)."""
         with self._lock:
             index, self._pending = self._pending, None
+            if index is not None and batch is not None and not 0 <= index < batch:
+                logging.warning("nested diffusion: pick %d dropped: the batch has %d items", index, batch)
+                return None
             if index is not None:
                 self._applied = index
             return index

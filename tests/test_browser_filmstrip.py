@@ -140,6 +140,13 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
     assert [(step, index) for step, index, _, _ in shown][:2] == [(3, 1), (2, 0)]
     assert not any(keep for *_, keep in shown)
 
+    # a candidate the server had no preview image for (preview method "none"): a placeholder, no broken image
+    no_preview = candidates(sampler, "synthetic-1", 4, 4, picked=1, indices=[1])
+    no_preview["images"] = [None]
+    dispatch(page, CANDIDATES_EVENT, no_preview)
+    latest = strip(page, sampler).locator("figure").first
+    assert latest.locator(".nested-no-preview").inner_text() == "no preview" and latest.locator("img").count() == 0
+
     # a refused pick says why
     dispatch(page, CANDIDATES_EVENT, candidates(sampler, "synthetic-2", 1, 4))
     page.route("**/nested_diffusion/pick", lambda route: route.fulfill(

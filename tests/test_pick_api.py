@@ -48,6 +48,10 @@ def test_run_control_is_the_interface_the_sampler_reads(finish):
     assert other.is_set() is True
 
     assert control.take_pick() is None and control.batch_size is None
+    stale = finish.RunControl()
+    stale.set_batch_size(4)
+    stale.offer_pick(3)
+    assert stale.take_pick(2) is None and stale.picked is None  # a pick the batch no longer holds is dropped
     control.set_batch_size(4)
     assert control.batch_size == 4
     for bad in (0, -1, 2.0, True, "4"):
@@ -56,7 +60,7 @@ def test_run_control_is_the_interface_the_sampler_reads(finish):
     assert control.offer_pick(2)[0] == 200
     assert control.pending_pick == 2 and control.picked is None
     assert control.offer_pick(3) == (200, {"picking": True, "index": 3, "batch_size": 4, "replaced": 2})
-    assert control.take_pick() == 3  # once ...
+    assert control.take_pick(4) == 3  # once ...
     assert control.take_pick() is None  # ... then it is applied
     assert control.picked == 3
     control.set_batch_size(1)

@@ -133,6 +133,8 @@ const STYLE = `
 .nested-filmstrip figure.nested-kept img { outline: 2px solid #4caf50; }
 .nested-filmstrip img { width: 100%; aspect-ratio: 1; object-fit: contain; image-rendering: pixelated;
   cursor: zoom-in; background: #111; }
+.nested-filmstrip .nested-no-preview { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
+  font-size: 10px; opacity: 0.6; background: #111; }
 .nested-filmstrip figcaption { font-size: 10px; text-align: center; opacity: 0.85; white-space: pre-line; }
 .nested-filmstrip button { font-size: 10px; padding: 1px 2px; cursor: pointer; border-radius: 3px;
   border: 1px solid #666; background: #333; color: #eee; }
@@ -277,14 +279,22 @@ function render(strip) {
     figure.dataset.batchIndex = String(item.batchIndex);
     figure.dataset.position = String(item.position);
     if (strip.picked && item.batchIndex === strip.picked.batch_index) figure.classList.add("nested-kept");
-    const image = document.createElement("img");
-    image.src = item.src;
-    image.alt = label(item);
-    image.title = `${label(item)}: click to enlarge`;
-    image.addEventListener("click", (event) => {
-      event.stopPropagation();
-      enlarge(item);
-    });
+    let image;
+    if (item.src) {
+      image = document.createElement("img");
+      image.src = item.src;
+      image.alt = label(item);
+      image.title = `${label(item)}: click to enlarge`;
+      image.addEventListener("click", (event) => {
+        event.stopPropagation();
+        enlarge(item);
+      });
+    } else {
+      // the server had no previewer for this model (or preview method "none")
+      image = document.createElement("div");
+      image.className = "nested-no-preview";
+      image.textContent = "no preview";
+    }
     figure.dataset.label = label(item);
     const caption = document.createElement("figcaption");
     caption.textContent = `outer ${item.outerStep}/${item.outerSteps}\n${item.nfe} NFE · #${item.batchIndex}`;
