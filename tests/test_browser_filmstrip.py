@@ -182,6 +182,12 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
     dispatch(page, CANDIDATES_EVENT, candidates(custom, "synthetic-4", 1, 4, batch=2))
     assert {"Finish now", "nested_filmstrip"} <= set(page.evaluate(names, custom))
     assert len(figures(page, custom)) == 2
+    fits = page.evaluate("(id) => { const n = app.graph.getNodeById(id); return n.computeSize()[1] <= n.size[1]; }",
+                         custom)
+    assert fits, "the node grew to hold the button and the strip"
+    # the button asks the server (no run of this tab's: it says so)
+    page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'Finish now').callback()", custom)
+    page.get_by_text("Nothing to finish").first.wait_for(state="visible", timeout=10_000)
     close_toasts(page)
     assert page.page_errors == [], page.page_errors
 

@@ -229,6 +229,9 @@ function filmstripOf(node) {
   }
   node.setSize?.([Math.max(node.size[0], 320), node.size[1] + FILMSTRIP_HEIGHT + 10]);
   node.__nestedFilmstrip = strip;
+  for (const other of strips) {
+    if (nodeFor(other.node.id) !== other.node) strips.delete(other); // its node is gone (removed, graph reloaded)
+  }
   strips.add(strip);
   return strip;
 }
@@ -374,6 +377,8 @@ function onOuterStep(detail) {
   const node = nodeFor(detail?.display_node ?? detail?.node);
   if (node && !node.widgets?.some((widget) => widget.name === FINISH_BUTTON)) {
     addFinishButton(node);
+    const needed = node.computeSize?.()?.[1];
+    if (needed > node.size[1]) node.setSize?.([node.size[0], needed]);
     redraw();
   }
 }
