@@ -13,7 +13,7 @@ The same conventions as tests/test_browser_steering.py (whose page fixture and h
   candidates event, honouring the pick).
 
 Screenshots go to test-artifacts/{filmstrip_events,filmstrip,filmstrip_pick}.png; with NESTED_UPDATE_DOCS=1
-filmstrip.png also goes to docs/steering/.
+filmstrip.png and filmstrip_pick.png (the real runs) also go to docs/steering/.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import json
 
 import pytest
 import workflow_checks as wc
-from test_browser import browser, load_graph, sync_api  # noqa: F401  (browser is a fixture)
+from test_browser import ARTIFACTS, browser, load_graph, sync_api  # noqa: F401  (browser is a fixture)
 from test_browser_steering import (  # noqa: F401  (page is a fixture)
     DEMO,
     close_toasts,
@@ -103,7 +103,9 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
     assert page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'nested_filmstrip')"
                          "?.serialize", sampler) is False
     framed = frame(page, [sampler])
-    screenshot(page, "filmstrip_events", framed)
+    ARTIFACTS.mkdir(exist_ok=True)  # synthetic images: a test artifact only, never the docs' picture
+    page.screenshot(path=str(ARTIFACTS / "filmstrip_events.png"),
+                    clip={key: framed[key] for key in ("x", "y", "width", "height")})
 
     # a click enlarges a candidate; Escape closes it
     strip(page, sampler).locator('figure[data-outer-step="1"][data-position="3"] img').click()
