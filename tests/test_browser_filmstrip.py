@@ -13,7 +13,7 @@ The same conventions as tests/test_browser_steering.py (whose page fixture and h
   candidates event, honouring the pick).
 
 Screenshots go to test-artifacts/{filmstrip_events,filmstrip,filmstrip_pick}.png; with NESTED_UPDATE_DOCS=1
-filmstrip.png and filmstrip_pick.png (the real runs) also go to docs/steering/.
+filmstrip.png (the 4 x 4 run) also goes to docs/steering/.
 """
 from __future__ import annotations
 
@@ -259,6 +259,8 @@ def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page
     assert len(shown) == min(64, sum(e["images"] for e in steps))
     assert shown[0][1] == 2 and "kept #2" in strip(page, sampler).locator(".nested-filmstrip-head").inner_text()
     close_toasts(page)
-    screenshot(page, "filmstrip_pick", frame(page, [model, sampler, save]))
+    framed = frame(page, [model, sampler, save])
+    page.screenshot(path=str(ARTIFACTS / "filmstrip_pick.png"),
+                    clip={key: framed[key] for key in ("x", "y", "width", "height")})
     assert page.page_errors == [], page.page_errors
     print(json.dumps({"picked_at_outer_step": k, "outer_steps_run": len(steps)}))
