@@ -172,12 +172,18 @@ def mean_abs(a, b) -> float:
     return sum(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes())) / len(a.tobytes())
 
 
-def frame(page, node_ids: list, pad: int = 20, max_scale: float = 1.0, top: Optional[float] = None) -> dict:
+def frame(page, node_ids: list, pad: int = 20, max_scale: float = 1.0, avoid: Optional[dict] = None) -> dict:
     """Zoom and pan the canvas so that the nodes ``node_ids`` fill the part of it no panel covers (LiteGraph:
-    screen = (canvas position + ds.offset) * ds.scale); returns where they are on the page. With ``top``, they
-    start right below that page y instead of being centred."""
-    insets = dict(INSETS, top=top) if top is not None else INSETS
-    framed = page.evaluate("""([ids, pad, maxScale, insets, alignTop]) => {
+    screen = (canvas position + ds.offset) * ds.scale); returns where they are on the page. With ``avoid`` (a
+    bounding box on the page, e.g. a toast's), they go right below it when it sits in the upper half of the window
+    (older frontends show toasts top right) and right above it otherwise (1.5x shows them bottom right)."""
+    insets, align = dict(INSETS), "centre"
+    if avoid is not None:
+        if avoid["y"] + avoid["height"] / 2 < page.viewport_size["height"] / 2:
+            insets["top"], align = max(INSETS["top"], avoid["y"] + avoid["height"] + 10), "top"
+        else:
+            insets["bottom"], align = max(INSETS["bottom"], page.viewport_size["height"] - avoid["y"] + 10), "bottom"
+    framed = page.evaluate("""([ids, pad, maxScale, insets, align]) => {
         const nodes = ids.map(id => app.graph.getNodeById(id));
         const title = LiteGraph.NODE_TITLE_HEIGHT;
         const x0 = Math.min(...nodes.map(n => n.pos[0])) - pad;
@@ -189,11 +195,11 @@ def frame(page, node_ids: list, pad: int = 20, max_scale: float = 1.0, top: Opti
         const scale = Math.min(width / (x1 - x0), height / (y1 - y0), maxScale);
         app.canvas.ds.scale = scale;
         const w = (x1 - x0) * scale, h = (y1 - y0) * scale;
-        const left = insets.left + (width - w) / 2, topY = insets.top + (alignTop ? 0 : (height - h) / 2);
+        const left = insets.left + (width - w) / 2, topY = insets.top + ({top: 0, bottom: height - h}[align] ?? (height - h) / 2);
         app.canvas.ds.offset = [left / scale - x0, topY / scale - y0];
         app.canvas.setDirty(true, true);
         return {scale, x: left, y: topY, width: w, height: h};
-    }""", [node_ids, pad, max_scale, insets, top is not None])
+    }""", [node_ids, pad, max_scale, insets, align])
     page.wait_for_timeout(300)
     assert framed["scale"] >= 0.6, f"zoom {framed['scale']:.2f}: LiteGraph draws no text below 0.6"
     return framed
@@ -289,9 +295,9 @@ def test_finish_now_button_ends_the_run_early_and_the_graph_goes_on(page, comfy_
     wait_for_images(page, preview, len(steps) * batch)
     assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
 
-    # The nodes right below the toast that says the button was heard, both in the picture.
-    below = toast.bounding_box()["y"] + toast.bounding_box()["height"] + 10 if toast.is_visible() else None
-    framed = frame(page, [ids["Exemplar Mixture Model (testing)"], sampler, save, preview], top=below)
+    # The nodes right next to (below or above) the toast that says the button was heard, both in the picture.
+    box = toast.bounding_box() if toast.is_visible() else None
+    framed = frame(page, [ids["Exemplar Mixture Model (testing)"], sampler, save, preview], avoid=box)
     screenshot(page, "finish_now", framed, also=toast)
     close_toasts(page)
     assert page.page_errors == [], page.page_errors

@@ -20,7 +20,8 @@ def test_finish_now_returns_the_latest_inner_result_and_the_graph_goes_on(comfy_
         events.append(event)
         if event["type"] == OUTER_STEP_EVENT and event["data"]["outer_step"] == 2:
             listing = requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"]
-            answers.append(({"prompt_id": prompt_id, "node_id": SAMPLER} in listing, None))
+            answers.append((any(entry["prompt_id"] == prompt_id and entry["node_id"] == SAMPLER
+                                    for entry in listing), None))
             answers.append((None, post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER})))
     assert answers[0][0] is True
     response = answers[1][1]

@@ -296,7 +296,7 @@ def test_finish_now_finishes_only_the_clients_own_runs(comfy_server, client, exe
                 answers["own finish"] = post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER,
                                                                    "client_id": client.client_id})
     assert answers["other's listing"] == {"running": []}
-    assert answers["own listing"] == {"running": [{"prompt_id": prompt_id, "node_id": SAMPLER}]}
+    assert [(run["prompt_id"], run["node_id"]) for run in answers["own listing"]["running"]] == [(prompt_id, SAMPLER)]
     refused = answers["other's finish"]
     assert refused.status_code == 403 and "another client" in refused.json()["error"]
     assert answers["own finish"].status_code == 200
@@ -310,7 +310,9 @@ def test_the_extension_sends_the_tabs_client_id():
 
     source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
     assert "api.clientId ?? api.initialClientId" in source
-    assert "/nested_diffusion/running?client_id=" in source and "client_id: clientId" in source
+    assert 'RUNNING_ROUTE = "/nested_diffusion/running"' in source and "${RUNNING_ROUTE}?client_id=" in source
+    assert 'PICK_ROUTE = "/nested_diffusion/pick"' in source
+    assert source.count("client_id: clientId") == 2  # finish and pick
 
 
 # -- the load test's mixed workload --------------------------------------------------------------------------------

@@ -57,8 +57,15 @@ __all__ = [
     "PromptValidationError",
     "ExecutionError",
     "ExecutionInterrupted",
+    "SteeringRefused",
     "decode_binary_message",
 ]
+
+# The Nested Diffusion pack's routes (the pack's protocol.py names them; spelled here so that this file stays
+# standalone).
+NESTED_FINISH_ROUTE = "/nested_diffusion/finish"
+NESTED_PICK_ROUTE = "/nested_diffusion/pick"
+NESTED_RUNNING_ROUTE = "/nested_diffusion/running"
 
 # ComfyUI's protocol.BinaryEventTypes
 PREVIEW_IMAGE = 1
@@ -119,6 +126,17 @@ class ExecutionInterrupted(ComfyAPIError):
     def __init__(self, data: dict):
         self.data = data
         super().__init__(f"prompt {data.get('prompt_id')} interrupted at {data.get('node_type')} (node {data.get('node_id')})")
+
+
+class SteeringRefused(ComfyAPIError):
+    """The Nested Diffusion pack refused a finish or pick request. ``status_code``: 400 (malformed, or an index
+    out of range), 403 (another client's run), 404 (no such run; ``answer["running"]`` lists this client's
+    runs), 409 (nothing runs, or the run already took its one pick); ``answer``: the server's JSON body."""
+
+    def __init__(self, status_code: int, answer: dict):
+        self.status_code = status_code
+        self.answer = answer if isinstance(answer, dict) else {"error": str(answer)}
+        super().__init__(f"refused (HTTP {status_code}): {self.answer.get('error', '')}")
 
 
 def decode_binary_message(message: bytes) -> dict:
@@ -277,6 +295,36 @@ class ComfyAPIClient:
     def queue(self) -> dict:
         """``GET /queue``: {"queue_running": [...], "queue_pending": [...]}."""
         return self._get("/queue").json()
+
+    # -- steering a nested sampler (the Nested Diffusion pack's routes) -------------------------------
+    def _steer(self, path: str, body: dict) -> dict:
+        response = self.session.post(f"{self.url}{path}", json={**body, "client_id": self.client_id},
+                                     timeout=self.http_timeout)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {"error": response.text}
+        if response.status_code != 200:
+            raise SteeringRefused(response.status_code, answer)
+        return answer
+
+    def running(self) -> list[dict]:
+        """``GET /nested_diffusion/running``: this client's running nested samplers, each
+        ``{"prompt_id", "node_id", "batch_size", "picked"}``."""
+        return self._get(NESTED_RUNNING_ROUTE, client_id=self.client_id).json()["running"]
+
+    def finish(self, prompt_id: str, node: str) -> dict:
+        """'Finish now': the nested sampler ``node`` of this client's prompt ``prompt_id`` ends after its current
+        inner diffusion and returns that image. Returns the server's answer; raises SteeringRefused."""
+        return self._steer(NESTED_FINISH_ROUTE, {"prompt_id": prompt_id, "node_id": str(node)})
+
+    def pick(self, prompt_id: str, node: str, index: int) -> dict:
+        """'Keep only this': from its next outer boundary on, the nested sampler ``node`` of this client's prompt
+        ``prompt_id`` continues only batch item ``index`` (its position in the batch; the
+        ``nested_diffusion.candidates`` event lists the candidates in that order) and sends
+        ``nested_diffusion.picked``. One pick per run. Returns the server's answer (``{"picking": true, "index",
+        "batch_size", ...}``); raises SteeringRefused."""
+        return self._steer(NESTED_PICK_ROUTE, {"prompt_id": prompt_id, "node": str(node), "index": index})
 
     # -- websocket ----------------------------------------------------------------------------------
     def _receive(self, deadline: float) -> Optional[dict]:

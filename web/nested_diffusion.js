@@ -1,13 +1,30 @@
-// Nested Diffusion for ComfyUI: a "Finish now" button on the nested samplers.
-// While the node samples, the button asks the server to end the run after the current inner
-// diffusion; the node returns that image and the graph goes on (decode, save). Cancel is unchanged.
-// It finishes only runs queued by this browser tab: it lists and names runs with the tab's client id (the one
-// the tab queues its prompts with), and the server refuses other clients' runs. Works with the legacy
-// frontend (api.clientId) and the current one (api.clientId, api.initialClientId).
+// Nested Diffusion for ComfyUI: steer a nested run from the node.
+// * "Finish now": a button on the nested samplers (and on SamplerCustom / SamplerCustomAdvanced once they run a
+//   NestedSampler). While the node samples, the button asks the server to end the run after the current inner
+//   diffusion; the node returns that image and the graph goes on (decode, save). Cancel is unchanged.
+// * The filmstrip: every batch item's image after every outer step (the nested_diffusion.candidates event), on the
+//   node that runs the nested sampler, labelled "outer k/K", NFEs and batch index; it stays after the run (the
+//   latest MAX_KEPT images per node); a click enlarges one. While the run runs, each candidate of the latest outer
+//   step has "keep only this": the run continues only that batch item from its next outer boundary on.
+// Both steer only runs queued by this browser tab: requests carry the tab's client id (the one the tab queues its
+// prompts with), and the server refuses other clients' runs. Works with the legacy frontend (api.clientId) and
+// the current one (api.clientId, api.initialClientId).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
+// protocol.py spells the same strings
+const OUTER_STEP_EVENT = "nested_diffusion.outer_step";
+const CANDIDATES_EVENT = "nested_diffusion.candidates";
+const PICKED_EVENT = "nested_diffusion.picked";
+const FINISH_ROUTE = "/nested_diffusion/finish";
+const PICK_ROUTE = "/nested_diffusion/pick";
+const RUNNING_ROUTE = "/nested_diffusion/running";
+
 const FINISHABLE = new Set(["NestedKSampler", "NestedKSamplerAdvanced"]);
+const FINISH_BUTTON = "Finish now";
+const FILMSTRIP_WIDGET = "nested_filmstrip";
+const FILMSTRIP_HEIGHT = 250; // CSS pixels at zoom 1: the strip scrolls inside
+const MAX_KEPT = 64; // images kept per node (the oldest go first)
 
 // severity: "info", "success" or "warn". Current frontends have toast.info / success / warning (toast.add is
 // deprecated there); older ones (1.32 with ComfyUI 0.3.75) only toast.add.
@@ -35,29 +52,334 @@ function ownClientId() {
   return typeof id === "string" && id ? id : null;
 }
 
+async function postJson(route, body) {
+  const response = await api.fetchApi(route, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  let answer = {};
+  try {
+    answer = await response.json();
+  } catch {
+    answer = { error: `HTTP ${response.status}` };
+  }
+  return { ok: response.ok, status: response.status, answer };
+}
+
 async function finishNow(node) {
   const clientId = ownClientId();
   if (!clientId) {
     notify("warn", "Cannot tell which runs this tab queued (no client id yet): nothing finished.");
     return;
   }
-  const listing = await api.fetchApi(`/nested_diffusion/running?client_id=${encodeURIComponent(clientId)}`);
+  const listing = await api.fetchApi(`${RUNNING_ROUTE}?client_id=${encodeURIComponent(clientId)}`);
   const { running = [] } = await listing.json();
   const run = running.find((entry) => isThisNode(entry, node));
   if (!run) {
     notify("info", "Nothing to finish: this node is not sampling a prompt queued from this tab.");
     return;
   }
-  const response = await api.fetchApi("/nested_diffusion/finish", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ ...run, client_id: clientId }),
+  const { ok, status, answer } = await postJson(FINISH_ROUTE, {
+    prompt_id: run.prompt_id,
+    node_id: run.node_id,
+    client_id: clientId,
   });
-  const answer = await response.json();
-  if (response.ok) {
+  if (ok) {
     notify("success", "Finishing after the current inner diffusion; its image will be the result.");
   } else {
-    notify("warn", answer.error ?? `Finish request refused (${response.status})`);
+    notify("warn", answer.error ?? `Finish request refused (${status})`);
+  }
+}
+
+function addFinishButton(node) {
+  if (node.widgets?.some((widget) => widget.name === FINISH_BUTTON)) return;
+  const button = node.addWidget("button", FINISH_BUTTON, null, () => finishNow(node));
+  // not an input: keep it out of saved widget values and out of the queued prompt
+  button.serialize = false;
+  button.options = { ...(button.options ?? {}), serialize: false };
+}
+
+// The node an event names: its id in the graph shown (ids inside a subgraph or group node are "outer:inner").
+function nodeFor(id) {
+  if (id === undefined || id === null) return null;
+  const text = String(id);
+  const graphs = [app.graph, app.canvas?.graph].filter(Boolean);
+  for (const graph of graphs) {
+    const node = graph.getNodeById?.(text) ?? graph.getNodeById?.(Number(text));
+    if (node) return node;
+  }
+  const last = text.split(":").pop();
+  for (const graph of graphs) {
+    const node = graph.getNodeById?.(last) ?? graph.getNodeById?.(Number(last));
+    if (node) return node;
+  }
+  return null;
+}
+
+function redraw() {
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
+// -- the filmstrip ------------------------------------------------------------------------------------------------
+const STYLE = `
+.nested-filmstrip { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box; height: 100%;
+  padding: 4px; font: 11px/1.25 sans-serif; color: #ddd; background: rgba(0, 0, 0, 0.25); border-radius: 4px;
+  overflow: hidden; }
+.nested-filmstrip-head { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; }
+.nested-filmstrip-grid { flex: 1; display: grid; grid-template-columns: repeat(auto-fill, minmax(64px, 1fr));
+  gap: 4px; overflow-y: auto; align-content: start; }
+.nested-filmstrip figure { margin: 0; display: flex; flex-direction: column; gap: 2px; align-items: stretch; }
+.nested-filmstrip figure.nested-kept img { outline: 2px solid #4caf50; }
+.nested-filmstrip img { width: 100%; aspect-ratio: 1; object-fit: contain; image-rendering: pixelated;
+  cursor: zoom-in; background: #111; }
+.nested-filmstrip .nested-no-preview { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
+  font-size: 10px; opacity: 0.6; background: #111; }
+.nested-filmstrip figcaption { font-size: 10px; text-align: center; opacity: 0.85; white-space: pre-line; }
+.nested-filmstrip button { font-size: 10px; padding: 1px 2px; cursor: pointer; border-radius: 3px;
+  border: 1px solid #666; background: #333; color: #eee; }
+.nested-filmstrip button:disabled { opacity: 0.5; cursor: default; }
+.nested-filmstrip-overlay { position: fixed; inset: 0; z-index: 10000; display: flex; flex-direction: column;
+  align-items: center; justify-content: center; gap: 8px; background: rgba(0, 0, 0, 0.8); color: #eee;
+  font: 14px sans-serif; cursor: zoom-out; }
+.nested-filmstrip-overlay img { width: min(80vmin, 768px); height: min(80vmin, 768px); object-fit: contain;
+  image-rendering: pixelated; background: #111; }
+`;
+
+function ensureStyle() {
+  if (document.getElementById("nested-filmstrip-style")) return;
+  const style = document.createElement("style");
+  style.id = "nested-filmstrip-style";
+  style.textContent = STYLE;
+  document.head.appendChild(style);
+}
+
+function label(item) {
+  return `outer ${item.outerStep}/${item.outerSteps} · ${item.nfe} NFE · #${item.batchIndex}`;
+}
+
+function enlarge(item) {
+  document.querySelector(".nested-filmstrip-overlay")?.remove();
+  const overlay = document.createElement("div");
+  overlay.className = "nested-filmstrip-overlay";
+  overlay.setAttribute("role", "dialog");
+  overlay.setAttribute("aria-label", "Nested Diffusion candidate");
+  const image = document.createElement("img");
+  image.src = item.src;
+  image.alt = label(item);
+  const caption = document.createElement("div");
+  caption.textContent = `${label(item)} (of ${item.nfeTotal} NFE) · click or Escape to close`;
+  overlay.append(image, caption);
+  const close = () => {
+    overlay.remove();
+    document.removeEventListener("keydown", onKey, true);
+  };
+  const onKey = (event) => {
+    if (event.key === "Escape") close();
+  };
+  overlay.addEventListener("click", close);
+  document.addEventListener("keydown", onKey, true);
+  document.body.appendChild(overlay);
+}
+
+let warnedNoDomWidgets = false;
+const strips = new Set(); // every filmstrip made in this page
+
+// The node's filmstrip state and widget, created at its first candidates event; null where the frontend has no
+// DOM widgets (then a console warning, once).
+function filmstripOf(node) {
+  if (node.__nestedFilmstrip) return node.__nestedFilmstrip;
+  if (typeof node.addDOMWidget !== "function") {
+    if (!warnedNoDomWidgets) {
+      console.warn("[nested diffusion] this frontend has no node.addDOMWidget: no filmstrip on the nodes");
+      warnedNoDomWidgets = true;
+    }
+    return null;
+  }
+  ensureStyle();
+  const element = document.createElement("div");
+  element.className = "nested-filmstrip";
+  element.dataset.node = String(node.id);
+  const head = document.createElement("div");
+  head.className = "nested-filmstrip-head";
+  const grid = document.createElement("div");
+  grid.className = "nested-filmstrip-grid";
+  element.append(head, grid);
+  // keep the canvas from taking wheel and pointer events meant for the strip's scrolling and buttons
+  element.addEventListener("wheel", (event) => event.stopPropagation(), { passive: true });
+  const strip = { node, element, head, grid, items: [], promptId: null, running: false, outerStep: 0,
+                  outerSteps: 0, pickRequested: null, picked: null, eventNode: null, widget: null };
+  try {
+    strip.widget = node.addDOMWidget(FILMSTRIP_WIDGET, "nested_filmstrip", element, {
+      serialize: false,
+      hideOnZoom: false,
+      getValue: () => undefined,
+      setValue: () => {},
+      getMinHeight: () => FILMSTRIP_HEIGHT,
+      getMaxHeight: () => FILMSTRIP_HEIGHT,
+      getHeight: () => FILMSTRIP_HEIGHT,
+    });
+  } catch (error) {
+    console.warn("[nested diffusion] could not add the filmstrip widget:", error);
+    return null;
+  }
+  if (strip.widget) {
+    strip.widget.serialize = false;
+    strip.widget.computeSize = (width) => [width, FILMSTRIP_HEIGHT];
+  }
+  node.setSize?.([Math.max(node.size[0], 320), node.size[1] + FILMSTRIP_HEIGHT + 10]);
+  node.__nestedFilmstrip = strip;
+  for (const other of strips) {
+    if (nodeFor(other.node.id) !== other.node) strips.delete(other); // its node is gone (removed, graph reloaded)
+  }
+  strips.add(strip);
+  return strip;
+}
+
+async function keepOnly(strip, item) {
+  const clientId = ownClientId();
+  if (!clientId) {
+    notify("warn", "Cannot tell which runs this tab queued (no client id yet): nothing picked.");
+    return;
+  }
+  strip.pickRequested = item.position;
+  render(strip);
+  let result;
+  try {
+    result = await postJson(PICK_ROUTE, {
+      prompt_id: strip.promptId,
+      node: strip.eventNode,
+      index: item.position,
+      client_id: clientId,
+    });
+  } catch (error) {
+    result = { ok: false, status: 0, answer: { error: String(error) } };
+  }
+  if (result.ok) {
+    notify("success", `Keeping only batch item ${item.batchIndex} from the next outer step on.`);
+  } else {
+    strip.pickRequested = null;
+    notify("warn", result.answer.error ?? `Pick refused (${result.status})`);
+  }
+  render(strip);
+}
+
+function render(strip) {
+  const { head, grid, items } = strip;
+  const state = strip.picked
+    ? `kept #${strip.picked.batch_index} after outer ${strip.picked.outer_step}`
+    : strip.running ? "running" : "done";
+  head.textContent = items.length
+    ? `Candidates · outer ${strip.outerStep}/${strip.outerSteps} · ${state}`
+    : "Candidates";
+  grid.replaceChildren();
+  const canPick = strip.running && !strip.picked && strip.pickRequested === null;
+  // latest outer step first, batch order within a step
+  const ordered = [...items].sort((a, b) => b.outerStep - a.outerStep || a.position - b.position);
+  for (const item of ordered) {
+    const figure = document.createElement("figure");
+    figure.dataset.outerStep = String(item.outerStep);
+    figure.dataset.batchIndex = String(item.batchIndex);
+    figure.dataset.position = String(item.position);
+    if (strip.picked && item.batchIndex === strip.picked.batch_index) figure.classList.add("nested-kept");
+    let image;
+    if (item.src) {
+      image = document.createElement("img");
+      image.src = item.src;
+      image.alt = label(item);
+      image.title = `${label(item)}: click to enlarge`;
+      image.addEventListener("click", (event) => {
+        event.stopPropagation();
+        enlarge(item);
+      });
+    } else {
+      // the server had no previewer for this model (or preview method "none")
+      image = document.createElement("div");
+      image.className = "nested-no-preview";
+      image.textContent = "no preview";
+    }
+    figure.dataset.label = label(item);
+    const caption = document.createElement("figcaption");
+    caption.textContent = `outer ${item.outerStep}/${item.outerSteps}\n${item.nfe} NFE · #${item.batchIndex}`;
+    figure.append(image, caption);
+    const latest = item.outerStep === strip.outerStep && item.batchSize > 1;
+    if (strip.running && latest && !strip.picked) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "nested-keep";
+      button.textContent = strip.pickRequested === item.position ? "keeping..." : "keep only this";
+      button.title = "Continue the run with this candidate only (from the next outer step on)";
+      button.disabled = !canPick;
+      button.addEventListener("click", (event) => {
+        event.stopPropagation();
+        keepOnly(strip, item);
+      });
+      figure.append(button);
+    }
+    grid.append(figure);
+  }
+  redraw();
+}
+
+function onCandidates(detail) {
+  if (!detail) return;
+  const node = nodeFor(detail.display_node ?? detail.node);
+  if (!node) return;
+  const strip = filmstripOf(node);
+  if (!strip) return;
+  if (strip.promptId !== detail.prompt_id) {
+    // a new run of this node: the strip shows that one
+    Object.assign(strip, { items: [], promptId: detail.prompt_id, pickRequested: null, picked: null });
+  }
+  strip.running = true;
+  strip.eventNode = String(detail.node);
+  strip.outerStep = detail.outer_step;
+  strip.outerSteps = detail.outer_steps;
+  const images = Array.isArray(detail.images) ? detail.images : [];
+  images.forEach((src, position) => {
+    strip.items.push({
+      src,
+      position,
+      batchSize: images.length,
+      batchIndex: detail.batch_indices?.[position] ?? position,
+      outerStep: detail.outer_step,
+      outerSteps: detail.outer_steps,
+      nfe: detail.nfe,
+      nfeTotal: detail.nfe_total,
+    });
+  });
+  if (strip.items.length > MAX_KEPT) strip.items.splice(0, strip.items.length - MAX_KEPT);
+  render(strip);
+}
+
+function onPicked(detail) {
+  const node = nodeFor(detail?.display_node ?? detail?.node);
+  const strip = node?.__nestedFilmstrip;
+  if (!strip || strip.promptId !== detail.prompt_id) return;
+  strip.picked = detail;
+  strip.pickRequested = null;
+  render(strip);
+}
+
+// The run of a strip is over once its prompt ends or ComfyUI executes another node.
+function endRuns(promptId, executingNode) {
+  for (const strip of strips) {
+    if (!strip.running) continue;
+    if (promptId && strip.promptId && promptId !== strip.promptId) continue;
+    if (executingNode !== undefined && executingNode !== null && String(executingNode) === strip.eventNode) continue;
+    strip.running = false;
+    render(strip);
+  }
+}
+
+function onOuterStep(detail) {
+  // SamplerCustom / SamplerCustomAdvanced running a NestedSampler report their own node id: give them the button
+  const node = nodeFor(detail?.display_node ?? detail?.node);
+  if (node && !node.widgets?.some((widget) => widget.name === FINISH_BUTTON)) {
+    addFinishButton(node);
+    const needed = node.computeSize?.()?.[1];
+    if (needed > node.size[1]) node.setSize?.([node.size[0], needed]);
+    redraw();
   }
 }
 
@@ -67,10 +389,26 @@ app.registerExtension({
   // node type's onNodeCreated.
   nodeCreated(node) {
     if (!FINISHABLE.has(node.comfyClass ?? node.type)) return;
-    if (node.widgets?.some((widget) => widget.name === "Finish now")) return;
-    const button = node.addWidget("button", "Finish now", null, () => finishNow(node));
-    // not an input: keep it out of saved widget values and out of the queued prompt
-    button.serialize = false;
-    button.options = { ...(button.options ?? {}), serialize: false };
+    addFinishButton(node);
+  },
+  setup() {
+    const listen = (type, handler) => api.addEventListener(type, (event) => {
+      try {
+        handler(event.detail);
+      } catch (error) {
+        console.warn(`[nested diffusion] ${type}:`, error);
+      }
+    });
+    listen(CANDIDATES_EVENT, onCandidates);
+    listen(PICKED_EVENT, onPicked);
+    listen(OUTER_STEP_EVENT, onOuterStep);
+    listen("executing", (detail) => {
+      const executing = detail !== null && typeof detail === "object" ? detail.node : detail;
+      const promptId = detail !== null && typeof detail === "object" ? detail.prompt_id : undefined;
+      endRuns(promptId, executing);
+    });
+    for (const type of ["execution_success", "execution_error", "execution_interrupted"]) {
+      listen(type, (detail) => endRuns(detail?.prompt_id, null));
+    }
   },
 });
