@@ -34,8 +34,6 @@ class RunControl:
     The sampler: ``finish_requested()`` after every inner diffusion; ``set_batch_size(n)`` at the start and after
     a pick; ``take_pick()`` (or ``take_pick(batch)``) at every outer boundary (the pending pick's batch position,
     once; None otherwise).
-    ``is_set()``/``set()`` are the finish pair under ``threading.Event``'s names, for callers written against the
-    flag this replaces.
     """
 
     def __init__(self) -> None:
@@ -53,9 +51,6 @@ class RunControl:
     def request_finish(self) -> None:
         with self._lock:
             self._finish = True
-
-    is_set = finish_requested
-    set = request_finish
 
     # -- pick --
     def set_batch_size(self, n: int) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ..nested_core import NestedDiffusionError, NestedResult, OuterStepRule, StopRule, check_number, run_nested
 from . import rerun
-from .finish import finishable_run
+from .finish import RunControl, finishable_run
 from .planning import InnerSolverSpec, NestedPlan, check_outer_step_mode, plan_from_sigmas, resolve_outer_step_mode
 from .reporting import NestedRunReporter, executing_node_id, outer_previews_latent
 
@@ -88,7 +88,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         self.inpaint_options = plan.inpaint_options
         results: list[NestedResult] = []
         with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:
-            set_batch_size(control, int(noise.shape[0]))
+            control.set_batch_size(int(noise.shape[0]))  # what a pick may name
             self.sampler_function = self.nested_function(plan, rule, reporter, control, results)
             samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
                                      latent_image, denoise_mask, disable_pbar)
@@ -96,7 +96,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
         return samples
 
-    def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: Any,
+    def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: RunControl,
                         results: list) -> Any:
         """The sampler function KSAMPLER.sample calls with ComfyUI's model (``KSamplerX0Inpaint``) for one run; its
         NestedResult goes to ``results``."""
@@ -112,13 +112,13 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             def on_pick(index: int, position: int, batch_index: int) -> None:
                 narrow_inpainting(model_k, position)
                 reporter.on_pick(index, position, batch_index)
-                set_batch_size(control, 1)
+                control.set_batch_size(1)
 
             result = run_nested(
                 model_k, x, sigmas, plan.inner_sigmas, plan.solver, extra_args, rule=rule,
                 on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
-                stop_rule=StopRule(plan.nfe_per_outer, limits.max_nfe, limits.max_seconds, control.is_set),
-                take_pick=getattr(control, "take_pick", None), on_pick=on_pick, index_offset=plan.first_outer_index,
+                stop_rule=StopRule(plan.nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
+                take_pick=control.take_pick, on_pick=on_pick, index_offset=plan.first_outer_index,
                 max_calls=limits.max_nfe, batch_indices=self.batch_indices,
             )
             results.append(result)
@@ -129,13 +129,6 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     def report_outer_step(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
         """The sample_custom callback of the NestedKSampler nodes: the running reporter's outer step."""
         self.reporter.on_outer_step(step, x0)
-
-
-def set_batch_size(control: Any, batch: int) -> None:
-    """Tell Finish now / pick how many items the run holds (what a pick may name)."""
-    setter = getattr(control, "set_batch_size", None)
-    if setter is not None:
-        setter(batch)
 
 
 def channels_of(noise: torch.Tensor) -> int:

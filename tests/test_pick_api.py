@@ -40,12 +40,9 @@ def finish(pack):
 # -- in process: RunControl and request_pick ---------------------------------------------------------------------
 def test_run_control_is_the_interface_the_sampler_reads(finish):
     control = finish.RunControl()
-    assert control.finish_requested() is False and control.is_set() is False
-    control.set()  # the threading.Event names still work
-    assert control.finish_requested() is True and control.is_set() is True
-    other = finish.RunControl()
-    other.request_finish()
-    assert other.is_set() is True
+    assert control.finish_requested() is False
+    control.request_finish()
+    assert control.finish_requested() is True
 
     assert control.take_pick() is None and control.batch_size is None
     stale = finish.RunControl()
