@@ -92,8 +92,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             self.sampler_function = self.nested_function(plan, rule, reporter, control, results)
             samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
                                      latent_image, denoise_mask, disable_pbar)
+            rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
         self.last_run = NestedRunOutcome(results[0], reporter)
-        rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
         return samples
 
     def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: RunControl,

@@ -93,6 +93,7 @@ class NestedRunReporter:
         self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
         self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
         self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
+        self.picked: Optional[int] = None  # the batch position a pick kept
 
     def set_outer_step_mode(self, mode: str) -> None:
         self.outer_step_mode = mode
@@ -129,7 +130,7 @@ class NestedRunReporter:
         if prompt_server() is not None:
             send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
                                                      "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
-                                                     "images": self.candidate_images(x0), "picked": None})
+                                                     "images": self.candidate_images(x0), "picked": self.picked})
 
     def step_fields(self, index: int) -> dict:
         return {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
@@ -138,6 +139,7 @@ class NestedRunReporter:
     def on_pick(self, index: int, position: int, batch_index: int) -> None:
         """A pick kept batch position ``position`` after outer step ``index``."""
         self.batch_indices = [batch_index]
+        self.picked = position
         send_to_prompt_client(PICKED_EVENT, {"node": self.node_id, "prompt_id": self.prompt_id, "index": position,
                                              "batch_index": batch_index, "outer_step": self.first_outer_index + index + 1})
 

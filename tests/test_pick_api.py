@@ -281,7 +281,7 @@ def test_sampler_keeps_only_the_picked_item(comfy_server, client, exemplar_defau
         if data["outer_step"] <= k:
             assert data["batch_indices"] == list(range(batch)) and data.get("picked") is None, data["outer_step"]
         else:
-            assert data["batch_indices"] == [index], data["outer_step"]
+            assert data["batch_indices"] == [index] and data["picked"] == index, data["outer_step"]
     saved = client.history(prompt_id)["outputs"][SAVE]["images"]
     assert len(saved) == 1
     kept = decode(client.fetch_image(**saved[0]))
