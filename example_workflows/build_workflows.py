@@ -1027,8 +1027,8 @@ def run_and_collect(workflows: list[Workflow]) -> dict:
     from PIL import Image
 
     sys.path.insert(0, str(REPO_ROOT))
-    from tools.comfy_api_client import ComfyAPIClient
-    from tools.comfy_server import ComfyServer
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
+    from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
 
     results = {}
     with ComfyServer(startup_timeout=180) as server, ComfyAPIClient(server.url) as client:

@@ -35,13 +35,11 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402  (installed with ComfyUI)
+from PIL import Image, ImageDraw, ImageFont  # (installed with ComfyUI)
 
-from tools.comfy_api_client import ComfyAPIClient, ComfyAPIError  # noqa: E402
-from tools.comfy_server import ComfyServer, ComfyServerError  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, ComfyAPIError
+from comfyui_nested_diffusion.tools.comfy_server import ComfyServer, ComfyServerError
 
 DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 DIGITS_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_digits_api.json"
@@ -502,7 +500,7 @@ def exemplar_reference(prompt: dict, size: Optional[tuple[int, int]]) -> Optiona
     if isinstance(inputs.get("exemplars"), list) or inputs.get("image_size", size[0]) != size[0]:
         return None  # custom exemplar images: not known here
     try:
-        from nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
+        from comfyui_nested_diffusion.nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
         return default_exemplars(size[0]), EXEMPLAR_NAMES
     except Exception as error:  # distances are a bonus: never fail the demo for them
         print(f"note: no exemplar distances ({error})", file=sys.stderr)
@@ -516,7 +514,7 @@ def exemplar_distance(image: Image.Image, reference: Optional[tuple[Any, tuple[s
     import numpy as np
     import torch
 
-    from nested_core.exemplars import manifold_distance
+    from comfyui_nested_diffusion.nested_core.exemplars import manifold_distance
 
     exemplars, names = reference
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)

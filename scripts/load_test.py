@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Load test: many mixed prompts from several API clients at once, on one ComfyUI server with this pack.
 
-    .nested_env/venv/bin/python scripts/load_test.py                      # starts its own server: 200 prompts, 4 clients
-    .nested_env/venv/bin/python scripts/load_test.py --json load.json     # ... and writes the figures as JSON
-    .nested_env/venv/bin/python scripts/load_test.py --url http://127.0.0.1:8188 --pid 12345   # a running server
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test                      # starts its own server: 200 prompts, 4 clients
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test --json load.json     # ... and writes the figures as JSON
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test --url http://127.0.0.1:8188 --pid 12345   # a running server
 
 Every client has its own websocket and ``client_id`` and runs in its own thread. The prompts alternate between
 NestedKSampler (2-3 outer x 2-3 inner steps; every other one also with OuterStepPreview) and a plain KSampler with the same total steps, each with its own
@@ -46,10 +46,8 @@ from pathlib import Path
 from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from tools.comfy_api_client import ComfyAPIClient, widget_defaults  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, widget_defaults
 
 OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 SAMPLER, SAVE = "3", "6"
@@ -493,7 +491,7 @@ def main(argv=None) -> int:
     url, pid = args.url, args.pid
     started = time.monotonic()
     if url is None:
-        from tools.comfy_server import ComfyServer, ComfyServerError
+        from comfyui_nested_diffusion.tools.comfy_server import ComfyServer, ComfyServerError
 
         server = ComfyServer(startup_timeout=180)
         try:

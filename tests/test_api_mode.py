@@ -28,7 +28,7 @@ from api_helpers import (
 )
 from PIL import Image
 
-from tools.comfy_api_client import (
+from comfyui_nested_diffusion.tools.comfy_api_client import (
     ComfyAPIClient,
     ExecutionError,
     ExecutionInterrupted,

@@ -26,7 +26,7 @@ requests = pytest.importorskip("requests")
 
 import workflow_checks as wc  # noqa: E402
 
-from tools.comfy_server import PACK_DIR_NAME  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_server import PACK_DIR_NAME  # noqa: E402
 
 CHROMIUM = os.environ.get("NESTED_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

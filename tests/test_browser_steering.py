@@ -348,7 +348,7 @@ def test_pick_candidate_example_shows_the_candidates_and_varies_the_pick(page, c
 
 def test_prompt_refine_example_follows_the_added_detail(page, comfy_server):
     """Paper Figure 8: outer step 1 samples the broad prompt, outer steps 2-4 the detailed one."""
-    from nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
+    from comfyui_nested_diffusion.nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
 
     exemplars = [Image.fromarray(((e.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
                  for e in default_exemplars(32)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import tiny_control
-import tiny_models
+from comfyui_nested_diffusion.tools import models as tiny_models
 import torch
 
 SIZE = 16  # latent side; the hint images are 8x that (128 px)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nested_core import (
+from comfyui_nested_diffusion.nested_core import (
     NestedDiffusionError,
     check_schedule,
     denoise_start_sigma,

@@ -18,7 +18,7 @@ Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("requests")
 pytest.importorskip("websocket")
 
-from tools.comfy_server import comfyui_path, default_python, free_port  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_server import comfyui_path, default_python, free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO = REPO_ROOT / "scripts" / "demo.py"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.spread import (
+from comfyui_nested_diffusion.bench.spread import (
     KNOWN_EXCEPTIONS,
     TOLERANCE,
     gaussian_latent,

@@ -23,8 +23,8 @@ Image = pytest.importorskip("PIL.Image")
 import requests  # noqa: E402
 import workflow_checks as wc  # noqa: E402
 
-from tools.comfy_api_client import ComfyAPIClient, ExecutionError, PromptValidationError  # noqa: E402
-from tools.comfy_server import PACK_DIR_NAME  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, ExecutionError, PromptValidationError  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_server import PACK_DIR_NAME  # noqa: E402
 
 
 def _load_builder():
@@ -247,7 +247,7 @@ def test_exemplar_pick_candidate_runs_and_stage_2_varies_the_pick(client):
 
 def test_exemplar_prompt_refine_runs_and_every_final_image_follows_the_added_detail(client):
     name = "exemplar_prompt_refine_nested"
-    from nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
+    from comfyui_nested_diffusion.nested_core.exemplars import EXEMPLAR_NAMES, default_exemplars
 
     exemplars = [Image.fromarray(((e.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
                  for e in default_exemplars(32)]

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from nested_core.exemplars import (
+from comfyui_nested_diffusion.nested_core.exemplars import (
     default_exemplars,
     distinct_exemplars,
     manifold_distance,

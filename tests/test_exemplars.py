@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nested_core.exemplars import (
+from comfyui_nested_diffusion.nested_core.exemplars import (
     EXEMPLAR_NAMES,
     default_exemplars,
     distinct_exemplars,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_reliability_api import post_prompt
 from test_server_limits_api import server_rss
 
-from tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 
 EXAMPLES = int(os.environ.get("NESTED_FUZZ_EXAMPLES", "25"))
 RUN_SECONDS = 4.0  # then Cancel

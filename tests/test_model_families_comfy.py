@@ -11,7 +11,7 @@ the output's scale) wherever it degenerates to them, and check that guidance, pa
 from __future__ import annotations
 
 import pytest
-import tiny_models
+from comfyui_nested_diffusion.tools import models as tiny_models
 import torch
 
 FAMILIES = ["sd15_eps", "sd15_v", "flux", "sd3"]

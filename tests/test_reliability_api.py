@@ -37,7 +37,7 @@ from api_helpers import (
     previews_per_outer_step,
 )
 
-from tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SEEDS = itertools.count(880_001)  # seeds no other test file uses: every prompt here must really sample

@@ -12,7 +12,7 @@ import requests
 from api_helpers import OUTER_STEP_EVENT, PREVIEW, SAMPLER, SAVE, nested_prompt, of_type
 from test_reliability_api import ALLOWED_MAX, assert_server_recovers, attempt, check_clear_answer, ran, with_inputs
 
-from tools.comfy_api_client import ExecutionError, ExecutionInterrupted
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted
 
 MiB = 2**20
 _SEEDS = itertools.count(13_000_001)  # seeds no other test file uses
@@ -275,7 +275,7 @@ def test_outer_step_preview_of_a_long_big_batch_run_is_bounded(comfy_server, cli
 def test_finish_now_finishes_only_the_clients_own_runs(comfy_server, client, exemplar_defaults):
     """An idle editor's button (another client, same node id) ended someone else's 300-step run after 12 steps. Now the
     listing and the route take the client's id: another client sees nothing to finish and is refused (403)."""
-    from tools.comfy_api_client import ComfyAPIClient
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
 
     url = comfy_server.url
     prompt_id = client.queue_prompt(lean_prompt(exemplar_defaults, outer=300, inner=3))
