@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 from PIL import Image, ImageDraw, ImageFont  # (installed with ComfyUI)
 
 from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, ComfyAPIError
 from comfyui_nested_diffusion.tools.comfy_server import ComfyServer, ComfyServerError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 DIGITS_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_digits_api.json"

@@ -17,15 +17,14 @@ import argparse
 import contextlib
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 from comfyui_nested_diffusion.demo_models.digits import data, metrics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_OUT = REPO_ROOT / "demo_models" / "digits" / "weights"
 

@@ -24,8 +24,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-test.txt)")
 requests = pytest.importorskip("requests")
 
-import workflow_checks as wc  # noqa: E402
-
+from comfyui_nested_diffusion.tools import workflow_checks as wc  # noqa: E402
 from comfyui_nested_diffusion.tools.comfy_server import PACK_DIR_NAME  # noqa: E402
 
 CHROMIUM = os.environ.get("NESTED_TEST_CHROMIUM", "/usr/bin/chromium")

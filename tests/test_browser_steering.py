@@ -27,7 +27,6 @@ import time
 from typing import Optional
 
 import pytest
-import workflow_checks as wc
 from test_browser import (  # noqa: F401  (browser is a fixture)
     ARTIFACTS,
     browser,
@@ -36,6 +35,8 @@ from test_browser import (  # noqa: F401  (browser is a fixture)
     open_editor,
     sync_api,
 )
+
+from comfyui_nested_diffusion.tools import workflow_checks as wc
 
 requests = pytest.importorskip("requests")
 Image = pytest.importorskip("PIL.Image")

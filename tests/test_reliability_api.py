@@ -11,13 +11,11 @@ last prompt's nodes), and it always checks from the events that the sampler real
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
 import random
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,9 +35,12 @@ from api_helpers import (
     previews_per_outer_step,
 )
 
+from comfyui_nested_diffusion.protocol import RUNNING_ROUTE
+from comfyui_nested_diffusion.scripts import load_test
+from comfyui_nested_diffusion.tools import workflow_checks as wc
 from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
+from comfyui_nested_diffusion.tools.workflow_checks import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _SEEDS = itertools.count(880_001)  # seeds no other test file uses: every prompt here must really sample
 
 
@@ -48,10 +49,8 @@ def fresh_seed() -> int:
 
 
 def demo_api_workflow() -> Path:
-    """The demo's API-format workflow (it has lived beside the editor file and in example_workflows/api/)."""
-    candidates = [REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json",
-                  REPO_ROOT / "example_workflows" / "nested_vs_vanilla_exemplar_api.json"]
-    return next((path for path in candidates if path.exists()), candidates[0])
+    """The demo's API-format workflow."""
+    return REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 
 
 # -- queueing and outcomes -------------------------------------------------------------------------------------
@@ -119,7 +118,7 @@ def assert_server_recovers(comfy_server, client, exemplar_defaults) -> None:
     assert comfy_server.running, "the ComfyUI server process died"
     queue = client.queue()
     assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
-    assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+    assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
     outcome = attempt(client, small_good_prompt(exemplar_defaults))
     assert outcome.kind == "ok", f"the next good prompt failed: {outcome.describe()}"
     assert ran(outcome, SAMPLER)
@@ -414,7 +413,7 @@ def test_cancel_at_random_points_then_the_same_prompt_gives_the_same_image(comfy
                 assert saved_pixels(client, prompt_id) == reference_pixels
             assert attempt(client, small_good_prompt(exemplar_defaults)).kind == "ok"
         assert comfy_server.running
-        assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+        assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
         queue = client.queue()
         assert queue["queue_running"] == [] and queue["queue_pending"] == []
     assert interrupted >= 2, "the interrupts did not land: the runs are too short for this machine"
@@ -500,24 +499,11 @@ def test_batch_item_is_reproducible_wherever_ksampler_guarantees_it(comfy_server
         assert all(same["vanilla"].values()) and all(same["nested"].values())
 
 
-def load_workflow_helpers():
-    path = Path(__file__).with_name("workflow_checks.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("reliability_workflow_checks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_editor_workflow_and_its_api_twin_give_the_same_images(comfy_server, client, exemplar_defaults):
     editor_path = REPO_ROOT / "example_workflows" / "nested_vs_vanilla_exemplar.json"
     api_path = demo_api_workflow()
-    helpers = load_workflow_helpers()
-    if not (editor_path.exists() and api_path.exists()) or helpers is None or not hasattr(helpers, "editor_to_api"):
-        pytest.skip("the editor-format example, its API twin or tests/workflow_checks.editor_to_api is not there yet")
     editor = json.loads(editor_path.read_text(encoding="utf-8"))
-    converted = helpers.editor_to_api(editor, client.object_info())
+    converted = wc.editor_to_api(editor, client.object_info())
     twin = json.loads(api_path.read_text(encoding="utf-8"))
 
     def saves(prompt):
@@ -604,19 +590,8 @@ def test_the_pack_routes_refuse_wrong_methods_and_bodies(comfy_server):
 
 
 # -- Many prompts ----------------------------------------------------------------------------------------------
-def load_test_module():
-    if "nested_load_test" in sys.modules:
-        return sys.modules["nested_load_test"]
-    spec = importlib.util.spec_from_file_location("nested_load_test", REPO_ROOT / "scripts" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nested_load_test"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_load_checker_catches_foreign_events(comfy_server):
     """The load test's isolation checks are not vacuous: events of other prompts are flagged."""
-    load_test = load_test_module()
     checker = load_test.LoadClient(9, comfy_server.url, {}, 32, legacy_previews=True)
     try:
         checker.own["mine"] = {"index": 0}
@@ -635,7 +610,6 @@ def test_load_checker_catches_foreign_events(comfy_server):
 def test_many_prompts_from_several_clients(comfy_server):
     """A reduced scripts/load_test.py run (set NESTED_LOAD_PROMPTS for more). The memory check (RSS within 5% after
     the warm-up) is asserted by the script's full 200-prompt run on a server of its own, not on this shared one."""
-    load_test = load_test_module()
     prompts = int(os.environ.get("NESTED_LOAD_PROMPTS", "40"))
     lines: list[str] = []
     started = time.monotonic()

@@ -320,9 +320,8 @@ def test_mixed_workload_from_four_clients(comfy_server):
     the script's full run on a server of its own (this shared server's memory moves with the other tests)."""
     import os
 
-    from test_reliability_api import load_test_module
+    from comfyui_nested_diffusion.scripts import load_test
 
-    load_test = load_test_module()
     prompts = int(os.environ.get("NESTED_MIXED_PROMPTS", "32"))
     lines: list[str] = []
     result = load_test.run_load_test(comfy_server.url, prompts=prompts, clients=4, warmup=8, mixed=True,
