@@ -13,7 +13,6 @@ and repeatable (see ``measure.py``), its ratio is that of the medians.
 from __future__ import annotations
 
 import torch
-
 from comfyui_nested_diffusion.tools.models import counting_clone
 
 from .measure import (

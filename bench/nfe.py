@@ -11,7 +11,6 @@ from __future__ import annotations
 import traceback
 
 import torch
-
 from comfyui_nested_diffusion.tools.models import counting_clone
 
 from .measure import ServerLikeProgressHook, comfy_session

@@ -224,7 +224,6 @@ def cuda_cost_main(out_dir: Path, quick: bool) -> int:
     import_comfy(force_cpu=False)
     import_pack()
     import torch
-
     from comfyui_nested_diffusion.bench.cost import run_cost
 
     if not torch.cuda.is_available():
@@ -259,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     import_comfy(force_cpu=True)  # the targets are checked on the CPU everywhere; CUDA gets a second process
     import_pack()
     import torch
-
     from comfyui_nested_diffusion.bench import plots
 
     env = environment(started)

@@ -23,9 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def sample_digits(model, labels: list, per_class: int, steps: int, cfg: float, sampler: str, scheduler: str, seed: int):
     """KSampler samples ``[len(labels) * per_class, 3, 16, 16]`` in [-1, 1]: ``per_class`` per label ('any' or '0'..'9')."""
-    import nodes
     from comfyui_nested_diffusion.demo_models.digits.data import IMAGE_SIZE
     from comfyui_nested_diffusion.demo_models.digits.nodes import NestedDigitsPrompt
+
+    import nodes
 
     negative = NestedDigitsPrompt.execute(digit="any").args[0]
     out = []

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from comfyui_nested_diffusion.demo_models.digits import data, metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

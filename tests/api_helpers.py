@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image
-
 from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT
 from comfyui_nested_diffusion.tools.api_graphs import PREVIEW, SAMPLER, SAVE, exemplar_graph  # noqa: F401  (the tests'
+from PIL import Image
 
 # node ids)
 

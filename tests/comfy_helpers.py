@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-
 from comfyui_nested_diffusion.tools.models import counting_clone, exemplar_model  # noqa: F401  (counting_clone: the
+
 # tests' NFE counter, defined with the models because the benchmark counts NFEs too)
 
 SPREAD = 0.05

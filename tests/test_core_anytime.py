@@ -1,10 +1,15 @@
 """nested_core's anytime pieces without ComfyUI: step presets, stop rules, the outer loop's stop and offsets."""
 import pytest
 import torch
+from comfyui_nested_diffusion.nested_core import (
+    NestedDiffusionError,
+    StopRule,
+    inner_steps_per_outer,
+    preset_step_schedule,
+    sample_nested,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from comfyui_nested_diffusion.nested_core import NestedDiffusionError, StopRule, inner_steps_per_outer, preset_step_schedule, sample_nested
 
 
 @settings(max_examples=80, deadline=None)

@@ -3,9 +3,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from comfyui_nested_diffusion.nested_core import (
     NestedDiffusionError,
     check_schedule,
@@ -17,6 +14,8 @@ from comfyui_nested_diffusion.nested_core import (
     total_nfe,
     truncated_schedule,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def karras(steps: int, sigma_min: float = 0.03, sigma_max: float = 14.6, rho: float = 7.0) -> torch.Tensor:

@@ -92,6 +92,10 @@ def test_demo_summary_counts_nfes_and_shows_nested_on_the_data_first(demo_run):
         for key in ("nested_preview", "vanilla_preview"):
             assert (out / step[key]).is_file()
         assert len(step["outer_step_preview"]) == BATCH
+    shown = summary["outer_step_preview"]["nested"]  # OuterStepPreview's own metadata, not parsed from its labels
+    assert [(s["outer_step"], s["batch_index"], s["nfe"]) for s in shown] == [
+        (k, i, k * INNER) for k in range(1, OUTER + 1) for i in range(BATCH)]
+    assert all((out / s["path"]).name == f"outer{s['outer_step']}_item{s['batch_index']}.png" for s in shown)
 
     # At the first boundary nested shows a sample (on the data), vanilla a blurry x0 estimate (off it).
     first = steps[0]["distance"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_nested_diffusion.bench.spread import (
     KNOWN_EXCEPTIONS,
     TOLERANCE,

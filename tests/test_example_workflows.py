@@ -20,7 +20,6 @@ pytest.importorskip("requests")
 pytest.importorskip("websocket")
 Image = pytest.importorskip("PIL.Image")
 import requests  # noqa: E402
-
 from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT  # noqa: E402
 from comfyui_nested_diffusion.tools import workflow_checks as wc  # noqa: E402
 from comfyui_nested_diffusion.tools import workflows as builder  # noqa: E402

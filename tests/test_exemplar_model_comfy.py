@@ -5,7 +5,6 @@ import importlib
 
 import pytest
 import torch
-
 from comfyui_nested_diffusion.nested_core.exemplars import (
     default_exemplars,
     distinct_exemplars,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_nested_diffusion.nested_core.exemplars import (
     EXEMPLAR_NAMES,
     default_exemplars,

@@ -16,13 +16,13 @@ import threading
 import time
 
 import requests
+from comfyui_nested_diffusion.protocol import RUNNING_ROUTE
+from comfyui_nested_diffusion.tools.api_graphs import exemplar_graph
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_reliability_api import post_prompt
 from test_server_limits_api import server_rss
-
-from comfyui_nested_diffusion.tools.api_graphs import exemplar_graph
-from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 
 EXAMPLES = int(os.environ.get("NESTED_FUZZ_EXAMPLES", "25"))
 RUN_SECONDS = 4.0  # then Cancel
@@ -158,7 +158,7 @@ def test_random_inputs_run_or_stop_clearly_in_bounded_time(comfy_server, client,
         assert seconds < RUN_SECONDS + CANCEL_SECONDS + 5, (outcome, seconds)
         queue = client.queue()
         assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
-        assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+        assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
 
     property_holds()
     grown = (server_rss(comfy_server) - baseline[0]) / baseline[0]

@@ -34,8 +34,7 @@ from api_helpers import (
     of_type,
     previews_per_outer_step,
 )
-
-from comfyui_nested_diffusion.protocol import RUNNING_ROUTE
+from comfyui_nested_diffusion.protocol import FINISH_ROUTE, RUNNING_ROUTE
 from comfyui_nested_diffusion.scripts import load_test
 from comfyui_nested_diffusion.tools import workflow_checks as wc
 from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
@@ -573,18 +572,18 @@ def test_the_pack_writes_only_into_output_and_temp(comfy_server, client):
 
 def test_the_pack_routes_refuse_wrong_methods_and_bodies(comfy_server):
     url = comfy_server.url
-    assert requests.post(f"{url}/nested_diffusion/running", json={}, timeout=10).status_code == 405
+    assert requests.post(f"{url}{RUNNING_ROUTE}", json={}, timeout=10).status_code == 405
     # GET of a POST-only route falls through to ComfyUI's static files: 404 (aiohttp alone would say 405).
-    assert requests.get(f"{url}/nested_diffusion/finish", timeout=10).status_code in (404, 405)
+    assert requests.get(f"{url}{FINISH_ROUTE}", timeout=10).status_code in (404, 405)
     assert requests.get(f"{url}/nested_diffusion/no_such_route", timeout=10).status_code == 404
     for body, content_type in ((b"null", "application/json"), (b"", "application/json"),
                                (b"prompt_id=x&node_id=3", "application/x-www-form-urlencoded"),
                                (b"\xff\xfe", "application/json"), (b"[" * 10000, "application/json")):
-        response = requests.post(f"{url}/nested_diffusion/finish", data=body, timeout=10,
+        response = requests.post(f"{url}{FINISH_ROUTE}", data=body, timeout=10,
                                  headers={"Content-Type": content_type})
         assert response.status_code == 400, (body[:20], response.status_code, response.text[:200])
         assert "error" in response.json()
-    listing = requests.get(f"{url}/nested_diffusion/running", timeout=10)
+    listing = requests.get(f"{url}{RUNNING_ROUTE}", timeout=10)
     assert listing.status_code == 200 and listing.json() == {"running": []}
     assert comfy_server.running
 

@@ -236,6 +236,14 @@ class ComfyServer:
         self.stop()
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``) raise KeyboardInterrupt, like Ctrl-C, so that ``with ComfyServer()`` stops the server."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
 
@@ -247,10 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     server = ComfyServer(args.base_dir, args.port, cpu=not args.gpu, preview_method=args.preview_method,
                          keep_base_dir=args.base_dir is not None)
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)  # `kill` stops the server too, like Ctrl-C
+    stop_on_sigterm()
     with server:
         print(f"ComfyUI up at {server.url} in {server.startup_seconds:.1f} s (base dir {server.base_dir}, "
               f"log {server.log_path}); Ctrl-C stops it", flush=True)

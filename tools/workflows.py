@@ -998,10 +998,9 @@ def run_and_collect(workflows: list[Workflow]) -> dict:
     """Run the runnable workflows on a real ComfyUI (tools/comfy_server.py); node id -> PIL images per workflow."""
     import io
 
-    from PIL import Image
-
     from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
     from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
+    from PIL import Image
 
     results = {}
     with ComfyServer(startup_timeout=180) as server, ComfyAPIClient(server.url) as client:
