@@ -145,8 +145,7 @@ def test_nested_vs_vanilla_digits_runs_and_draws_the_digit(client):
     """The demo's learned-model workflow: both samplers' images are the digit asked for (the pack's classifier)."""
     import numpy
     import torch
-
-    from demo_models.digits.metrics import predict  # pure torch: no ComfyUI in this process
+    from comfyui_nested_diffusion.demo_models.digits.metrics import predict  # pure torch: no ComfyUI in this process
 
     name = "nested_vs_vanilla_digits"
     prompt = api_prompt(name)
