@@ -2,12 +2,12 @@
 
 ComfyUI comes from ``$COMFYUI_PATH`` or the one ``scripts/setup_env.sh`` built (``.nested_env/`` for 0.3.75,
 ``.nested_env_033/`` for 0.33.0: the one whose venv runs this interpreter); the
-device is the CPU when no CUDA GPU is present (or when asked); the repository is imported as a custom-node
-package exactly as ComfyUI's loader does.
+device is the CPU when no CUDA GPU is present (or when asked).
 
 One import identity: the repository is the package ``comfyui_nested_diffusion``, importable from the folder
 ``scripts/env.sh`` puts on PYTHONPATH (``.nested_import/``, holding one link to the checkout); the checkout itself is
-never on ``sys.path``, so ComfyUI's top-level ``nodes`` and ``utils`` are the only ones of those names.
+never on ``sys.path``, so ComfyUI's top-level ``nodes``, ``utils`` and ``protocol`` are the only ones of those names.
+A child process gets the same identity from ``module_command`` and ``child_env``.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ def import_comfy(force_cpu: bool = False) -> Path:
     return path
 
 
-def import_pack():
+def import_pack() -> ModuleType:
     """Import this pack with its nodes (what ComfyUI's loader imports before it awaits ``comfy_entrypoint``)."""
     importlib.import_module(f"{PACK_MODULE_NAME}.nodes")
     return sys.modules[PACK_MODULE_NAME]
