@@ -13,8 +13,7 @@ and repeatable (see ``measure.py``), its ratio is that of the medians.
 from __future__ import annotations
 
 import torch
-
-from tools.comfy_env import counting_clone
+from comfyui_nested_diffusion.tools.models import counting_clone
 
 from .measure import (
     CPU_MEMORY_METHOD,

@@ -168,7 +168,7 @@ def fid_table(results: dict) -> list[str]:
 
 def plot_fid(results: dict, path) -> None:
     """FID vs NFEs, one panel per model and budget: KSampler's x0 after every step, nested at its boundaries."""
-    from bench.plots import _plt
+    from comfyui_nested_diffusion.bench.plots import _plt
 
     plt = _plt()
     variants = list(results["variants"])

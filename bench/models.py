@@ -1,4 +1,5 @@
-"""The benchmark's models: the exact exemplar-mixture denoiser, and a small SD1.5-architecture UNet.
+"""The benchmark's models: the exact exemplar-mixture denoiser, and a small SD1.5-architecture UNet
+(both built by ``tools/models.py``, which the tests use too; here: the benchmark's sizes and their descriptions).
 
 The UNet is ComfyUI's own ``UNetModel`` inside a stock ``comfy.model_base.BaseModel``, configured by a
 subclass of ``comfy.supported_models.SD15`` whose only change is a smaller ``unet_config``: so it has
@@ -8,9 +9,8 @@ downloaded here) and a cost per step a 2-core CPU can afford.
 """
 from __future__ import annotations
 
-import math
-
-import torch
+from comfyui_nested_diffusion.tools.models import conditioning, exemplar_model
+from comfyui_nested_diffusion.tools.models import sd15_unet as tiny_sd15
 
 SPREAD = 0.05  # std of each exemplar's cloud, pixel units in [-1, 1]
 IMAGE_SIZE = 32
@@ -26,13 +26,7 @@ def scheduler_for(prediction: str) -> str:
 
 def exact_model(prediction: str):
     """(MODEL, CONDITIONING, exemplars [8, 3, 32, 32] in [-1, 1]) for one model family."""
-    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars
-    from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
-
-    exemplars = default_exemplars(IMAGE_SIZE)
-    shift = FLOW_SHIFT if prediction == "flow" else 1.0
-    model = build_exemplar_model(exemplars, SPREAD, prediction, shift=shift)
-    return model, empty_conditioning(), exemplars
+    return exemplar_model(prediction, SPREAD, IMAGE_SIZE, shift=FLOW_SHIFT if prediction == "flow" else 1.0)
 
 
 def exact_model_config(prediction: str) -> dict:
@@ -77,50 +71,14 @@ SD15_BENCH_UNET_EXTRA = {"num_heads": 8, "num_head_channels": -1}
 TEXT_TOKENS, TEXT_DIM = 77, 768
 
 
-@torch.no_grad()
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Seeded fan-in-scaled weights (ComfyUI's ops skip initialisation: a checkpoint normally follows)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if not tensor.is_floating_point():
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if tensor.ndim >= 2:
-            std, mean = 1.0 / math.sqrt(max(math.prod(tensor.shape[1:]), 1)), 0.0
-        elif leaf == "weight":  # norms
-            std, mean = 0.05, 1.0
-        else:
-            std, mean = 0.05, 0.0
-        values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std + mean
-        tensor.copy_(values.to(tensor.dtype))
-
-
 def sd15_unet(seed: int = 0):
     """A ModelPatcher around ``BaseModel`` + ComfyUI's SD1.5 ``UNetModel`` (``SD15_BENCH_UNET_CONFIG``), random weights."""
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    base = comfy.supported_models.SD15
-    config_class = type("BenchSD15", (base,), {
-        "unet_config": dict(SD15_BENCH_UNET_CONFIG),
-        "unet_extra_config": dict(SD15_BENCH_UNET_EXTRA),
-        "supported_inference_dtypes": [torch.float32],
-    })
-    config = config_class(dict(SD15_BENCH_UNET_CONFIG))
-    config.set_inference_dtype(torch.float32, None)
-    offload = comfy.model_management.unet_offload_device()
-    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device=offload)
-    _randomize(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=offload)
+    return tiny_sd15(SD15_BENCH_UNET_CONFIG, SD15_BENCH_UNET_EXTRA, "eps", seed)
 
 
 def sd15_conditioning(seed: int) -> list:
     """A CONDITIONING shaped like CLIPTextEncode's for SD1.5: 77 random 768-dim tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=generator), {}]]
+    return conditioning(TEXT_DIM, seed, TEXT_TOKENS)
 
 
 def sd15_config(patcher) -> dict:

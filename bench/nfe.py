@@ -11,8 +11,7 @@ from __future__ import annotations
 import traceback
 
 import torch
-
-from tools.comfy_env import counting_clone
+from comfyui_nested_diffusion.tools.models import counting_clone
 
 from .measure import ServerLikeProgressHook, comfy_session
 from .models import PREDICTIONS, exact_model, scheduler_for

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from tools.comfy_env import counting_clone
+from comfyui_nested_diffusion.tools.models import counting_clone
 
 from .models import ON_MANIFOLD, PREDICTIONS, SPREAD, exact_model, exact_model_config, scheduler_for
 

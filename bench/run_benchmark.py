@@ -28,11 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: the repository root, not bench/, goes first on sys.path
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-    __package__ = "bench"
-
-from bench.comfy_env import REPO_ROOT, import_comfy, import_pack  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_env import REPO_ROOT, child_env, import_comfy, import_pack, module_command
 
 RESULTS = REPO_ROOT / "bench" / "results"
 PARTS = ("quality", "cost", "nfe", "spread", "fid", "pick")
@@ -215,9 +211,9 @@ def run_cuda_cost(out_dir: Path, quick: bool) -> tuple[dict | None, str | None]:
     """The cost part on the GPU, in a second process (ComfyUI picks its device once per process)."""
     target = out_dir / "cost_cuda.json"
     target.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "bench.run_benchmark", "--cuda-cost", "--out", str(out_dir)] + (["--quick"] if quick else [])
+    command = module_command("bench.run_benchmark", "--cuda-cost", "--out", str(out_dir), *(["--quick"] if quick else []))
     log("  cost    CUDA: " + " ".join(command[1:]))
-    result = subprocess.run(command, cwd=REPO_ROOT, text=True, capture_output=True)
+    result = subprocess.run(command, cwd=REPO_ROOT, text=True, capture_output=True, env=child_env())
     for line in result.stdout.splitlines():
         log("  " + line)
     if result.returncode != 0 or not target.exists():
@@ -229,8 +225,7 @@ def cuda_cost_main(out_dir: Path, quick: bool) -> int:
     import_comfy(force_cpu=False)
     import_pack()
     import torch
-
-    from bench.cost import run_cost
+    from comfyui_nested_diffusion.bench.cost import run_cost
 
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -264,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     import_comfy(force_cpu=True)  # the targets are checked on the CPU everywhere; CUDA gets a second process
     import_pack()
     import torch
-
-    from bench import plots
+    from comfyui_nested_diffusion.bench import plots
 
     env = environment(started)
     log(f"ComfyUI {env['comfyui']}, torch {env['torch']}, {env['cpu_cores']} cores, CUDA: {env['cuda_available']}")
@@ -276,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
 
     if "quality" in parts:
-        from bench.quality import quality_checks, run_quality
+        from comfyui_nested_diffusion.bench.quality import quality_checks, run_quality
 
         t0 = time.time()
         torch.set_num_threads(1)  # the exact model's ops are tiny: one thread is fastest and steadiest
@@ -304,10 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = time.time() - t0
         return results
 
-    from bench.fid import fid_checks, plot_fid, run_fid
-    from bench.nfe import nfe_checks, run_nfe
-    from bench.pick import pick_checks, run_pick
-    from bench.spread import run_spread, spread_checks
+    from comfyui_nested_diffusion.bench.fid import fid_checks, plot_fid, run_fid
+    from comfyui_nested_diffusion.bench.nfe import nfe_checks, run_nfe
+    from comfyui_nested_diffusion.bench.pick import pick_checks, run_pick
+    from comfyui_nested_diffusion.bench.spread import run_spread, spread_checks
 
     nfe = run_part("nfe", run_nfe, nfe_checks)
     spread = run_part("spread", run_spread, spread_checks)
@@ -317,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_fid(fid_results, out_dir / "fid_vs_nfe.png")
 
     if "cost" in parts:
-        from bench.cost import cost_checks, run_cost
+        from comfyui_nested_diffusion.bench.cost import cost_checks, run_cost
 
         t0 = time.time()
         cpu = run_cost(args.quick, log)
@@ -353,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         log("")
     extra_tables = []
     if fid_results:
-        from bench.fid import fid_table
+        from comfyui_nested_diffusion.bench.fid import fid_table
 
         extra_tables.append(["![FID vs NFEs](fid_vs_nfe.png)", "", *fid_table(fid_results)])
     if spread:
-        from bench.spread import spread_table
+        from comfyui_nested_diffusion.bench.spread import spread_table
 
         extra_tables.append(["Final standard deviation on N(0, I) data (the data's: 1.000), 4 x 10, scheduler normal; "
                              "exempt rows are explained in docs/results.md (Keeping the distribution)", "",

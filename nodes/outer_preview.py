@@ -1,5 +1,12 @@
-"""OuterStepPreview: decode a nested sampler's outer_previews and show them, labelled, in the node."""
+"""OuterStepPreview: decode a nested sampler's outer_previews and show them, labelled, in the node.
+
+Besides ComfyUI's ``images``, the node's UI output (``/history``'s ``outputs[node]``, the ``executed`` event) carries,
+per image shown, ``nested_labels`` (the text under it) and ``nested_previews``: ``{"outer_step", "outer_steps",
+"batch_index", "nfe"}`` (None where the previews carry no metadata), for clients that need the numbers.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -13,22 +20,28 @@ LABEL_HEIGHT = 28
 MAX_SHOWN = 64  # labelled images shown (and written to temp/) per run; outer_previews holds at most 64 anyway
 
 
-def preview_labels(previews: dict) -> list[str]:
-    """'outer k/K · n NFE · index i' for every image, outer-major, from the metadata NestedKSampler writes."""
+def preview_metadata(previews: dict) -> list[Optional[dict]]:
+    """Per image, outer-major: ``{"outer_step", "outer_steps", "batch_index", "nfe"}`` from the metadata NestedKSampler
+    writes (``nfe``: spent up to that outer step, None if unknown); all None when the previews carry none."""
     count = int(previews["samples"].shape[0])
     outer_steps = int(previews.get("nested_outer_steps") or 0)
     batch = int(previews.get("nested_batch_size") or 0)
     nfe = list(previews.get("nested_nfe") or [])
     numbers = list(previews.get("nested_outer_step_numbers") or range(1, outer_steps + 1))
     if outer_steps <= 0 or batch <= 0 or len(numbers) * batch != count:
-        return [f"image {index + 1}" for index in range(count)]
-    labels = []
-    for index in range(count):
-        step = index // batch
-        spent = f" · {nfe[step]} NFE" if step < len(nfe) else ""
-        item = f" · index {index % batch}" if batch > 1 else ""  # 0-based, like batch_index and Pick Candidate
-        labels.append(f"outer {numbers[step]}/{outer_steps}{spent}{item}")
-    return labels
+        return [None] * count
+    return [{"outer_step": int(numbers[index // batch]), "outer_steps": outer_steps, "batch_index": index % batch,
+             "nfe": int(nfe[index // batch]) if index // batch < len(nfe) else None}
+            for index in range(count)]
+
+
+def preview_label(index: int, metadata: Optional[dict], batch: int) -> str:
+    """'outer k/K · n NFE · index i' (the index 0-based, like batch_index and Pick Candidate; only for batches)."""
+    if metadata is None:
+        return f"image {index + 1}"
+    spent = f" · {metadata['nfe']} NFE" if metadata["nfe"] is not None else ""
+    item = f" · index {metadata['batch_index']}" if batch > 1 else ""
+    return f"outer {metadata['outer_step']}/{metadata['outer_steps']}{spent}{item}"
 
 
 def _label_font(size: int):
@@ -89,10 +102,12 @@ class OuterStepPreview(io.ComfyNode):
         images = vae.decode(previews["samples"])
         if images.ndim == 5:  # video VAEs decode to [batch, frames, H, W, C]
             images = images.reshape(-1, *images.shape[-3:])
-        labels = preview_labels(previews)
-        if len(labels) != images.shape[0]:
-            labels = [f"image {index + 1}" for index in range(images.shape[0])]
-        labels = labels[:MAX_SHOWN]  # a batch above 64 (only possible for the latest outer step): its first 64
+        metadata = preview_metadata(previews)
+        if len(metadata) != images.shape[0]:
+            metadata = [None] * images.shape[0]
+        metadata = metadata[:MAX_SHOWN]  # a batch above 64 (only possible for the latest outer step): its first 64
+        batch = int(previews.get("nested_batch_size") or 0)
+        labels = [preview_label(index, item, batch) for index, item in enumerate(metadata)]
         shown = to_image_batch([labelled_image(image, label) for image, label in zip(images, labels)])
         preview = ui.PreviewImage(shown, cls=cls)
-        return io.NodeOutput(images, ui={**preview.as_dict(), "nested_labels": labels})
+        return io.NodeOutput(images, ui={**preview.as_dict(), "nested_labels": labels, "nested_previews": metadata})

@@ -4,7 +4,7 @@
 # bench/run_benchmark.py; results (JSON, PNG, summary.md) land in bench/results/. Exits 1 if a target fails.
 # Arguments go to the benchmark, e.g. scripts/bench.sh --quick, scripts/bench.sh --parts quality
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$root"
 bash scripts/setup_env.sh
-exec .nested_env/venv/bin/python -m bench.run_benchmark "$@"
+exec "$venv_python" -P -m comfyui_nested_diffusion.bench.run_benchmark "$@"

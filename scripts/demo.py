@@ -25,33 +25,28 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT
+from comfyui_nested_diffusion.tools import workflow_checks as wc
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, ComfyAPIError
+from comfyui_nested_diffusion.tools.comfy_server import ComfyServer, ComfyServerError, stop_on_sigterm
+from PIL import Image, ImageDraw, ImageFont  # (installed with ComfyUI)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402  (installed with ComfyUI)
-
-from tools.comfy_api_client import ComfyAPIClient, ComfyAPIError  # noqa: E402
-from tools.comfy_server import ComfyServer, ComfyServerError  # noqa: E402
 
 DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 DIGITS_WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_digits_api.json"
 DEFAULT_WORKFLOWS = (DIGITS_WORKFLOW, DEFAULT_WORKFLOW)  # the learned model first, then the exact one
-OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 OUTPUT_MARKER = ".nested_demo_output"
 OUTPUT_SUBFOLDERS = ("previews", "final", "outer_step_preview")  # only folders carrying it are ever cleaned
 NESTED, VANILLA = "nested", "vanilla"
 CELL_SIZE = 128
-LABEL_PATTERN = re.compile(r"outer (\d+)/(\d+)(?: · (\d+) NFE)?(?: · index (\d+))?")
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -79,12 +74,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def load_workflow(path: Path) -> dict:
     """An API-format prompt ``{node_id: {class_type, inputs}}`` (also accepts ``{"prompt": {...}}``)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = wc.load(path)
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]
-    if isinstance(data, dict) and "nodes" in data and "links" in data:
+    if wc.is_editor_format(data):
         raise SystemExit(f"{path} is a UI workflow: save it with 'Export (API)' and pass that file")
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if not wc.is_api_format(data):
         raise SystemExit(f"{path} is not an API-format workflow ({{node_id: {{class_type, inputs}}}})")
     return data
 
@@ -399,14 +394,6 @@ def prompt_class(prompt: dict, node: str) -> Optional[str]:
     return prompt.get(node, {}).get("class_type")
 
 
-def run_prompt(client: ComfyAPIClient, prompt: dict, recorder: RunRecorder, timeout: float) -> str:
-    """Queue the prompt and feed every event of it to the recorder until it has finished."""
-    prompt_id = client.queue_prompt(prompt)
-    for _ in client.stream(prompt_id, on_event=recorder, timeout=timeout):
-        pass
-    return prompt_id
-
-
 def save_vanilla_previews(recorder: RunRecorder, nfes: list[int]) -> dict[int, dict]:
     """Write the KSampler's x0 previews taken after the given step counts (= NFEs for one-call samplers)."""
     saved: dict[int, dict] = {}
@@ -428,7 +415,7 @@ def save_vanilla_previews(recorder: RunRecorder, nfes: list[int]) -> dict[int, d
 class SavedImage:
     path: str
     image: Image.Image
-    label: Optional[str] = None
+    preview: Optional[dict] = None  # OuterStepPreview's metadata of the image: outer_step, outer_steps, batch_index, nfe
 
 
 def fetch_outputs(client: ComfyAPIClient, history: dict, prompt: dict, pair: Pair, out: Path) -> dict[str, Any]:
@@ -443,21 +430,20 @@ def fetch_outputs(client: ComfyAPIClient, history: dict, prompt: dict, pair: Pai
             continue
         class_type = prompt_class(prompt, node)
         role = role_of(prompt, node, pair)
-        labels = output.get("nested_labels") or []
+        metadata = output.get("nested_previews") or []
         saved = []
         for index, item in enumerate(images):
             data = client.fetch_image(item["filename"], item.get("subfolder", ""), item.get("type", "output"))
-            label = labels[index] if index < len(labels) else None
+            preview = metadata[index] if index < len(metadata) else None
             if class_type == "OuterStepPreview":
-                match = LABEL_PATTERN.match(label or "")
-                name = (f"outer{match.group(1)}_item{match.group(4) or 0}.png" if match else f"image{index + 1}.png")
+                name = f"outer{preview['outer_step']}_item{preview['batch_index']}.png" if preview else f"image{index + 1}.png"
                 folder = "outer_step_preview" if role == NESTED else f"outer_step_preview/{role}"
             elif class_type == "SaveImage" and role in (NESTED, VANILLA):
                 name, folder = f"{role}_{index + 1}.png", "final"
             else:
                 name, folder = f"{index + 1}.png", f"outputs/{role if role.startswith('node') else f'{role}_node{node}'}"
             path = out / folder / name
-            saved.append(SavedImage(relative(path, out), save_png(data, path), label))
+            saved.append(SavedImage(relative(path, out), save_png(data, path), preview))
         if class_type == "OuterStepPreview":
             result["outer_step_preview"].setdefault(role, []).extend(saved)
         elif class_type == "SaveImage" and role in (NESTED, VANILLA):
@@ -468,12 +454,11 @@ def fetch_outputs(client: ComfyAPIClient, history: dict, prompt: dict, pair: Pai
 
 
 def outer_step_cells(saved: list[SavedImage], outer_steps: int) -> list[list[SavedImage]]:
-    """OuterStepPreview images grouped per outer step (they come outer-major, labelled 'outer k/K ... #i')."""
+    """OuterStepPreview images grouped per outer step (they come outer-major, each with its outer step)."""
     groups: list[list[SavedImage]] = [[] for _ in range(outer_steps)]
     batch = max(1, len(saved) // max(outer_steps, 1))
     for index, item in enumerate(saved):
-        match = LABEL_PATTERN.match(item.label or "")
-        step = int(match.group(1)) - 1 if match else index // batch
+        step = item.preview["outer_step"] - 1 if item.preview else index // batch
         if 0 <= step < outer_steps:
             groups[step].append(item)
     return groups
@@ -502,7 +487,7 @@ def exemplar_reference(prompt: dict, size: Optional[tuple[int, int]]) -> Optiona
     if isinstance(inputs.get("exemplars"), list) or inputs.get("image_size", size[0]) != size[0]:
         return None  # custom exemplar images: not known here
     try:
-        from demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
+        from comfyui_nested_diffusion.demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
         return default_exemplars(size[0]), EXEMPLAR_NAMES
     except Exception as error:  # distances are a bonus: never fail the demo for them
         print(f"note: no exemplar distances ({error})", file=sys.stderr)
@@ -515,8 +500,7 @@ def exemplar_distance(image: Image.Image, reference: Optional[tuple[Any, tuple[s
         return None
     import numpy as np
     import torch
-
-    from demo_models.exemplar.exemplars import manifold_distance
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     exemplars, names = reference
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
@@ -697,7 +681,7 @@ def build_summary(prompt_id: str, args: argparse.Namespace, prompt: dict, pair: 
         "outer_steps_note": ("seconds: since the prompt was queued, when the outer step's event (nested) or the matching "
                              "x0 preview (vanilla) arrived; sigma: the outer sigma the step's inner diffusion started from"),
         "final": {role: [item.path for item in items] for role, items in outputs["final"].items()},
-        "outer_step_preview": {role: [{"path": item.path, "label": item.label} for item in items]
+        "outer_step_preview": {role: [{"path": item.path, **(item.preview or {})} for item in items]
                                for role, items in outputs["outer_step_preview"].items()},
         "other_outputs": {node: [item.path for item in items] for node, items in outputs["other"].items()},
         "websocket_previews": {
@@ -740,13 +724,6 @@ def print_report(out: Path, summary: dict) -> None:
     folders = [name for name in ("previews", "final", "outer_step_preview", "outputs") if any((out / name).glob("**/*.png"))]
     if folders:
         print(f"  images in {', '.join(f + '/' for f in folders)} (every path is listed in summary.json)")
-
-
-def install_sigterm_handler() -> None:
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)  # `kill` stops the server too, like Ctrl-C
 
 
 def workflow_folder_name(path: Path) -> str:
@@ -795,7 +772,7 @@ def run_workflow(args: argparse.Namespace, server: ComfyServer, path: Path, out:
                 display.track(node, NESTED if node == pair.nested else VANILLA, total)
         recorder = RunRecorder(prompt, pair, out, queued, display)
         try:
-            prompt_id = run_prompt(client, prompt, recorder, args.timeout)
+            prompt_id, _ = client.run(prompt, timeout=args.timeout, on_event=recorder)
         finally:
             display.finish()
         run_seconds = time.monotonic() - queued
@@ -822,7 +799,7 @@ def run_workflow(args: argparse.Namespace, server: ComfyServer, path: Path, out:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
+    stop_on_sigterm()  # `kill` stops the server too, like Ctrl-C
     try:
         return run_demo(args)
     except KeyboardInterrupt:

@@ -3,6 +3,6 @@
 # nested diffusion vs a vanilla KSampler at equal NFEs. Sets up .nested_env/ on first use.
 # Options go to scripts/demo.py (see --help): --out DIR, --outer K, --inner N, --seed S, --port P, --workflow FILE.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash "$root/scripts/setup_env.sh"
-exec "$root/.nested_env/venv/bin/python" "$root/scripts/demo.py" "$@"
+exec "$venv_python" -P -m comfyui_nested_diffusion.scripts.demo "$@"

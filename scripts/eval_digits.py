@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample the digits demo models with ComfyUI's own KSampler and measure them (FID-like score, class accuracy).
 
-    .nested_env/venv/bin/python scripts/eval_digits.py --variant both --per-class 100 --grid docs/digits_samples.png
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.eval_digits --variant both --per-class 100 --grid docs/digits_samples.png
 
 For every digit 0..9, ``--per-class`` samples from the NestedDigitsPrompt conditioning of that digit, with the
 "any" prompt as the negative and classifier-free guidance ``--cfg`` (``nodes.common_ksampler``, the KSampler
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def sample_digits(model, labels: list, per_class: int, steps: int, cfg: float, sampler: str, scheduler: str, seed: int):
@@ -108,7 +105,7 @@ def main(argv=None) -> int:
     args.weights = {"eps": args.eps_weights, "flow": args.flow_weights}
     torch.set_num_threads(args.threads)
 
-    from tools.comfy_env import import_comfy, import_pack
+    from comfyui_nested_diffusion.tools.comfy_env import import_comfy, import_pack
 
     import_comfy(force_cpu=True)
     import logging

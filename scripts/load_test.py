@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Load test: many mixed prompts from several API clients at once, on one ComfyUI server with this pack.
 
-    .nested_env/venv/bin/python scripts/load_test.py                      # starts its own server: 200 prompts, 4 clients
-    .nested_env/venv/bin/python scripts/load_test.py --json load.json     # ... and writes the figures as JSON
-    .nested_env/venv/bin/python scripts/load_test.py --url http://127.0.0.1:8188 --pid 12345   # a running server
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test                      # starts its own server: 200 prompts, 4 clients
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test --json load.json     # ... and writes the figures as JSON
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test --url http://127.0.0.1:8188 --pid 12345   # a running server
 
 Every client has its own websocket and ``client_id`` and runs in its own thread. The prompts alternate between
 NestedKSampler (2-3 outer x 2-3 inner steps; every other one also with OuterStepPreview) and a plain KSampler with the same total steps, each with its own
@@ -45,14 +45,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from comfyui_nested_diffusion.protocol import FINISH_ROUTE, OUTER_STEP_EVENT, RUNNING_ROUTE
+from comfyui_nested_diffusion.tools.api_graphs import SAMPLER, SAVE, exemplar_graph
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, widget_defaults
 
-from tools.comfy_api_client import ComfyAPIClient, widget_defaults  # noqa: E402
-
-OUTER_STEP_EVENT = "nested_diffusion.outer_step"
-SAMPLER, SAVE = "3", "6"
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 NESTED_SHAPES = ((2, 3), (3, 2))  # (outer, inner)
 MIXED_KINDS = ("nested", "vanilla", "bad", "cancel", "nested", "finish", "vanilla", "nested")  # --mixed, by index % 8
@@ -83,28 +79,16 @@ def prompt_spec(index: int, seed_base: int, mixed: bool = False) -> dict:
 
 
 def build_prompt(spec: dict, client_index: int, exemplar_defaults: dict, size: int) -> dict:
-    sampler_inputs = {"model": ["1", 0], "seed": spec["seed"], "cfg": 1.0, "sampler_name": spec["sampler"],
-                      "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
-                      "denoise": 1.0}
+    inputs = {"seed": spec["seed"], "cfg": 1.0, "sampler_name": spec["sampler"], "scheduler": "normal", "denoise": 1.0}
     if spec["kind"] != "vanilla":
-        sampler = {"class_type": "NestedKSampler",
-                   "inputs": {**sampler_inputs, "outer_steps": spec["outer"], "inner_steps": spec["inner"]}}
+        sampler_type, inputs = "NestedKSampler", {**inputs, "outer_steps": spec["outer"], "inner_steps": spec["inner"]}
         if spec["kind"] == "bad":  # passes validation, refused by the node: max_nfe below one inner diffusion
-            sampler["inputs"]["max_nfe"] = 1
+            inputs["max_nfe"] = 1
     else:
-        sampler = {"class_type": "KSampler", "inputs": {**sampler_inputs, "steps": spec["outer"] * spec["inner"]}}
-    prompt = {
-        "1": {"class_type": "NestedExemplarModel",
-              "inputs": {**exemplar_defaults, "prediction": "eps", "spread": 0.05, "image_size": size, "shift": 1.0}},
-        "2": {"class_type": "EmptyChromaRadianceLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        SAMPLER: sampler,
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": [SAMPLER, 0], "vae": ["4", 0]}},
-        SAVE: {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": f"load_test/client{client_index}"}},
-    }
-    if spec["kind"] == "nested" and spec.get("outer_step_preview"):
-        prompt["7"] = {"class_type": "OuterStepPreview", "inputs": {"previews": [SAMPLER, 1], "vae": ["4", 0]}}
-    return prompt
+        sampler_type, inputs = "KSampler", {**inputs, "steps": spec["outer"] * spec["inner"]}
+    return exemplar_graph(sampler_type, inputs, size=size, exemplar_defaults=exemplar_defaults,
+                          prefix=f"load_test/client{client_index}",
+                          outer_step_preview=spec["kind"] == "nested" and bool(spec.get("outer_step_preview")))
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
@@ -207,12 +191,12 @@ class LoadClient:
 
         while not stop.wait(0.2):
             try:
-                running = requests.get(f"{self.url}/nested_diffusion/running", timeout=10).json()["running"]
+                running = requests.get(f"{self.url}{RUNNING_ROUTE}", timeout=10).json()["running"]
             except Exception:
                 continue
             for run in running:
                 if run["prompt_id"] not in self.own:
-                    status = self.post("/nested_diffusion/finish", {**run, "client_id": self.api.client_id})
+                    status = self.post(FINISH_ROUTE, {**run, "client_id": self.api.client_id})
                     self.foreign_answers[status] += 1
                     if status == 200:
                         self.violation(f"finished another client's run {run}")
@@ -280,7 +264,7 @@ class LoadClient:
                 self.violation(f"outer_step event from node {data.get('node')} of prompt {prompt_id}")
             self.outer_steps[prompt_id].append(data.get("outer_step"))
             if spec.get("kind") == "finish" and data.get("outer_step") == spec["finish_after_step"]:
-                self.finish_answers[prompt_id] = self.post("/nested_diffusion/finish", {
+                self.finish_answers[prompt_id] = self.post(FINISH_ROUTE, {
                     "prompt_id": prompt_id, "node_id": SAMPLER, "client_id": self.api.client_id})
         elif kind in END_EVENTS:
             self.outcome[prompt_id] = END_EVENTS[kind]
@@ -493,7 +477,7 @@ def main(argv=None) -> int:
     url, pid = args.url, args.pid
     started = time.monotonic()
     if url is None:
-        from tools.comfy_server import ComfyServer, ComfyServerError
+        from comfyui_nested_diffusion.tools.comfy_server import ComfyServer, ComfyServerError
 
         server = ComfyServer(startup_timeout=180)
         try:

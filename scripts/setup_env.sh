@@ -18,7 +18,8 @@ case "$engine" in
 esac
 venv="$env_dir/venv"
 stamp="$env_dir/ready.stamp"
-want="$(sha256sum "$root/scripts/setup_env.sh" "$root/requirements-test.txt" | sha256sum | cut -c1-16)-$engine-${COMFYUI_PATH:-bundled}"
+# The stamp hashes these files' contents (not their paths: a worktree sharing the environment finds it ready).
+want="$(cat "$root/scripts/setup_env.sh" "$root/requirements-test.txt" | sha256sum | cut -c1-16)-$engine-${COMFYUI_PATH:-bundled}"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0

@@ -4,15 +4,11 @@
 # NESTED_ENGINE=0.33.0 scripts/test.sh: the same on ComfyUI 0.33.0 (from ../shared/comfyui/, in .nested_env_033/);
 # NESTED_FRONTEND=1.58.1 with it: the test server serves that frontend (scripts/setup_env.sh fetches it).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$root"
 bash scripts/setup_env.sh
-case "${NESTED_ENGINE:-0.3.75}" in
-  0.33.0) venv=.nested_env_033/venv ;;
-  *) venv=.nested_env/venv ;;
-esac
 targets=(tests)  # the whole suite, unless test files are named: scripts/test.sh tests/test_browser.py
 for arg in "$@"; do
   case "$arg" in tests/*) targets=() ;; esac
 done
-exec "$venv/bin/python" -m pytest -c tests/pytest.ini --rootdir tests "${targets[@]}" "$@"
+exec "$venv_python" -P -m pytest -c tests/pytest.ini --rootdir tests "${targets[@]}" "$@"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train the digits demo models (demo_models/digits): eps and flow diffusion models and the metric's classifier.
 
-    .nested_env/venv/bin/python scripts/train_digits.py --variant all      # eps, flow and classifier
-    .nested_env/venv/bin/python scripts/train_digits.py --variant flow --steps 200 --out /tmp/digits
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.train_digits --variant all      # eps, flow and classifier
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.train_digits --variant flow --steps 200 --out /tmp/digits
 
 Seeded and deterministic for a given machine, thread count and precision (CPU only). The diffusion models are
 ComfyUI's own UNet inside a ComfyUI BaseModel and are trained through ``BaseModel.apply_model`` in ComfyUI's
@@ -17,17 +17,13 @@ import argparse
 import contextlib
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from comfyui_nested_diffusion.demo_models.digits import data, metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from demo_models.digits import data, metrics  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "demo_models" / "digits" / "weights"
 
@@ -37,13 +33,13 @@ def log(message: str) -> None:
 
 
 def train_diffusion(variant: str, args) -> Path:
-    from tools.comfy_env import import_comfy
+    from comfyui_nested_diffusion.tools.comfy_env import import_comfy
 
     import_comfy(force_cpu=True)
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
-    from demo_models.digits import model as digits_model
+    from comfyui_nested_diffusion.demo_models.digits import model as digits_model
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import io
 
+from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT
+from comfyui_nested_diffusion.tools.api_graphs import PREVIEW, SAMPLER, SAVE, exemplar_graph  # noqa: F401  (the tests'
 from PIL import Image
 
+# node ids)
+
 OUTER, INNER, BATCH, SIZE = 4, 5, 2, 32
-SAMPLER = "3"  # node ids of nested_prompt()
-SAVE = "6"
-PREVIEW = "7"
-OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 
 
 def nested_prompt(seed: int, *, outer_steps: int = OUTER, inner_steps: int = INNER, prefix: str = "nested_api",
@@ -18,27 +18,12 @@ def nested_prompt(seed: int, *, outer_steps: int = OUTER, inner_steps: int = INN
 
     ComfyUI caches node outputs between prompts: give every prompt that must really sample its own seed.
     """
-    prompt = {
-        "1": {"class_type": "NestedExemplarModel",
-              "inputs": {**(exemplar_defaults or {}),
-                         "prediction": "eps", "spread": 0.05, "image_size": SIZE, "shift": 1.0}},
-        "2": {"class_type": "EmptyChromaRadianceLatentImage",
-              "inputs": {"width": SIZE, "height": SIZE, "batch_size": BATCH}},
-        SAMPLER: {"class_type": "NestedKSampler",
-                  "inputs": {"model": ["1", 0], "seed": seed, "outer_steps": outer_steps, "inner_steps": inner_steps,
-                             "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-                             "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0], "denoise": 1.0}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": [SAMPLER, 0], "vae": ["4", 0]}},
-        SAVE: {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}},
-        PREVIEW: {"class_type": "OuterStepPreview", "inputs": {"previews": [SAMPLER, 1], "vae": ["4", 0]}},
-    }
-    if step_schedule is not None:
-        prompt["8"] = {"class_type": "InnerSolverSelect",
-                       "inputs": {"sampler_name": "euler", "scheduler": "normal", "steps": inner_steps, "eta": 0.85,
-                                  "s_noise": 1.0, "step_schedule": step_schedule}}
-        prompt[SAMPLER]["inputs"]["inner_solver"] = ["8", 0]
-    return prompt
+    sampler = {"seed": seed, "outer_steps": outer_steps, "inner_steps": inner_steps, "cfg": 1.0, "sampler_name": "euler",
+               "scheduler": "normal", "denoise": 1.0}
+    inner_solver = None if step_schedule is None else {"sampler_name": "euler", "scheduler": "normal", "steps": inner_steps,
+                                                       "eta": 0.85, "s_noise": 1.0, "step_schedule": step_schedule}
+    return exemplar_graph("NestedKSampler", sampler, size=SIZE, batch=BATCH, exemplar_defaults=exemplar_defaults,
+                          prefix=prefix, outer_step_preview=True, inner_solver=inner_solver)
 
 
 def of_type(events: list[dict], kind: str, node: str | None = None) -> list[dict]:

@@ -1,23 +1,23 @@
 """Shared test bootstrap.
 
-Unit tests of ``nested_core`` import it straight from the repository root and need no ComfyUI.
-Tests that run inside ComfyUI use the ``comfy`` fixture (adds the ComfyUI engine built by
-``scripts/setup_env.sh`` to ``sys.path``) and the ``pack`` fixture (imports this repository as a
-custom-node package, exactly as ComfyUI's loader does).
+The repository is imported under one name, ``comfyui_nested_diffusion`` (scripts/test.sh puts the folder holding
+that link on PYTHONPATH: scripts/env.sh). Unit tests of ``nested_core`` import
+``comfyui_nested_diffusion.nested_core`` and need no ComfyUI. Tests that run inside ComfyUI use the ``comfy``
+fixture (adds the ComfyUI engine built by ``scripts/setup_env.sh`` to ``sys.path``) and the ``pack`` fixture
+(imports the pack's nodes, as ComfyUI's loader does).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tools.comfy_env import PACK_MODULE_NAME, ComfyNotFound, comfyui_path, import_pack  # noqa: E402
-from tools.comfy_env import import_comfy as _import_comfy  # noqa: E402
+try:
+    from comfyui_nested_diffusion.tools.comfy_env import PACK_MODULE_NAME, ComfyNotFound, comfyui_path, import_pack
+    from comfyui_nested_diffusion.tools.comfy_env import import_comfy as _import_comfy
+except ModuleNotFoundError as error:  # pytest run without scripts/test.sh
+    raise pytest.UsageError(f"{error}: run the tests with scripts/test.sh (it makes this checkout importable as "
+                            "comfyui_nested_diffusion: scripts/env.sh)") from error
 
 __all__ = ["PACK_MODULE_NAME", "comfyui_path", "import_comfy", "import_pack"]
 
@@ -42,8 +42,8 @@ def pack(comfy):
 @pytest.fixture(scope="session")
 def comfy_server():
     """One real ComfyUI server with this pack installed (tools/comfy_server.py), shared by the session."""
-    from tools.comfy_env import frontend_root
-    from tools.comfy_server import ComfyServer
+    from comfyui_nested_diffusion.tools.comfy_env import frontend_root
+    from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
 
     frontend = frontend_root()  # NESTED_FRONTEND=1.58.1: another frontend than the engine's own
     with ComfyServer(startup_timeout=120, extra_args=["--front-end-root", str(frontend)] if frontend else []) as server:
@@ -53,7 +53,7 @@ def comfy_server():
 @pytest.fixture
 def client(comfy_server):
     """A websocket-connected API client of the shared server (tools/comfy_api_client.py)."""
-    from tools.comfy_api_client import ComfyAPIClient
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
 
     with ComfyAPIClient(comfy_server.url) as api:
         yield api
@@ -62,7 +62,7 @@ def client(comfy_server):
 @pytest.fixture(scope="session")
 def exemplar_defaults(comfy_server) -> dict:
     """NestedExemplarModel's widget defaults as the server reports them (the node may gain inputs)."""
-    from tools.comfy_api_client import ComfyAPIClient, widget_defaults
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, widget_defaults
 
     with ComfyAPIClient(comfy_server.url) as api:
         return widget_defaults(api.object_info("NestedExemplarModel")["NestedExemplarModel"])

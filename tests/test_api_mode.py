@@ -26,14 +26,13 @@ from api_helpers import (
     of_type,
     previews_per_outer_step,
 )
-from PIL import Image
-
-from tools.comfy_api_client import (
+from comfyui_nested_diffusion.tools.comfy_api_client import (
     ComfyAPIClient,
     ExecutionError,
     ExecutionInterrupted,
     PromptValidationError,
 )
+from PIL import Image
 
 
 def test_nodes_are_registered_with_their_schema(client):
@@ -114,6 +113,8 @@ def test_prompt_streams_outer_steps_previews_and_progress(client, exemplar_defau
     assert len(labels) == OUTER * BATCH
     assert labels[0].startswith(f"outer 1/{OUTER}") and labels[-1].startswith(f"outer {OUTER}/{OUTER}")
     assert f"{OUTER * INNER} NFE" in labels[-1]
+    assert shown["nested_previews"] == [{"outer_step": k, "outer_steps": OUTER, "batch_index": i, "nfe": k * INNER}
+                                        for k in range(1, OUTER + 1) for i in range(BATCH)]
 
     finals = []
     for item in saved:

@@ -24,9 +24,9 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-test.txt)")
 requests = pytest.importorskip("requests")
 
-import workflow_checks as wc  # noqa: E402
-
-from tools.comfy_server import PACK_DIR_NAME  # noqa: E402
+from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT  # noqa: E402
+from comfyui_nested_diffusion.tools import workflow_checks as wc  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_server import PACK_DIR_NAME  # noqa: E402
 
 CHROMIUM = os.environ.get("NESTED_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -234,7 +234,7 @@ def test_demo_workflow_runs_in_the_editor_with_live_previews(page):
 
     # Listen before queueing: previews (with the node that sent them), outer-step events, and what the node
     # shows as its preview image right after each preview arrived.
-    page.evaluate("""(samplerId) => {
+    page.evaluate("""([samplerId, outerStepEvent]) => {
         const log = window.__nested = {events: [], shown: [], done: null, error: null};
         const stamp = () => log.events.length;
         const api = app.api;
@@ -248,13 +248,13 @@ def test_demo_workflow_runs_in_the_editor_with_live_previews(page):
                 log.shown.push(shown ? shown.join(' ') : null);
             }
         });
-        api.addEventListener('nested_diffusion.outer_step', (e) => log.events.push({type: 'outer_step', ...e.detail}));
+        api.addEventListener(outerStepEvent, (e) => log.events.push({type: 'outer_step', ...e.detail}));
         api.addEventListener('executing', (e) => log.events.push({type: 'executing', node: e.detail}));
         api.addEventListener('executed', (e) => log.events.push({type: 'executed', node: String(e.detail.node),
                                                                images: (e.detail.output?.images ?? []).length}));
         api.addEventListener('execution_success', (e) => { log.done = stamp(); });
         api.addEventListener('execution_error', (e) => { log.error = e.detail; });
-    }""", SAMPLER)
+    }""", [SAMPLER, OUTER_STEP_EVENT])
     started = time.monotonic()
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     page.wait_for_function("() => window.__nested.done !== null || window.__nested.error !== null", timeout=90_000)

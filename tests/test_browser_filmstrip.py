@@ -22,7 +22,8 @@ import io
 import json
 
 import pytest
-import workflow_checks as wc
+from comfyui_nested_diffusion.protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICK_ROUTE, PICKED_EVENT
+from comfyui_nested_diffusion.tools import workflow_checks as wc
 from test_browser import ARTIFACTS, browser, load_graph, sync_api  # noqa: F401  (browser is a fixture)
 from test_browser_steering import (  # noqa: F401  (page is a fixture)
     DEMO,
@@ -39,9 +40,6 @@ from test_browser_steering import (  # noqa: F401  (page is a fixture)
 Image = pytest.importorskip("PIL.Image")
 ImageDraw = pytest.importorskip("PIL.ImageDraw")
 
-CANDIDATES_EVENT = "nested_diffusion.candidates"  # protocol.py
-PICKED_EVENT = "nested_diffusion.picked"
-OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 COLOURS = [(230, 60, 60), (60, 160, 230), (240, 200, 40), (80, 200, 90)]
 
 
@@ -124,12 +122,12 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
         route.fulfill(status=200, content_type="application/json",
                       body=json.dumps({"picking": True, "index": posted[-1]["index"], "batch_size": 4}))
 
-    page.route("**/nested_diffusion/pick", answer)
+    page.route(f"**{PICK_ROUTE}", answer)
     try:
         strip(page, sampler).locator('figure[data-outer-step="2"][data-position="1"] button').click()
         page.get_by_text("Keeping only batch item 1").first.wait_for(state="visible", timeout=10_000)
     finally:
-        page.unroute("**/nested_diffusion/pick")
+        page.unroute(f"**{PICK_ROUTE}")
     client_id = page.evaluate("() => app.api.clientId ?? app.api.initialClientId")
     assert posted == [{"prompt_id": "synthetic-1", "node": str(sampler), "index": 1, "client_id": client_id}]
     assert isinstance(client_id, str) and client_id
@@ -151,13 +149,13 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
 
     # a refused pick says why
     dispatch(page, CANDIDATES_EVENT, candidates(sampler, "synthetic-2", 1, 4))
-    page.route("**/nested_diffusion/pick", lambda route: route.fulfill(
+    page.route(f"**{PICK_ROUTE}", lambda route: route.fulfill(
         status=409, content_type="application/json", body=json.dumps({"error": "nothing to pick in: test refusal"})))
     try:
         strip(page, sampler).locator('figure[data-position="0"] button').click()
         page.get_by_text("nothing to pick in: test refusal").first.wait_for(state="visible", timeout=10_000)
     finally:
-        page.unroute("**/nested_diffusion/pick")
+        page.unroute(f"**{PICK_ROUTE}")
     assert len(figures(page, sampler)) == 4  # a new prompt: the strip shows that run
 
     # bounded: the latest 64 images
@@ -206,13 +204,13 @@ def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page
     load_graph(page, without_nodes(demo, vanilla), "filmstrip")
     set_widgets(page, latent, {"batch_size": 4})
     set_widgets(page, sampler, {"seed": 20_261_201, "outer_steps": 4, "inner_steps": 10})
-    page.evaluate("""() => {
+    page.evaluate("""(kinds) => {
         window.__film = [];
         if (window.__filmListening) return;
         window.__filmListening = true;
-        for (const kind of ['nested_diffusion.candidates', 'nested_diffusion.picked'])
+        for (const kind of kinds)
             app.api.addEventListener(kind, (e) => window.__film.push({kind, ...e.detail, images: e.detail.images?.length}));
-    }""")
+    }""", [CANDIDATES_EVENT, PICKED_EVENT])
     start_log(page)
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     page.wait_for_function("() => window.__steer.done || window.__steer.error !== null", timeout=120_000)
@@ -237,9 +235,10 @@ def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page
     keep.first.wait_for(state="visible", timeout=60_000)
     keep.first.click()
     page.get_by_text("Keeping only batch item 2").first.wait_for(state="visible", timeout=10_000)
-    page.wait_for_function("""() => window.__film.some(e => e.kind === 'nested_diffusion.picked')
-        && window.__film.filter(e => e.kind === 'nested_diffusion.candidates' && e.images === 1).length >= 2
-        || window.__steer.done || window.__steer.error !== null""", timeout=60_000)
+    page.wait_for_function("""([picked, candidates]) => window.__film.some(e => e.kind === picked)
+        && window.__film.filter(e => e.kind === candidates && e.images === 1).length >= 2
+        || window.__steer.done || window.__steer.error !== null""", arg=[PICKED_EVENT, CANDIDATES_EVENT],
+                           timeout=60_000)
     page.evaluate("""(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'Finish now').callback()""",
                   sampler)
     page.wait_for_function("() => window.__steer.done || window.__steer.error !== null", timeout=60_000)

@@ -27,7 +27,8 @@ import time
 from typing import Optional
 
 import pytest
-import workflow_checks as wc
+from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT, RUNNING_ROUTE
+from comfyui_nested_diffusion.tools import workflow_checks as wc
 from test_browser import (  # noqa: F401  (browser is a fixture)
     ARTIFACTS,
     browser,
@@ -116,20 +117,20 @@ def set_widgets(page, node_id: int, values: dict) -> None:
 
 def start_log(page) -> None:
     """Record what the server sends while a prompt runs (install before queueing)."""
-    page.evaluate("""() => {
+    page.evaluate("""(outerStepEvent) => {
         const log = window.__steer = {events: [], done: false, error: null};
         if (window.__steerListening) return;
         window.__steerListening = true;
         const api = app.api;
         const push = (entry) => window.__steer.events.push({...entry, t: performance.now()});
-        api.addEventListener('nested_diffusion.outer_step', (e) => push({type: 'outer_step', ...e.detail}));
+        api.addEventListener(outerStepEvent, (e) => push({type: 'outer_step', ...e.detail}));
         api.addEventListener('executing', (e) => push({type: 'executing', node: e.detail == null ? null : String(e.detail)}));
         api.addEventListener('execution_cached', (e) => push({type: 'cached', nodes: (e.detail.nodes ?? []).map(String)}));
         api.addEventListener('executed', (e) => push({type: 'executed', node: String(e.detail.node),
                                                       images: (e.detail.output?.images ?? []).length}));
         api.addEventListener('execution_success', () => { window.__steer.done = true; });
         api.addEventListener('execution_error', (e) => { window.__steer.error = e.detail; });
-    }""")
+    }""", OUTER_STEP_EVENT)
     page.evaluate("() => { window.__steer.events = []; window.__steer.done = false; window.__steer.error = null; }")
 
 
@@ -293,7 +294,7 @@ def test_finish_now_button_ends_the_run_early_and_the_graph_goes_on(page, comfy_
     shown = output_images(page, comfy_server, preview)
     assert mean_abs(unlabelled(shown[-batch]), saved[0]) < 1.0
     wait_for_images(page, preview, len(steps) * batch)
-    assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+    assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
 
     # The nodes right next to (below or above) the toast that says the button was heard, both in the picture.
     box = toast.bounding_box() if toast.is_visible() else None
@@ -354,7 +355,7 @@ def test_pick_candidate_example_shows_the_candidates_and_varies_the_pick(page, c
 
 def test_prompt_refine_example_follows_the_added_detail(page, comfy_server):
     """Paper Figure 8: outer step 1 samples the broad prompt, outer steps 2-4 the detailed one."""
-    from demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
 
     exemplars = [Image.fromarray(((e.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
                  for e in default_exemplars(32)]

@@ -86,7 +86,7 @@ def test_context_windows_run_inside_every_inner_diffusion(pack):
     """Issue 12: ComfyUI's context windows look the current sigma up in sample_sigmas and raised "No sample_sigmas
     matched current timestep" inside nested runs, whose inner sigmas are not in the outer schedule. Windows of 16
     over the 32-wide latent of the tiny SD1.5 UNet (a convolutional model runs on any window)."""
-    import tiny_models
+    from comfyui_nested_diffusion.tools import models as tiny_models
 
     model = tiny_models.tiny_sd15_unet("eps", seed=1)
     cond = tiny_models.conditioning(seed=2)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 import tiny_control
-import tiny_models
 import torch
+from comfyui_nested_diffusion.tools import models as tiny_models
 
 SIZE = 16  # latent side; the hint images are 8x that (128 px)
 BATCH = 2

@@ -1,10 +1,7 @@
 """nested_core's anytime pieces without ComfyUI: step presets, stop rules, the outer loop's stop and offsets."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from nested_core import (
+from comfyui_nested_diffusion.nested_core import (
     NestedDiffusionError,
     OuterStepRule,
     StopRule,
@@ -13,6 +10,8 @@ from nested_core import (
     run_nested,
     sample_nested,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=80, deadline=None)
@@ -131,7 +130,7 @@ def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
 
 
 def test_renoise_step_is_the_forward_process():
-    from nested_core import outer_step
+    from comfyui_nested_diffusion.nested_core import outer_step
 
     x0, noise = torch.full((3,), 2.0), torch.full((3,), -1.0)
     assert torch.allclose(outer_step(torch.zeros(3), x0, 4.0, 0.5, noise=noise, renoise=True), x0 + 0.5 * noise)
@@ -142,7 +141,7 @@ def test_renoise_step_is_the_forward_process():
 
 
 def test_projected_costs_follow_what_inner_processes_really_spent():
-    from nested_core import projected_costs, spent_per_inner_process
+    from comfyui_nested_diffusion.nested_core import projected_costs, spent_per_inner_process
 
     assert projected_costs([8, 8, 8], []) == [8, 8, 8]
     assert projected_costs([8, 8, 8], [8]) == [8, 8, 8]  # a solver whose calls do not depend on the model
@@ -209,7 +208,7 @@ def test_a_first_inner_diffusion_past_the_call_limit_is_a_clear_error():
 def test_flow_outer_steps_keep_a_scaled_noise_scaled(renoise, eta, noise_scale):
     """ComfyUI's model_sampling.noise_scale (flow models, 0.21.1 on): x = (1 - s) x0 + s * noise_scale * eps.
     Every outer step must land on that form at sigma_next: the fresh noise it adds is scaled too."""
-    from nested_core import outer_step
+    from comfyui_nested_diffusion.nested_core import outer_step
 
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(200000, generator=generator)
@@ -222,7 +221,7 @@ def test_flow_outer_steps_keep_a_scaled_noise_scaled(renoise, eta, noise_scale):
 
 
 def test_outer_noise_of_an_item_does_not_depend_on_its_batch():
-    from nested_core import seeded_outer_noise
+    from comfyui_nested_diffusion.nested_core import seeded_outer_noise
 
     x4, x1 = torch.zeros(4, 3, 2, 2), torch.zeros(1, 3, 2, 2)
     batch = seeded_outer_noise(11)(2, x4, range(4))

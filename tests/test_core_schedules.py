@@ -3,10 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from nested_core import (
+from comfyui_nested_diffusion.nested_core import (
     NestedDiffusionError,
     check_schedule,
     denoise_start_sigma,
@@ -17,6 +14,8 @@ from nested_core import (
     total_nfe,
     truncated_schedule,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def karras(steps: int, sigma_min: float = 0.03, sigma_max: float = 14.6, rho: float = 7.0) -> torch.Tensor:

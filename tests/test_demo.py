@@ -6,10 +6,8 @@ sampling. The workflow-editing helpers are also checked alone, without a server.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +16,18 @@ Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("requests")
 pytest.importorskip("websocket")
 
-from tools.comfy_server import comfyui_path, default_python, free_port  # noqa: E402
+from comfyui_nested_diffusion.scripts import demo  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_env import REPO_ROOT, child_env, module_command  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_server import comfyui_path, default_python, free_port  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO = REPO_ROOT / "scripts" / "demo.py"
 WORKFLOW = REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 OUTER, INNER, BATCH, SIZE = 3, 4, 4, 32
 
 
-def load_demo_module():
-    spec = importlib.util.spec_from_file_location("nested_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nested_demo"] = module
-    spec.loader.exec_module(module)
-    return module
+def run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """The demo as scripts/demo.sh runs it (``python -P -m comfyui_nested_diffusion.scripts.demo``)."""
+    command = module_command("scripts.demo", *args, python=default_python())
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +36,8 @@ def demo_run(tmp_path_factory):
     if not (comfyui_path() / "main.py").exists():
         pytest.fail(f"No ComfyUI at {comfyui_path()}: run scripts/setup_env.sh (or set COMFYUI_PATH)")
     out = tmp_path_factory.mktemp("demo") / "out"
-    command = [default_python(), str(DEMO), "--outer", str(OUTER), "--inner", str(INNER),
-               "--port", str(free_port()), "--out", str(out), "--workflow", str(WORKFLOW)]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    done = run_demo("--outer", str(OUTER), "--inner", str(INNER), "--port", str(free_port()), "--out", str(out),
+                    "--workflow", str(WORKFLOW), timeout=240)
     assert done.returncode == 0, f"demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return out, done
 
@@ -97,6 +92,10 @@ def test_demo_summary_counts_nfes_and_shows_nested_on_the_data_first(demo_run):
         for key in ("nested_preview", "vanilla_preview"):
             assert (out / step[key]).is_file()
         assert len(step["outer_step_preview"]) == BATCH
+    shown = summary["outer_step_preview"]["nested"]  # OuterStepPreview's own metadata, not parsed from its labels
+    assert [(s["outer_step"], s["batch_index"], s["nfe"]) for s in shown] == [
+        (k, i, k * INNER) for k in range(1, OUTER + 1) for i in range(BATCH)]
+    assert all((out / s["path"]).name == f"outer{s['outer_step']}_item{s['batch_index']}.png" for s in shown)
 
     # At the first boundary nested shows a sample (on the data), vanilla a blurry x0 estimate (off it).
     first = steps[0]["distance"]
@@ -108,7 +107,6 @@ def test_demo_summary_counts_nfes_and_shows_nested_on_the_data_first(demo_run):
 
 
 def test_overrides_keep_the_vanilla_sampler_in_step_and_find_nodes_by_class():
-    demo = load_demo_module()
     original = json.loads(WORKFLOW.read_text())
     renamed = {f"n{node_id}": copy.deepcopy(node) for node_id, node in original.items()}
     for node in renamed.values():  # the same graph under other ids
@@ -130,7 +128,6 @@ def test_overrides_keep_the_vanilla_sampler_in_step_and_find_nodes_by_class():
 
 
 def test_output_folder_is_only_cleaned_when_the_demo_wrote_it(tmp_path):
-    demo = load_demo_module()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
@@ -147,8 +144,7 @@ def test_output_folder_is_only_cleaned_when_the_demo_wrote_it(tmp_path):
 def test_default_demo_runs_the_digits_and_the_exemplar_workflows(tmp_path):
     """The README's main job as a user runs it: both workflows on one server, each in a folder of its own."""
     out = tmp_path / "out"
-    command = [default_python(), str(DEMO), "--outer", "2", "--inner", "3", "--port", str(free_port()), "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    done = run_demo("--outer", "2", "--inner", "3", "--port", str(free_port()), "--out", str(out), timeout=300)
     assert done.returncode == 0, f"demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     for folder in ("digits", "exemplar"):
         strip = open_image(out / folder / "strip.png")

@@ -4,9 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from demo_models.digits import data, metrics
-from demo_models.digits.metrics import frechet_distance
+from comfyui_nested_diffusion.demo_models.digits import data, metrics
+from comfyui_nested_diffusion.demo_models.digits.metrics import frechet_distance
 
 
 def test_split_is_fixed_disjoint_and_complete():

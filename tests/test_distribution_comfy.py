@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_helpers import run_plan
-
-from bench.spread import (
+from comfyui_nested_diffusion.bench.spread import (
     KNOWN_EXCEPTIONS,
     TOLERANCE,
     gaussian_latent,

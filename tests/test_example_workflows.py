@@ -1,6 +1,7 @@
 """The example workflows in example_workflows/, checked on a real ComfyUI server with this pack installed.
 
-* The files are what example_workflows/build_workflows.py writes (editor format, API twin, thumbnail).
+* The files are what tools/workflows.py writes (editor format, API twin, thumbnail), from the node schemas saved
+  in tools/object_info.json, which must be what the live server reports.
 * Every editor-format workflow is checked against the server's /object_info: node types exist, links join
   matching types, widget values are valid (file names that this server lacks excepted), and it stands for
   exactly its API twin.
@@ -11,9 +12,7 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 
 import pytest
 
@@ -21,27 +20,17 @@ pytest.importorskip("requests")
 pytest.importorskip("websocket")
 Image = pytest.importorskip("PIL.Image")
 import requests  # noqa: E402
-import workflow_checks as wc  # noqa: E402
+from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT  # noqa: E402
+from comfyui_nested_diffusion.tools import workflow_checks as wc  # noqa: E402
+from comfyui_nested_diffusion.tools import workflows as builder  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, ExecutionError, PromptValidationError  # noqa: E402
+from comfyui_nested_diffusion.tools.comfy_server import PACK_DIR_NAME  # noqa: E402
 
-from tools.comfy_api_client import ComfyAPIClient, ExecutionError, PromptValidationError  # noqa: E402
-from tools.comfy_server import PACK_DIR_NAME  # noqa: E402
-
-
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_workflows", wc.EXAMPLES_DIR / "build_workflows.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_builder()
 WORKFLOWS = {w.name: w for w in builder.all_workflows()}
 RUNNABLE = sorted(name for name, w in WORKFLOWS.items() if w.runnable)
 NEEDS_WEIGHTS = sorted(name for name, w in WORKFLOWS.items() if not w.runnable)
 PAIRS = {name: (editor, api) for name, editor, api in wc.example_pairs()}
 LOADER_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPLoader"}
-OUTER_STEP_EVENT = "nested_diffusion.outer_step"
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +63,23 @@ def node_id(name: str, title: str) -> str:
 
 # -- the files --------------------------------------------------------------------------------------------------
 def test_files_are_what_the_build_script_writes():
-    assert builder.check_files() == [], "run: python example_workflows/build_workflows.py"
+    assert builder.check_files() == [], "run: scripts/python.sh -m comfyui_nested_diffusion.tools.workflows"
+
+
+def test_saved_node_schemas_are_the_live_servers(server, object_info):
+    """tools/object_info.json (what the builder reads) says what the server says and holds every node of this pack;
+    ComfyUI's own nodes are compared on the release the files target (builder.CORE_VERSION), this pack's on any."""
+    saved = builder.saved_object_info()
+    version = requests.get(f"{server.url}/system_stats", timeout=30).json()["system"]["comfyui_version"]
+    compared = [name for name in saved if version == builder.CORE_VERSION or builder.node_def(saved[name]).pack]
+    stale = [name for name in compared
+             if name not in object_info or builder.node_def(saved[name]) != builder.node_def(object_info[name])]
+    missing = [name for name, info in object_info.items() if builder.node_def(info).pack and name not in saved]
+    assert (stale, missing) == ([], []), "run: scripts/python.sh -m comfyui_nested_diffusion.tools.workflows --object-info"
 
 
 def test_every_example_has_editor_file_api_twin_and_thumbnail():
-    assert sorted(PAIRS) == sorted(WORKFLOWS), "editor-format files and build_workflows.py disagree"
+    assert sorted(PAIRS) == sorted(WORKFLOWS), "editor-format files and tools/workflows.py disagree"
     for name in WORKFLOWS:
         editor, api = PAIRS[name]
         assert wc.is_editor_format(wc.load(editor)), editor
@@ -147,8 +148,7 @@ def test_nested_vs_vanilla_digits_runs_and_draws_the_digit(client):
     """The demo's learned-model workflow: both samplers' images are the digit asked for (the pack's classifier)."""
     import numpy
     import torch
-
-    from demo_models.digits.metrics import predict  # pure torch: no ComfyUI in this process
+    from comfyui_nested_diffusion.demo_models.digits.metrics import predict  # pure torch: no ComfyUI in this process
 
     name = "nested_vs_vanilla_digits"
     prompt = api_prompt(name)
@@ -247,7 +247,7 @@ def test_exemplar_pick_candidate_runs_and_stage_2_varies_the_pick(client):
 
 def test_exemplar_prompt_refine_runs_and_every_final_image_follows_the_added_detail(client):
     name = "exemplar_prompt_refine_nested"
-    from demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars
 
     exemplars = [Image.fromarray(((e.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
                  for e in default_exemplars(32)]

@@ -5,8 +5,7 @@ import importlib
 
 import pytest
 import torch
-
-from demo_models.exemplar.exemplars import (
+from comfyui_nested_diffusion.demo_models.exemplar.exemplars import (
     default_exemplars,
     distinct_exemplars,
     manifold_distance,

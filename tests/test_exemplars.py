@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from demo_models.exemplar.exemplars import (
+from comfyui_nested_diffusion.demo_models.exemplar.exemplars import (
     EXEMPLAR_NAMES,
     default_exemplars,
     distinct_exemplars,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import requests
 from api_helpers import OUTER_STEP_EVENT, SAMPLER, SAVE, nested_prompt, of_type
+from comfyui_nested_diffusion.protocol import FINISH_ROUTE, RUNNING_ROUTE
 
 
 def post_finish(server, body, raw: bool = False):
     data = body if raw else None
-    return requests.post(f"{server.url}/nested_diffusion/finish", json=None if raw else body, data=data, timeout=10)
+    return requests.post(f"{server.url}{FINISH_ROUTE}", json=None if raw else body, data=data, timeout=10)
 
 
 def test_finish_now_returns_the_latest_inner_result_and_the_graph_goes_on(comfy_server, client, exemplar_defaults):
@@ -19,7 +20,7 @@ def test_finish_now_returns_the_latest_inner_result_and_the_graph_goes_on(comfy_
     for event in client.stream(prompt_id, timeout=120):
         events.append(event)
         if event["type"] == OUTER_STEP_EVENT and event["data"]["outer_step"] == 2:
-            listing = requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"]
+            listing = requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"]
             answers.append((any(entry["prompt_id"] == prompt_id and entry["node_id"] == SAMPLER
                                     for entry in listing), None))
             answers.append((None, post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER})))
@@ -31,7 +32,7 @@ def test_finish_now_returns_the_latest_inner_result_and_the_graph_goes_on(comfy_
     entry = client.history(prompt_id)
     assert entry["status"]["status_str"] == "success"
     assert len(entry["outputs"][SAVE]["images"]) == 2  # downstream decode + save ran on the kept image
-    assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+    assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
 
 
 def test_finish_with_nothing_running_is_409(comfy_server):

@@ -16,12 +16,13 @@ import threading
 import time
 
 import requests
+from comfyui_nested_diffusion.protocol import RUNNING_ROUTE
+from comfyui_nested_diffusion.tools.api_graphs import exemplar_graph
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_reliability_api import post_prompt
 from test_server_limits_api import server_rss
-
-from tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 
 EXAMPLES = int(os.environ.get("NESTED_FUZZ_EXAMPLES", "25"))
 RUN_SECONDS = 4.0  # then Cancel
@@ -53,7 +54,6 @@ STEP_SCHEDULES = st.one_of(st.just(""), st.sampled_from(["uniform", "front-loade
 def fuzz_prompts(draw, exemplar_defaults: dict) -> dict:
     kind = draw(st.sampled_from(["NestedKSampler", "NestedKSamplerAdvanced"]))
     common = {
-        "model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
         "outer_steps": draw(edgy_ints(1, 1000)), "inner_steps": draw(edgy_ints(1, 10000)),
         "cfg": draw(edgy_floats(0.0, 100.0)), "sampler_name": draw(st.sampled_from(SAMPLERS)),
         "scheduler": draw(st.sampled_from(SCHEDULERS)), "outer_eta": draw(edgy_floats(0.0, 1.0)),
@@ -68,46 +68,27 @@ def fuzz_prompts(draw, exemplar_defaults: dict) -> dict:
                    "add_noise": draw(st.sampled_from(["enable", "disable"])),
                    "start_at_outer_step": draw(edgy_ints(0, 1000)), "end_at_outer_step": draw(edgy_ints(1, 1000)),
                    "return_with_leftover_noise": draw(st.sampled_from(["disable", "enable"]))}
-    prompt = {
-        "1": {"class_type": "NestedExemplarModel",
-              "inputs": {**exemplar_defaults, "prediction": draw(st.sampled_from(["eps", "v_prediction", "flow"])),
-                         "spread": 0.05, "image_size": 16, "shift": 1.0}},
-        "2": {"class_type": "EmptyChromaRadianceLatentImage",
-              "inputs": {"width": 16, "height": 16, "batch_size": draw(st.integers(1, 3))}},
-        "3": {"class_type": kind, "inputs": sampler},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 0]}},
-        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "fuzz"}},
-    }
+    prediction = draw(st.sampled_from(["eps", "v_prediction", "flow"]))
+    batch = draw(st.integers(1, 3))
+    outer_step_preview = draw(st.booleans())
+    inner_solver = None
     if draw(st.booleans()):
-        prompt["7"] = {"class_type": "OuterStepPreview", "inputs": {"previews": ["3", 1], "vae": ["4", 0]}}
-    if draw(st.booleans()):
-        prompt["8"] = {"class_type": "InnerSolverSelect", "inputs": {
+        inner_solver = {
             "sampler_name": draw(st.sampled_from(SAMPLERS)), "scheduler": draw(st.sampled_from(SCHEDULERS)),
             "steps": draw(edgy_ints(1, 10000)), "eta": draw(edgy_floats(0.0, 100.0)),
-            "s_noise": draw(edgy_floats(0.0, 100.0)), "step_schedule": draw(STEP_SCHEDULES)}}
-        sampler["inner_solver"] = ["8", 0]
-    return prompt
+            "s_noise": draw(edgy_floats(0.0, 100.0)), "step_schedule": draw(STEP_SCHEDULES)}
+    return exemplar_graph(kind, sampler, size=16, batch=batch, prediction=prediction, exemplar_defaults=exemplar_defaults,
+                          prefix="fuzz", outer_step_preview=outer_step_preview, inner_solver=inner_solver)
 
 
 def warmup_prompt(exemplar_defaults: dict, prediction: str, scheduler: str, sampler: str) -> dict:
     """A small prompt like the fuzzed ones, with an InnerSolverSelect and an OuterStepPreview."""
-    prompt = {
-        "1": {"class_type": "NestedExemplarModel", "inputs": {**exemplar_defaults, "prediction": prediction,
-                                                             "spread": 0.05, "image_size": 16, "shift": 1.0}},
-        "2": {"class_type": "EmptyChromaRadianceLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 2}},
-        "3": {"class_type": "NestedKSampler", "inputs": {
-            "model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0], "seed": 1,
-            "outer_steps": 3, "inner_steps": 3, "cfg": 1.0, "sampler_name": sampler, "scheduler": scheduler,
-            "denoise": 1.0, "inner_solver": ["8", 0]}},
-        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 0]}},
-        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "fuzz"}},
-        "7": {"class_type": "OuterStepPreview", "inputs": {"previews": ["3", 1], "vae": ["4", 0]}},
-        "8": {"class_type": "InnerSolverSelect", "inputs": {"sampler_name": sampler, "scheduler": scheduler, "steps": 3,
-                                                            "eta": 0.85, "s_noise": 1.0, "step_schedule": ""}},
-    }
-    return prompt
+    inputs = {"seed": 1, "outer_steps": 3, "inner_steps": 3, "cfg": 1.0, "sampler_name": sampler, "scheduler": scheduler,
+              "denoise": 1.0}
+    inner_solver = {"sampler_name": sampler, "scheduler": scheduler, "steps": 3, "eta": 0.85, "s_noise": 1.0,
+                    "step_schedule": ""}
+    return exemplar_graph("NestedKSampler", inputs, size=16, batch=2, prediction=prediction, prefix="fuzz",
+                          exemplar_defaults=exemplar_defaults, outer_step_preview=True, inner_solver=inner_solver)
 
 
 def run_bounded(comfy_server, client, prompt: dict) -> tuple[str, str, float]:
@@ -177,7 +158,7 @@ def test_random_inputs_run_or_stop_clearly_in_bounded_time(comfy_server, client,
         assert seconds < RUN_SECONDS + CANCEL_SECONDS + 5, (outcome, seconds)
         queue = client.queue()
         assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
-        assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+        assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
 
     property_holds()
     grown = (server_rss(comfy_server) - baseline[0]) / baseline[0]

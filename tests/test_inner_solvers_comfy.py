@@ -2,9 +2,7 @@
 the node plans and reports, and every inner result lands on the data manifold."""
 import pytest
 import torch
-from comfy_helpers import SPREAD, empty_latent, exemplar_setup, ksampler, nested, run_plan
-
-from tools.comfy_env import counting_clone
+from comfy_helpers import SPREAD, counting_clone, empty_latent, exemplar_setup, ksampler, nested, run_plan
 
 STOP_AT_SIGMA_MIN = {"dpm_fast", "dpm_adaptive"}
 

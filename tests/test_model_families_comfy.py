@@ -11,8 +11,8 @@ the output's scale) wherever it degenerates to them, and check that guidance, pa
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
+from comfyui_nested_diffusion.tools import models as tiny_models
 
 FAMILIES = ["sd15_eps", "sd15_v", "flux", "sd3"]
 SD15_FAMILIES = ["sd15_eps", "sd15_v"]

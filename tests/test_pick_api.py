@@ -20,19 +20,17 @@ import threading
 import pytest
 import requests
 from api_helpers import OUTER_STEP_EVENT, SAMPLER, SAVE, decode, mean_abs_difference, nested_prompt, of_type
-
-CANDIDATES_EVENT = "nested_diffusion.candidates"  # protocol.py
-PICKED_EVENT = "nested_diffusion.picked"
+from comfyui_nested_diffusion.protocol import CANDIDATES_EVENT, PICK_ROUTE, PICKED_EVENT
 
 
 def post_pick(server, body, raw: bool = False):
-    return requests.post(f"{server.url}/nested_diffusion/pick", json=None if raw else body,
+    return requests.post(f"{server.url}{PICK_ROUTE}", json=None if raw else body,
                          data=body if raw else None, timeout=10)
 
 
 @pytest.fixture(scope="module")
 def finish(pack):
-    from tools.comfy_env import PACK_MODULE_NAME
+    from comfyui_nested_diffusion.tools.comfy_env import PACK_MODULE_NAME
 
     return importlib.import_module(f"{PACK_MODULE_NAME}.nodes.finish")
 
@@ -165,7 +163,7 @@ def test_pick_with_nothing_running_is_409(comfy_server):
 def test_pick_refuses_other_clients_unknown_and_stale_runs(comfy_server, client, exemplar_defaults):
     """Against a live run: another client's pick is 403, an unknown prompt or node 404 (the run is untouched);
     after the run: 409 (nothing runs) or, while another run runs, 404."""
-    from tools.comfy_api_client import SteeringRefused
+    from comfyui_nested_diffusion.tools.comfy_api_client import SteeringRefused
 
     outer = 150
     prompt_id = client.queue_prompt(nested_prompt(seed=91, outer_steps=outer, prefix="nested_pick_refused",
@@ -219,7 +217,7 @@ def test_sampler_keeps_only_the_picked_item(comfy_server, client, exemplar_defau
     """Batch 4: after outer step 1 the client picks batch item 2; from the next outer boundary on the run continues
     only that item (candidates events with one image, a picked event, one saved image), which ends where it would
     have in the full batch. Out of range and second picks are refused on the live run."""
-    from tools.comfy_api_client import SteeringRefused
+    from comfyui_nested_diffusion.tools.comfy_api_client import SteeringRefused
 
     outer, inner, batch, index = 12, 8, 4, 2
 

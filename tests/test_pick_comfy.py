@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from bench.pick import BATCH, ITEMS_TARGET, KEEP, OUTER, nested_run, pick_row
+from comfyui_nested_diffusion.bench.pick import BATCH, ITEMS_TARGET, KEEP, OUTER, nested_run, pick_row
 
 
 @pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral"])

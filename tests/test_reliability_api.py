@@ -11,13 +11,11 @@ last prompt's nodes), and it always checks from the events that the sampler real
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
 import random
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,10 +34,12 @@ from api_helpers import (
     of_type,
     previews_per_outer_step,
 )
+from comfyui_nested_diffusion.protocol import FINISH_ROUTE, RUNNING_ROUTE
+from comfyui_nested_diffusion.scripts import load_test
+from comfyui_nested_diffusion.tools import workflow_checks as wc
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
+from comfyui_nested_diffusion.tools.workflow_checks import REPO_ROOT
 
-from tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _SEEDS = itertools.count(880_001)  # seeds no other test file uses: every prompt here must really sample
 
 
@@ -48,10 +48,8 @@ def fresh_seed() -> int:
 
 
 def demo_api_workflow() -> Path:
-    """The demo's API-format workflow (it has lived beside the editor file and in example_workflows/api/)."""
-    candidates = [REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json",
-                  REPO_ROOT / "example_workflows" / "nested_vs_vanilla_exemplar_api.json"]
-    return next((path for path in candidates if path.exists()), candidates[0])
+    """The demo's API-format workflow."""
+    return REPO_ROOT / "example_workflows" / "api" / "nested_vs_vanilla_exemplar_api.json"
 
 
 # -- queueing and outcomes -------------------------------------------------------------------------------------
@@ -119,7 +117,7 @@ def assert_server_recovers(comfy_server, client, exemplar_defaults) -> None:
     assert comfy_server.running, "the ComfyUI server process died"
     queue = client.queue()
     assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
-    assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+    assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
     outcome = attempt(client, small_good_prompt(exemplar_defaults))
     assert outcome.kind == "ok", f"the next good prompt failed: {outcome.describe()}"
     assert ran(outcome, SAMPLER)
@@ -414,7 +412,7 @@ def test_cancel_at_random_points_then_the_same_prompt_gives_the_same_image(comfy
                 assert saved_pixels(client, prompt_id) == reference_pixels
             assert attempt(client, small_good_prompt(exemplar_defaults)).kind == "ok"
         assert comfy_server.running
-        assert requests.get(f"{comfy_server.url}/nested_diffusion/running", timeout=10).json()["running"] == []
+        assert requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"] == []
         queue = client.queue()
         assert queue["queue_running"] == [] and queue["queue_pending"] == []
     assert interrupted >= 2, "the interrupts did not land: the runs are too short for this machine"
@@ -500,24 +498,11 @@ def test_batch_item_is_reproducible_wherever_ksampler_guarantees_it(comfy_server
         assert all(same["vanilla"].values()) and all(same["nested"].values())
 
 
-def load_workflow_helpers():
-    path = Path(__file__).with_name("workflow_checks.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("reliability_workflow_checks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_editor_workflow_and_its_api_twin_give_the_same_images(comfy_server, client, exemplar_defaults):
     editor_path = REPO_ROOT / "example_workflows" / "nested_vs_vanilla_exemplar.json"
     api_path = demo_api_workflow()
-    helpers = load_workflow_helpers()
-    if not (editor_path.exists() and api_path.exists()) or helpers is None or not hasattr(helpers, "editor_to_api"):
-        pytest.skip("the editor-format example, its API twin or tests/workflow_checks.editor_to_api is not there yet")
     editor = json.loads(editor_path.read_text(encoding="utf-8"))
-    converted = helpers.editor_to_api(editor, client.object_info())
+    converted = wc.editor_to_api(editor, client.object_info())
     twin = json.loads(api_path.read_text(encoding="utf-8"))
 
     def saves(prompt):
@@ -587,36 +572,25 @@ def test_the_pack_writes_only_into_output_and_temp(comfy_server, client):
 
 def test_the_pack_routes_refuse_wrong_methods_and_bodies(comfy_server):
     url = comfy_server.url
-    assert requests.post(f"{url}/nested_diffusion/running", json={}, timeout=10).status_code == 405
+    assert requests.post(f"{url}{RUNNING_ROUTE}", json={}, timeout=10).status_code == 405
     # GET of a POST-only route falls through to ComfyUI's static files: 404 (aiohttp alone would say 405).
-    assert requests.get(f"{url}/nested_diffusion/finish", timeout=10).status_code in (404, 405)
+    assert requests.get(f"{url}{FINISH_ROUTE}", timeout=10).status_code in (404, 405)
     assert requests.get(f"{url}/nested_diffusion/no_such_route", timeout=10).status_code == 404
     for body, content_type in ((b"null", "application/json"), (b"", "application/json"),
                                (b"prompt_id=x&node_id=3", "application/x-www-form-urlencoded"),
                                (b"\xff\xfe", "application/json"), (b"[" * 10000, "application/json")):
-        response = requests.post(f"{url}/nested_diffusion/finish", data=body, timeout=10,
+        response = requests.post(f"{url}{FINISH_ROUTE}", data=body, timeout=10,
                                  headers={"Content-Type": content_type})
         assert response.status_code == 400, (body[:20], response.status_code, response.text[:200])
         assert "error" in response.json()
-    listing = requests.get(f"{url}/nested_diffusion/running", timeout=10)
+    listing = requests.get(f"{url}{RUNNING_ROUTE}", timeout=10)
     assert listing.status_code == 200 and listing.json() == {"running": []}
     assert comfy_server.running
 
 
 # -- Many prompts ----------------------------------------------------------------------------------------------
-def load_test_module():
-    if "nested_load_test" in sys.modules:
-        return sys.modules["nested_load_test"]
-    spec = importlib.util.spec_from_file_location("nested_load_test", REPO_ROOT / "scripts" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nested_load_test"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_load_checker_catches_foreign_events(comfy_server):
     """The load test's isolation checks are not vacuous: events of other prompts are flagged."""
-    load_test = load_test_module()
     checker = load_test.LoadClient(9, comfy_server.url, {}, 32, legacy_previews=True)
     try:
         checker.own["mine"] = {"index": 0}
@@ -635,7 +609,6 @@ def test_load_checker_catches_foreign_events(comfy_server):
 def test_many_prompts_from_several_clients(comfy_server):
     """A reduced scripts/load_test.py run (set NESTED_LOAD_PROMPTS for more). The memory check (RSS within 5% after
     the warm-up) is asserted by the script's full 200-prompt run on a server of its own, not on this shared one."""
-    load_test = load_test_module()
     prompts = int(os.environ.get("NESTED_LOAD_PROMPTS", "40"))
     lines: list[str] = []
     started = time.monotonic()

@@ -10,9 +10,9 @@ import psutil
 import pytest
 import requests
 from api_helpers import OUTER_STEP_EVENT, PREVIEW, SAMPLER, SAVE, nested_prompt, of_type
+from comfyui_nested_diffusion.protocol import FINISH_ROUTE, RUNNING_ROUTE
+from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted
 from test_reliability_api import ALLOWED_MAX, assert_server_recovers, attempt, check_clear_answer, ran, with_inputs
-
-from tools.comfy_api_client import ExecutionError, ExecutionInterrupted
 
 MiB = 2**20
 _SEEDS = itertools.count(13_000_001)  # seeds no other test file uses
@@ -131,7 +131,7 @@ def test_slow_plans_take_about_a_second(comfy_server, client, exemplar_defaults)
 
 # -- item 5: an early-finished result was cached as the full run ---------------------------------------------------
 def post_finish(comfy_server, body: dict):
-    return requests.post(f"{comfy_server.url}/nested_diffusion/finish", json=body, timeout=10)
+    return requests.post(f"{comfy_server.url}{FINISH_ROUTE}", json=body, timeout=10)
 
 
 def outer_steps_run(outcome_or_events) -> list[int]:
@@ -262,11 +262,11 @@ def test_outer_step_preview_of_a_long_big_batch_run_is_bounded(comfy_server, cli
     written = {path for path in temp.rglob("*") if path.is_file()} - before
     print(f"\n{seconds:.1f} s, peak RSS +{memory.grown_mib:.0f} MiB, {len(written)} files, "
           f"{len(json.dumps(shown))} bytes of output message")
-    labels = shown["nested_labels"]
-    assert len(shown["images"]) == len(labels) <= 64 and len(written) <= 64
-    steps = sorted({int(label.split()[1].split("/")[0]) for label in labels})
+    metadata = shown["nested_previews"]
+    assert len(shown["images"]) == len(metadata) == len(shown["nested_labels"]) <= 64 and len(written) <= 64
+    steps = sorted({item["outer_step"] for item in metadata})
     assert steps[0] == 1 and steps[-1] == 100 and len(steps) >= 3, steps
-    assert all(len([label for label in labels if label.startswith(f"outer {step}/")]) == 16 for step in steps)
+    assert all([item["batch_index"] for item in metadata if item["outer_step"] == step] == list(range(16)) for step in steps)
     assert len(json.dumps(shown)) < 20_000
     assert memory.grown_mib < 1024, f"peak RSS grew by {memory.grown_mib:.0f} MiB"
 
@@ -275,7 +275,7 @@ def test_outer_step_preview_of_a_long_big_batch_run_is_bounded(comfy_server, cli
 def test_finish_now_finishes_only_the_clients_own_runs(comfy_server, client, exemplar_defaults):
     """An idle editor's button (another client, same node id) ended someone else's 300-step run after 12 steps. Now the
     listing and the route take the client's id: another client sees nothing to finish and is refused (403)."""
-    from tools.comfy_api_client import ComfyAPIClient
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
 
     url = comfy_server.url
     prompt_id = client.queue_prompt(lean_prompt(exemplar_defaults, outer=300, inner=3))
@@ -286,9 +286,9 @@ def test_finish_now_finishes_only_the_clients_own_runs(comfy_server, client, exe
                 continue
             steps.append(event["data"]["outer_step"])
             if steps[-1] == 1:
-                answers["other's listing"] = requests.get(f"{url}/nested_diffusion/running",
+                answers["other's listing"] = requests.get(f"{url}{RUNNING_ROUTE}",
                                                           params={"client_id": other.client_id}, timeout=10).json()
-                answers["own listing"] = requests.get(f"{url}/nested_diffusion/running",
+                answers["own listing"] = requests.get(f"{url}{RUNNING_ROUTE}",
                                                       params={"client_id": client.client_id}, timeout=10).json()
                 answers["other's finish"] = post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER,
                                                                        "client_id": other.client_id})
@@ -310,9 +310,7 @@ def test_the_extension_sends_the_tabs_client_id():
 
     source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
     assert "api.clientId ?? api.initialClientId" in source
-    assert 'RUNNING_ROUTE = "/nested_diffusion/running"' in source and "${RUNNING_ROUTE}?client_id=" in source
-    assert 'PICK_ROUTE = "/nested_diffusion/pick"' in source
-    assert source.count("client_id: clientId") == 2  # finish and pick
+    assert f"{RUNNING_ROUTE}?client_id=" in source and "client_id: clientId" in source
 
 
 # -- the load test's mixed workload --------------------------------------------------------------------------------
@@ -322,9 +320,8 @@ def test_mixed_workload_from_four_clients(comfy_server):
     the script's full run on a server of its own (this shared server's memory moves with the other tests)."""
     import os
 
-    from test_reliability_api import load_test_module
+    from comfyui_nested_diffusion.scripts import load_test
 
-    load_test = load_test_module()
     prompts = int(os.environ.get("NESTED_MIXED_PROMPTS", "32"))
     lines: list[str] = []
     result = load_test.run_load_test(comfy_server.url, prompts=prompts, clients=4, warmup=8, mixed=True,

@@ -1,4 +1,4 @@
-"""Tiny real control models for the tiny SD1.5 UNet of ``tiny_models``, with random weights.
+"""Tiny real control models for the tiny SD1.5 UNet of ``comfyui_nested_diffusion.tools.models``, with random weights.
 
 ``tiny_controlnet`` is ComfyUI's own ``comfy.cldm.cldm.ControlNet`` built with the tiny UNet's config (the
 same channels, levels, res blocks and attention layout) and a 3-channel hint, wrapped in
@@ -10,17 +10,17 @@ unshuffle, ``ksize=1``, ``sk=True``, no down-convolutions, as ``load_t2i_adapter
 with two levels instead of four, wrapped in ``comfy.controlnet.T2IAdapter`` as ``load_t2i_adapter`` does. An
 SD1.5 adapter emits one feature map after every third UNet input block (the last res block of each level:
 input blocks 2, 5, 8, 11 of SD1.5), so it needs a UNet with two res blocks per level: ``tiny_sd15_unet_2rb``
-(the tiny UNet of ``tiny_models`` with ``num_res_blocks=[2, 2]``). On the one-res-block tiny UNet its
+(the tiny UNet of ``comfyui_nested_diffusion.tools.models`` with ``num_res_blocks=[2, 2]``). On the one-res-block tiny UNet its
 first feature map would land after the downsampling block, at the wrong resolution, and ComfyUI would drop it
 with a "control could not be applied" warning.
 
-All weights come from ``tiny_models.randomize_weights`` (seeded, independent of the global RNG). A real
+All weights come from ``randomize_weights`` (seeded, independent of the global RNG). A real
 ControlNet's zero convolutions start at zero; random ones make the control visibly change the output.
 """
 from __future__ import annotations
 
 import torch
-from tiny_models import SD15_UNET_CONFIG, _patcher, _tiny_config, randomize_weights
+from comfyui_nested_diffusion.tools.models import SD15_UNET_CONFIG, randomize_weights, sd15_unet
 
 HINT_CHANNELS = 3
 HINT_RATIO = 8  # the hint IMAGE is 8x the latent, as for SD1.5 ControlNets and T2I adapters
@@ -37,15 +37,7 @@ SD15_2RB_UNET_CONFIG = {
 
 def tiny_sd15_unet_2rb(seed: int = 0):
     """The tiny SD1.5 eps UNet with two res blocks per level (input blocks 0..5), for the T2I adapter."""
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.supported_models
-
-    config = _tiny_config(comfy.supported_models.SD15, SD15_2RB_UNET_CONFIG, HEADS)
-    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS,
-                                       device=comfy.model_management.unet_offload_device())
-    randomize_weights(model.diffusion_model, seed)
-    return _patcher(model)
+    return sd15_unet(SD15_2RB_UNET_CONFIG, HEADS, "eps", seed)
 
 
 def tiny_controlnet(seed: int = 0, unet_config: dict = SD15_UNET_CONFIG):

@@ -3,11 +3,12 @@
 Copy this file wherever you need to drive ComfyUI from Python. Typical use::
 
     from comfy_api_client import ComfyAPIClient, ExecutionError, PromptValidationError
+    from comfyui_nested_diffusion.protocol import OUTER_STEP_EVENT   # the pack's event names (protocol.py)
 
     with ComfyAPIClient("http://127.0.0.1:8188") as client:      # opens the websocket
         prompt_id = client.queue_prompt(api_prompt)               # API-format dict: {node_id: {class_type, inputs}}
         for event in client.stream(prompt_id, timeout=600):
-            if event["type"] == "nested_diffusion.outer_step":
+            if event["type"] == OUTER_STEP_EVENT:
                 print(event["data"]["outer_step"], "/", event["data"]["outer_steps"])
             elif event["type"] == "preview_image":
                 open("preview.jpg", "wb").write(event["data"]["image"])
@@ -19,7 +20,7 @@ Events. ``stream`` yields one dict per websocket message, always ``{"type": str,
 
 * JSON messages exactly as ComfyUI sends them (``status``, ``execution_start``, ``execution_cached``,
   ``executing``, ``progress``, ``progress_state``, ``executed``, ``execution_success``, custom events such
-  as ``nested_diffusion.outer_step``, ...).
+  as the pack's ``protocol.OUTER_STEP_EVENT``, ...).
 * Binary preview frames, decoded, as ``{"type": "preview_image", "data": {...}}`` with ``data`` keys
   ``image`` (the encoded bytes), ``image_type`` (``"image/jpeg"`` or ``"image/png"``), ``node`` (the node
   that sent it: from the frame's metadata when present, else the node ComfyUI last reported as executing),

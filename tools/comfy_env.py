@@ -2,15 +2,20 @@
 
 ComfyUI comes from ``$COMFYUI_PATH`` or the one ``scripts/setup_env.sh`` built (``.nested_env/`` for 0.3.75,
 ``.nested_env_033/`` for 0.33.0: the one whose venv runs this interpreter); the
-device is the CPU when no CUDA GPU is present (or when asked); the repository is imported as a custom-node
-package exactly as ComfyUI's loader does.
+device is the CPU when no CUDA GPU is present (or when asked).
+
+One import identity: the repository is the package ``comfyui_nested_diffusion``, importable from the folder
+``scripts/env.sh`` puts on PYTHONPATH (``.nested_import/``, holding one link to the checkout); the checkout itself is
+never on ``sys.path``, so ComfyUI's top-level ``nodes``, ``utils`` and ``protocol`` are the only ones of those names.
+A child process gets the same identity from ``module_command`` and ``child_env``.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,10 +66,6 @@ def import_comfy(force_cpu: bool = False) -> Path:
         raise ComfyNotFound(f"No ComfyUI at {path}: run scripts/setup_env.sh (or set COMFYUI_PATH)")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-    for name in ("utils", "nodes"):  # ComfyUI's own packages of these names must win
-        module = sys.modules.get(name)
-        if module is not None and not str(getattr(module, "__file__", "") or "").startswith(str(path)):
-            del sys.modules[name]
     # As ComfyUI's main.py: its own ``utils`` package is imported before ``nodes`` puts ``comfy/`` (with its
     # ``utils.py``) first on sys.path, so that ``server`` (which the pack's event sender imports) imports too.
     import comfy.cli_args
@@ -78,28 +79,24 @@ def import_comfy(force_cpu: bool = False) -> Path:
     return path
 
 
-def import_pack():
-    """Import the repository as a package, the way ComfyUI imports a custom-node folder."""
-    if PACK_MODULE_NAME in sys.modules:
-        return sys.modules[PACK_MODULE_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+def import_pack() -> ModuleType:
+    """Import this pack with its nodes (what ComfyUI's loader imports before it awaits ``comfy_entrypoint``)."""
+    importlib.import_module(f"{PACK_MODULE_NAME}.nodes")
+    return sys.modules[PACK_MODULE_NAME]
 
 
-def counting_clone(model):
-    """A clone of a MODEL whose every diffusion-model evaluation is counted (ComfyUI's unet function wrapper):
-    ``(clone, calls)`` with ``calls["n"]`` the count so far."""
-    calls = {"n": 0}
+def import_root() -> Path:
+    """The folder this package was imported from (``.nested_import/``), for child processes' PYTHONPATH."""
+    return Path(sys.modules[PACK_MODULE_NAME].__path__[0]).parent
 
-    def wrapper(apply_model, args):
-        calls["n"] += 1
-        return apply_model(args["input"], args["timestep"], **args["c"])
 
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone, calls
+def module_command(module: str, *args: str, python: Optional[str] = None) -> list[str]:
+    """The command line that runs ``comfyui_nested_diffusion.<module>`` (``-P``: the working directory stays off
+    ``sys.path``); run it with ``child_env()``."""
+    return [python or sys.executable, "-P", "-m", f"{PACK_MODULE_NAME}.{module}", *args]
+
+
+def child_env(extra: Optional[dict] = None) -> dict:
+    """os.environ with ``import_root()`` first on PYTHONPATH: a child process imports this same checkout."""
+    paths = [str(import_root()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), **(extra or {})}

@@ -1,6 +1,6 @@
 """Start and stop a real ComfyUI server with this node pack installed, for tests and demos.
 
-    from tools.comfy_server import ComfyServer
+    from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
 
     with ComfyServer() as server:                  # temp base dir, free port, CPU, previews on
         print(server.url, server.port, server.base_dir, server.log_path)
@@ -17,7 +17,7 @@ the environment's ``comfyui_path`` (``.nested_env/``, or ``.nested_env_033/`` wh
 ``ComfyUI/``. The interpreter: the ``python`` argument, else $COMFYUI_PYTHON, else that environment's
 ``venv/bin/python`` when it exists, else this interpreter.
 
-Run it by hand: ``python tools/comfy_server.py [--port 8188] [--base-dir DIR] [--gpu]`` (Ctrl-C or SIGTERM
+Run it by hand: ``scripts/python.sh -m comfyui_nested_diffusion.tools.comfy_server [--port 8188] [--base-dir DIR] [--gpu]`` (Ctrl-C or SIGTERM
 stops it). If the server fails to start, a temp base dir is kept so that its log can be read.
 """
 from __future__ import annotations
@@ -36,10 +36,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-try:
-    from tools.comfy_env import comfyui_path, env_dir
-except ImportError:  # run as a script: tools/ itself is on sys.path
-    from comfy_env import comfyui_path, env_dir
+from comfyui_nested_diffusion.tools.comfy_env import comfyui_path, env_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui-nested-diffusion"
@@ -239,6 +236,14 @@ class ComfyServer:
         self.stop()
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``) raise KeyboardInterrupt, like Ctrl-C, so that ``with ComfyServer()`` stops the server."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
 
@@ -250,10 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     server = ComfyServer(args.base_dir, args.port, cpu=not args.gpu, preview_method=args.preview_method,
                          keep_base_dir=args.base_dir is not None)
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)  # `kill` stops the server too, like Ctrl-C
+    stop_on_sigterm()
     with server:
         print(f"ComfyUI up at {server.url} in {server.startup_seconds:.1f} s (base dir {server.base_dir}, "
               f"log {server.log_path}); Ctrl-C stops it", flush=True)

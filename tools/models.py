@@ -1,4 +1,5 @@
-"""Tiny real diffusion architectures with random weights, built from ComfyUI's own model classes.
+"""Models for the tests and the benchmark: tiny real diffusion architectures with random weights, built from
+ComfyUI's own model classes, the exact exemplar-mixture model, and ``counting_clone`` (NFEs counted at the model).
 
 Every builder returns a stock ``comfy.model_patcher.ModelPatcher`` around a stock
 ``comfy.model_base`` model (``BaseModel`` with ComfyUI's ``UNetModel``, ``model_base.Flux`` with
@@ -83,7 +84,7 @@ SD3_UNET_CONFIG = {
 }
 
 
-def _tiny_config(base, unet_config: dict, unet_extra_config: dict | None = None):
+def tiny_config(base, unet_config: dict, unet_extra_config: dict | None = None):
     """An instance of ``base`` (a comfy.supported_models class) with a tiny unet_config, float32 weights."""
     import comfy.supported_models  # noqa: F401
 
@@ -125,7 +126,8 @@ def randomize_weights(module: torch.nn.Module, seed: int) -> None:
             normal(tensor, 0.05)
 
 
-def _patcher(model):
+def model_patcher(model):
+    """A stock ModelPatcher around ``model`` on ComfyUI's load and offload devices."""
     import comfy.model_management
     import comfy.model_patcher
 
@@ -145,6 +147,11 @@ def tiny_sd15_unet(prediction: str = "eps", seed: int = 0):
 
     ``prediction``: ``"eps"`` (SD1.5) or ``"v_prediction"`` (SD2.x-v), both on the discrete SD schedule.
     """
+    return sd15_unet(SD15_UNET_CONFIG, {"num_heads": 2, "num_head_channels": -1}, prediction, seed)
+
+
+def sd15_unet(unet_config: dict, unet_extra_config: dict, prediction: str = "eps", seed: int = 0):
+    """``BaseModel`` + ComfyUI's ``UNetModel`` in SD1.5's config class with ``unet_config``, random weights from ``seed``."""
     import comfy.model_base
     import comfy.model_management
     import comfy.supported_models
@@ -152,11 +159,11 @@ def tiny_sd15_unet(prediction: str = "eps", seed: int = 0):
     model_types = {"eps": comfy.model_base.ModelType.EPS, "v_prediction": comfy.model_base.ModelType.V_PREDICTION}
     if prediction not in model_types:
         raise ValueError(f"prediction must be one of {sorted(model_types)}, got {prediction!r}")
-    config = _tiny_config(comfy.supported_models.SD15, SD15_UNET_CONFIG, {"num_heads": 2, "num_head_channels": -1})
+    config = tiny_config(comfy.supported_models.SD15, unet_config, unet_extra_config)
     model = comfy.model_base.BaseModel(config, model_type=model_types[prediction],
                                        device=comfy.model_management.unet_offload_device())
     randomize_weights(model.diffusion_model, seed)
-    return _patcher(model)
+    return model_patcher(model)
 
 
 def flux_unet_config() -> dict:
@@ -186,15 +193,15 @@ def tiny_flow_model(kind: str = "flux", seed: int = 0):
 
     device = comfy.model_management.unet_offload_device()
     if kind == "flux":
-        config = _tiny_config(comfy.supported_models.Flux, flux_unet_config())
+        config = tiny_config(comfy.supported_models.Flux, flux_unet_config())
         model = comfy.model_base.Flux(config, device=device)
     elif kind == "sd3":
-        config = _tiny_config(comfy.supported_models.SD3, SD3_UNET_CONFIG)
+        config = tiny_config(comfy.supported_models.SD3, SD3_UNET_CONFIG)
         model = comfy.model_base.SD3(config, device=device)
     else:
         raise ValueError(f"kind must be 'flux' or 'sd3', got {kind!r}")
     randomize_weights(model.diffusion_model, seed)
-    return _patcher(model)
+    return model_patcher(model)
 
 
 def conditioning(context_dim: int = CONTEXT_DIM, seed: int = 0, tokens: int = CONTEXT_TOKENS) -> list:
@@ -213,3 +220,26 @@ def flow_conditioning(seed: int = 0, guidance: float = 3.5, context_dim: int = C
     tokens_out = torch.randn(1, tokens, context_dim, generator=generator)
     pooled = torch.randn(1, pooled_dim, generator=generator)
     return [[tokens_out, {"pooled_output": pooled, "guidance": guidance}]]
+
+
+def exemplar_model(prediction: str, spread: float, image_size: int, shift: float = 1.0):
+    """(MODEL, CONDITIONING, exemplars) of the exact exemplar-mixture denoiser for one model family."""
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
+
+    exemplars = default_exemplars(image_size)
+    return build_exemplar_model(exemplars, spread, prediction, shift=shift), empty_conditioning(), exemplars
+
+
+def counting_clone(model):
+    """A clone of a MODEL whose every diffusion-model evaluation is counted (ComfyUI's unet function wrapper):
+    ``(clone, calls)`` with ``calls["n"]`` the count so far."""
+    calls = {"n": 0}
+
+    def wrapper(apply_model, args):
+        calls["n"] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone, calls

@@ -1,10 +1,17 @@
 """Builds the example workflows of this pack, so that every editor-format file, its API-format twin and its
 thumbnail stay consistent. Run it after changing a workflow below:
 
-    python example_workflows/build_workflows.py               # write the JSON files (editor + API format)
-    python example_workflows/build_workflows.py --thumbnails  # ... and render the thumbnails: runs the
-                                                              # exemplar-model workflows on a real ComfyUI
-    python example_workflows/build_workflows.py --check       # exit 1 if a JSON file differs from this script
+    scripts/python.sh -m comfyui_nested_diffusion.tools.workflows                # write the JSON files
+    scripts/python.sh -m comfyui_nested_diffusion.tools.workflows --thumbnails   # ... and render the thumbnails:
+                                                  # runs the exemplar-model workflows on a real ComfyUI
+    scripts/python.sh -m comfyui_nested_diffusion.tools.workflows --check        # exit 1 if a file differs
+    scripts/python.sh -m comfyui_nested_diffusion.tools.workflows --object-info  # re-save tools/object_info.json
+                                                  # from a real ComfyUI (after a node's schema changed)
+
+Node schemas (sockets, widgets, defaults, outputs, input order) come from ``tools/object_info.json``: ComfyUI's
+``/object_info`` for the node types the examples use, saved by ``--object-info`` from a server with this pack
+(tests/test_example_workflows.py checks it against the live server). Saved rather than fetched on every run, so
+that writing and checking the files needs no server (the schemas of ComfyUI 0.3.75, what the files target).
 
 Where things go (what ComfyUI 0.3.75 and its frontend 1.32.9 expect):
 
@@ -30,25 +37,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Optional
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-API_DIR = HERE / "api"
+from comfyui_nested_diffusion.tools.workflow_checks import EXAMPLES_DIR, REPO_ROOT, input_specs, is_widget
+
+API_DIR = EXAMPLES_DIR / "api"
+OBJECT_INFO = Path(__file__).resolve().with_name("object_info.json")
 PACK_CNR_ID = "comfyui-nested-diffusion"
 PACK_VERSION = "0.1.0"
 CORE_VERSION = "0.3.75"
 FRONTEND_VERSION = "1.32.9"
 THUMBNAIL_SIZE = 400
 # The demo's API file was written by hand before this script; its editor twin is built here and checked against it.
-LEGACY_API_FILES = {"nested_vs_vanilla_exemplar": HERE / "api" / "nested_vs_vanilla_exemplar_api.json"}
+LEGACY_API_FILES = {"nested_vs_vanilla_exemplar": EXAMPLES_DIR / "api" / "nested_vs_vanilla_exemplar_api.json"}
 VIRTUAL_NODE_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes: no API twin, not in /object_info
 
 
-# -- node schemas (checked against the live /object_info by tests/test_example_workflows.py) -------------------
+# -- node schemas, from ComfyUI's /object_info (tools/object_info.json) ------------------------------------------
 @dataclass(frozen=True)
 class NodeDef:
     sockets: tuple = ()  # (name, type, optional)
@@ -58,83 +66,79 @@ class NodeDef:
     pack: bool = False  # one of this pack's nodes
     seed: Optional[str] = None  # the widget followed by the frontend's control_after_generate value
     upload: bool = False  # LoadImage: an extra "upload" widget value after the file name
+    input_order: tuple = ()  # every input, widgets and sockets interleaved, as /object_info lists them (API order)
 
 
-def _d(sockets="", widgets="", outputs="", **kw) -> NodeDef:
-    """Compact schema: 'name:TYPE, name:TYPE?=default' (? marks an optional input, = its default)."""
-    defaults = []
-
-    def parse(text):
-        items = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            name, kind = part.split(":", 1)
-            kind, _, default = kind.partition("=")
-            if kind.endswith("?") and _:
-                defaults.append((name, json.loads(default) if default[:1] in '-0123456789"' else default))
-            items.append((name, kind.rstrip("?"), kind.endswith("?")))
-        return tuple(items)
-
-    return NodeDef(sockets=parse(sockets), widgets=parse(widgets),
-                   outputs=tuple((n, t) for n, t, _ in parse(outputs)), defaults=tuple(defaults), **kw)
+# Frontend-only nodes: not in /object_info (the one schema typed here).
+VIRTUAL_NODE_DEFS = {"MarkdownNote": NodeDef(widgets=(("text", "STRING", False),))}
 
 
-NODE_DEFS: dict[str, NodeDef] = {
-    # this pack
-    "NestedKSampler": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING, latent_image:LATENT, "
-                         "inner_solver:NESTED_INNER_SOLVER?",
-                         "seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, sampler_name:COMBO, scheduler:COMBO, "
-                         "denoise:FLOAT, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\"",
-                         "samples:LATENT, outer_previews:LATENT", pack=True, seed="seed"),
-    "NestedSampler": _d("inner_solver:NESTED_INNER_SOLVER?", "outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, "
-                                                            "outer_step:COMBO?=\"auto\"",
-                        "SAMPLER:SAMPLER", pack=True),
-    "InnerSolverSelect": _d("", "sampler_name:COMBO, scheduler:COMBO, steps:INT, eta:FLOAT, s_noise:FLOAT, "
-                                "step_schedule:STRING?=\"\"", "inner_solver:NESTED_INNER_SOLVER", pack=True),
-    "OuterStepPreview": _d("previews:LATENT, vae:VAE", "", "images:IMAGE", pack=True),
-    "NestedKSamplerAdvanced": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING, latent_image:LATENT, "
-                                 "inner_solver:NESTED_INNER_SOLVER?",
-                                 "add_noise:COMBO, noise_seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, "
-                                 "sampler_name:COMBO, scheduler:COMBO, start_at_outer_step:INT, end_at_outer_step:INT, "
-                                 "return_with_leftover_noise:COMBO, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, "
-                                 "max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\"",
-                                 "samples:LATENT, outer_previews:LATENT", pack=True, seed="noise_seed"),
-    "NestedPickCandidate": _d("samples:LATENT, outer_previews:LATENT, vae:VAE?", "index:INT",
-                              "samples:LATENT, picked_preview:LATENT", pack=True),
-    "NestedExemplarPrompt": _d("model:MODEL", "text:STRING", "CONDITIONING:CONDITIONING", pack=True),
-    "NestedDigitsModel": _d("", "variant:COMBO", "MODEL:MODEL", pack=True),
-    "NestedDigitsPrompt": _d("", "digit:COMBO", "CONDITIONING:CONDITIONING", pack=True),
-    "NestedExemplarModel": _d("exemplars:IMAGE?", "prediction:COMBO, spread:FLOAT, image_size:INT, shift:FLOAT, "
-                                                  "latent_scale:FLOAT", "MODEL:MODEL, CONDITIONING:CONDITIONING",
-                              pack=True),
-    # ComfyUI core
-    "CheckpointLoaderSimple": _d("", "ckpt_name:COMBO", "MODEL:MODEL, CLIP:CLIP, VAE:VAE"),
-    "CLIPTextEncode": _d("clip:CLIP", "text:STRING", "CONDITIONING:CONDITIONING"),
-    "EmptyLatentImage": _d("", "width:INT, height:INT, batch_size:INT", "LATENT:LATENT"),
-    "EmptySD3LatentImage": _d("", "width:INT, height:INT, batch_size:INT", "LATENT:LATENT"),
-    "EmptyChromaRadianceLatentImage": _d("", "width:INT, height:INT, batch_size:INT", "LATENT:LATENT"),
-    "KSampler": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING, latent_image:LATENT",
-                   "seed:INT, steps:INT, cfg:FLOAT, sampler_name:COMBO, scheduler:COMBO, denoise:FLOAT",
-                   "LATENT:LATENT", seed="seed"),
-    "VAELoader": _d("", "vae_name:COMBO", "VAE:VAE"),
-    "VAEDecode": _d("samples:LATENT, vae:VAE", "", "IMAGE:IMAGE"),
-    "VAEEncode": _d("pixels:IMAGE, vae:VAE", "", "LATENT:LATENT"),
-    "SaveImage": _d("images:IMAGE", "filename_prefix:STRING", ""),
-    "LoadImage": _d("", "image:COMBO", "IMAGE:IMAGE, MASK:MASK", upload=True),
-    "SetLatentNoiseMask": _d("samples:LATENT, mask:MASK", "", "LATENT:LATENT"),
-    "SolidMask": _d("", "value:FLOAT, width:INT, height:INT", "MASK:MASK"),
-    "MaskComposite": _d("destination:MASK, source:MASK", "x:INT, y:INT, operation:COMBO", "MASK:MASK"),
-    "UNETLoader": _d("", "unet_name:COMBO, weight_dtype:COMBO", "MODEL:MODEL"),
-    "DualCLIPLoader": _d("", "clip_name1:COMBO, clip_name2:COMBO, type:COMBO, device:COMBO?=default", "CLIP:CLIP"),
-    "FluxGuidance": _d("conditioning:CONDITIONING", "guidance:FLOAT", "CONDITIONING:CONDITIONING"),
-    "BasicGuider": _d("model:MODEL, conditioning:CONDITIONING", "", "GUIDER:GUIDER"),
-    "CFGGuider": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING", "cfg:FLOAT", "GUIDER:GUIDER"),
-    "BasicScheduler": _d("model:MODEL", "scheduler:COMBO, steps:INT, denoise:FLOAT", "SIGMAS:SIGMAS"),
-    "RandomNoise": _d("", "noise_seed:INT", "NOISE:NOISE", seed="noise_seed"),
-    "SamplerCustomAdvanced": _d("noise:NOISE, guider:GUIDER, sampler:SAMPLER, sigmas:SIGMAS, latent_image:LATENT",
-                                "", "output:LATENT, denoised_output:LATENT"),
-    # frontend-only
-    "MarkdownNote": _d("", "text:STRING", ""),
-}
+def node_def(info: dict) -> NodeDef:
+    """One node's schema as the builder needs it, read from its ``/object_info`` entry."""
+    sockets, widgets, defaults, seed, upload = [], [], [], None, False
+    for name, kind, options, optional in input_specs(info):
+        if not is_widget(kind, options):
+            sockets.append((name, kind, optional))
+            continue
+        widgets.append((name, kind, optional))
+        if optional and "default" in options:
+            defaults.append((name, options["default"]))
+        seed = name if options.get("control_after_generate") else seed
+        upload = upload or bool(options.get("image_upload"))
+    outputs = tuple(zip(info.get("output_name") or info.get("output") or (), info.get("output") or ()))
+    return NodeDef(sockets=tuple(sockets), widgets=tuple(widgets), defaults=tuple(defaults), outputs=outputs,
+                   pack=str(info.get("python_module", "")).startswith("custom_nodes."), seed=seed, upload=upload,
+                   input_order=tuple(name for name, _, _, _ in input_specs(info)))
+
+
+_live_object_info: Optional[dict] = None  # set only while --object-info finds the node types the examples use
+
+
+@cache
+def saved_object_info() -> dict:
+    """tools/object_info.json: ``/object_info`` of the node types the examples use."""
+    if _live_object_info is not None:
+        return _live_object_info
+    return json.loads(OBJECT_INFO.read_text(encoding="utf-8"))
+
+
+def _use_object_info(info: Optional[dict]) -> None:
+    global _live_object_info
+    _live_object_info = info
+    saved_object_info.cache_clear()
+    schema_of.cache_clear()
+
+
+def write_object_info(live: dict) -> Path:
+    """Save ``live`` (a server's /object_info) for this pack's nodes and every node type the examples use."""
+    _use_object_info(live)
+    try:
+        used = {node.type for workflow in all_workflows() for node in workflow.nodes} - set(VIRTUAL_NODE_DEFS)
+    finally:
+        _use_object_info(None)
+    used |= {name for name, info in live.items() if node_def(info).pack}
+    OBJECT_INFO.write_text(dumps({name: live[name] for name in sorted(used)}), encoding="utf-8")
+    return OBJECT_INFO
+
+
+def fetch_object_info() -> dict:
+    """``/object_info`` of a real ComfyUI with this pack (tools/comfy_server.py)."""
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
+    from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
+
+    with ComfyServer(startup_timeout=180) as server, ComfyAPIClient(server.url) as client:
+        return client.object_info()
+
+
+@cache
+def schema_of(type_: str) -> NodeDef:
+    if type_ in VIRTUAL_NODE_DEFS:
+        return VIRTUAL_NODE_DEFS[type_]
+    info = saved_object_info()
+    if type_ not in info:
+        raise KeyError(f"{type_} is not in {OBJECT_INFO.name}: run this module with --object-info")
+    return node_def(info[type_])
+
 
 DEFAULT_SIZES = {
     "NestedKSampler": (320, 640), "NestedDigitsModel": (300, 58), "NestedDigitsPrompt": (300, 58), "KSampler": (320, 600), "NestedExemplarModel": (310, 180),
@@ -186,7 +190,7 @@ class Node:
 
     @property
     def schema(self) -> NodeDef:
-        return NODE_DEFS[self.type]
+        return schema_of(self.type)
 
     def out(self, name_or_index) -> tuple:
         if isinstance(name_or_index, int):
@@ -210,7 +214,7 @@ class Workflow:
 
     def add(self, type_: str, pos, widgets: Optional[dict] = None, *, id: Optional[int] = None,  # noqa: A002
             title: Optional[str] = None, size=None, color: Optional[str] = None, **links) -> Node:
-        schema = NODE_DEFS[type_]
+        schema = schema_of(type_)
         widgets = dict(widgets or {})
         names = [name for name, _, _ in schema.widgets]
         unknown = set(widgets) - set(names)
@@ -345,7 +349,7 @@ class Workflow:
             "config": {},
             "extra": {"ds": {"scale": 0.75, "offset": [60, 120]}, "frontendVersion": FRONTEND_VERSION,
                       "nested_diffusion": {"title": self.title, "summary": self.summary,
-                                           "api_twin": api_path(self.name).relative_to(HERE).as_posix()}},
+                                           "api_twin": api_path(self.name).relative_to(EXAMPLES_DIR).as_posix()}},
             "version": 0.4,
         }
 
@@ -379,39 +383,9 @@ def hash_name(name: str) -> int:
     return value
 
 
-# The order ComfyUI lists each node's inputs in (required, then optional): widgets and sockets interleaved.
-_API_ORDER = {
-    "NestedKSampler": "model seed outer_steps inner_steps cfg sampler_name scheduler positive negative latent_image "
-                      "denoise inner_solver outer_eta max_nfe max_seconds outer_step",
-    "NestedSampler": "inner_solver outer_eta max_nfe max_seconds outer_step",
-    "InnerSolverSelect": "sampler_name scheduler steps eta s_noise step_schedule",
-    "OuterStepPreview": "previews vae",
-    "NestedKSamplerAdvanced": "model add_noise noise_seed outer_steps inner_steps cfg sampler_name scheduler positive "
-                              "negative latent_image start_at_outer_step end_at_outer_step return_with_leftover_noise "
-                              "inner_solver outer_eta max_nfe max_seconds outer_step",
-    "NestedPickCandidate": "samples outer_previews index vae",
-    "NestedExemplarPrompt": "model text",
-    "NestedDigitsModel": "variant",
-    "NestedDigitsPrompt": "digit",
-    "NestedExemplarModel": "prediction spread image_size shift latent_scale exemplars",
-    "CLIPTextEncode": "text clip",
-    "KSampler": "model seed steps cfg sampler_name scheduler positive negative latent_image denoise",
-    "VAEEncodeForInpaint": "pixels vae mask grow_mask_by",
-    "MaskComposite": "destination source x y operation",
-    "UNETLoader": "unet_name weight_dtype",
-    "DualCLIPLoader": "clip_name1 clip_name2 type device",
-    "FluxGuidance": "conditioning guidance",
-    "CFGGuider": "model positive negative cfg",
-    "BasicScheduler": "model scheduler steps denoise",
-    "SaveImage": "images filename_prefix",
-}
-
-
 def api_input_order(type_: str) -> list:
-    if type_ in _API_ORDER:
-        return _API_ORDER[type_].split()
-    schema = NODE_DEFS[type_]
-    return [name for name, _, _ in schema.widgets] + [name for name, _, _ in schema.sockets]
+    """The order ComfyUI lists the node's inputs in (required, then optional): widgets and sockets interleaved."""
+    return list(schema_of(type_).input_order)
 
 
 def api_path(name: str) -> Path:
@@ -817,11 +791,11 @@ def dumps(data: Any) -> str:
 
 
 def editor_path(name: str) -> Path:
-    return HERE / f"{name}.json"
+    return EXAMPLES_DIR / f"{name}.json"
 
 
 def thumbnail_path(name: str) -> Path:
-    return HERE / f"{name}.jpg"
+    return EXAMPLES_DIR / f"{name}.jpg"
 
 
 def expected_files() -> dict[Path, str]:
@@ -1024,11 +998,9 @@ def run_and_collect(workflows: list[Workflow]) -> dict:
     """Run the runnable workflows on a real ComfyUI (tools/comfy_server.py); node id -> PIL images per workflow."""
     import io
 
+    from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
+    from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
     from PIL import Image
-
-    sys.path.insert(0, str(REPO_ROOT))
-    from tools.comfy_api_client import ComfyAPIClient
-    from tools.comfy_server import ComfyServer
 
     results = {}
     with ComfyServer(startup_timeout=180) as server, ComfyAPIClient(server.url) as client:
@@ -1059,7 +1031,11 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
     parser.add_argument("--thumbnails", action="store_true", help="also render the thumbnails (starts ComfyUI)")
+    parser.add_argument("--object-info", action="store_true",
+                        help=f"first re-save {OBJECT_INFO.name} from a real ComfyUI (starts it)")
     args = parser.parse_args(argv)
+    if args.object_info:
+        print(f"wrote {write_object_info(fetch_object_info()).relative_to(REPO_ROOT)}")
     if args.check:
         problems = check_files()
         for problem in problems:
