@@ -83,10 +83,11 @@ NODE_DEFS: dict[str, NodeDef] = {
     "NestedKSampler": _d("model:MODEL, positive:CONDITIONING, negative:CONDITIONING, latent_image:LATENT, "
                          "inner_solver:NESTED_INNER_SOLVER?",
                          "seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, sampler_name:COMBO, scheduler:COMBO, "
-                         "denoise:FLOAT, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\"",
+                         "denoise:FLOAT, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\", "
+                         "update_seconds:FLOAT?=0.0",
                          "samples:LATENT, outer_previews:LATENT", pack=True, seed="seed"),
     "NestedSampler": _d("inner_solver:NESTED_INNER_SOLVER?", "outer_eta:FLOAT?=0.0, max_nfe:INT?=0, max_seconds:FLOAT?=0.0, "
-                                                            "outer_step:COMBO?=\"auto\"",
+                                                            "outer_step:COMBO?=\"auto\", update_seconds:FLOAT?=0.0",
                         "SAMPLER:SAMPLER", pack=True),
     "InnerSolverSelect": _d("", "sampler_name:COMBO, scheduler:COMBO, steps:INT, eta:FLOAT, s_noise:FLOAT, "
                                 "step_schedule:STRING?=\"\"", "inner_solver:NESTED_INNER_SOLVER", pack=True),
@@ -96,7 +97,7 @@ NODE_DEFS: dict[str, NodeDef] = {
                                  "add_noise:COMBO, noise_seed:INT, outer_steps:INT, inner_steps:INT, cfg:FLOAT, "
                                  "sampler_name:COMBO, scheduler:COMBO, start_at_outer_step:INT, end_at_outer_step:INT, "
                                  "return_with_leftover_noise:COMBO, outer_eta:FLOAT?=0.0, max_nfe:INT?=0, "
-                                 "max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\"",
+                                 "max_seconds:FLOAT?=0.0, outer_step:COMBO?=\"auto\", update_seconds:FLOAT?=0.0",
                                  "samples:LATENT, outer_previews:LATENT", pack=True, seed="noise_seed"),
     "NestedPickCandidate": _d("samples:LATENT, outer_previews:LATENT, vae:VAE?", "index:INT",
                               "samples:LATENT, picked_preview:LATENT", pack=True),
@@ -382,13 +383,13 @@ def hash_name(name: str) -> int:
 # The order ComfyUI lists each node's inputs in (required, then optional): widgets and sockets interleaved.
 _API_ORDER = {
     "NestedKSampler": "model seed outer_steps inner_steps cfg sampler_name scheduler positive negative latent_image "
-                      "denoise inner_solver outer_eta max_nfe max_seconds outer_step",
-    "NestedSampler": "inner_solver outer_eta max_nfe max_seconds outer_step",
+                      "denoise inner_solver outer_eta max_nfe max_seconds outer_step update_seconds",
+    "NestedSampler": "inner_solver outer_eta max_nfe max_seconds outer_step update_seconds",
     "InnerSolverSelect": "sampler_name scheduler steps eta s_noise step_schedule",
     "OuterStepPreview": "previews vae",
     "NestedKSamplerAdvanced": "model add_noise noise_seed outer_steps inner_steps cfg sampler_name scheduler positive "
                               "negative latent_image start_at_outer_step end_at_outer_step return_with_leftover_noise "
-                              "inner_solver outer_eta max_nfe max_seconds outer_step",
+                              "inner_solver outer_eta max_nfe max_seconds outer_step update_seconds",
     "NestedPickCandidate": "samples outer_previews index vae",
     "NestedExemplarPrompt": "model text",
     "NestedDigitsModel": "variant",
