@@ -10,6 +10,7 @@ were placed. Everything here is pure: the clock is read by the caller.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -60,11 +61,14 @@ def paced_outer_sigmas(schedule_fn: ScheduleFn, sigma: float, outer_steps: int) 
 @dataclass
 class IntervalPacer:
     """Chooses the following inner processes' lengths after each one: ``update(...)`` returns the step counts of the
-    outer steps left (summing to what is left of ``total_steps``), measured afresh every time, so a steady model
-    converges on the interval and a model that slows down is followed."""
+    outer steps left (summing to what is left of ``total_steps``), measured afresh every time: the time per call,
+    the calls per step and the overhead per outer step are the medians of the last ``window`` inner processes after
+    the first, so one process slowed by a busy machine does not make the next one short, and a model that slows down
+    for good is followed from its second slow process on."""
 
     update_seconds: float
     total_steps: int
+    window: int = 3
     clock: Callable[[], float] = time.monotonic
     last_end: Optional[float] = None
     measured: list = field(default_factory=list)  # (steps, calls, inner seconds, overhead seconds) per inner process
@@ -81,5 +85,10 @@ class IntervalPacer:
             return []
         if calls <= 0 or steps <= 0:
             return split_steps(remaining, remaining)
-        n = steps_for_interval(self.update_seconds, inner_seconds / calls, calls / steps, overhead)
+        # The first inner process counts only until another is measured: it may carry a warm-up (first calls on a
+        # GPU) and it has no overhead measured.
+        later = [m for m in self.measured[1:] if m[0] > 0 and m[1] > 0]
+        recent = later[-self.window:] if later else self.measured[:1]
+        n = steps_for_interval(self.update_seconds, statistics.median(m[2] / m[1] for m in recent),
+                               statistics.median(m[1] / m[0] for m in recent), statistics.median(m[3] for m in recent))
         return split_steps(remaining, min(n, remaining))

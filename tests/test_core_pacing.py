@@ -113,6 +113,20 @@ def test_a_model_that_slows_down_is_followed():
     assert all(abs(i - 0.4) <= 0.25 * 0.4 for i in intervals[:4] + intervals[6:-2])
 
 
+def test_one_slow_inner_process_does_not_shorten_the_next():
+    steps, intervals = simulate(IntervalPacer(0.4, 400), 10, lambda k: 0.06 if k == 4 else 0.02)
+    # (the even split of what is left may add one step to the next process)
+    assert abs(steps[5] - 20) <= 1 and abs(steps[3] - 20) <= 1  # 0.39 s at 0.02 s a call: the slow one is outvoted
+    steps, _ = simulate(IntervalPacer(0.4, 400, window=1), 10, lambda k: 0.06 if k == 4 else 0.02)
+    assert abs(steps[5] - 6) <= 2  # measured from the latest alone, the next one would be short
+
+
+def test_the_first_inner_process_counts_only_until_another_is_measured():
+    """Its time may carry a warm-up: a first process three times slower shortens only the second."""
+    steps, intervals = simulate(IntervalPacer(0.4, 200), 10, lambda k: 0.06 if k == 0 else 0.02)
+    assert abs(steps[1] - 7) <= 1 and abs(steps[2] - 20) <= 1 and abs(steps[3] - 20) <= 1
+
+
 def test_run_nested_follows_a_replan():
     target = torch.ones(1, 1, 2, 2)
     planned = outer_schedule(karras, 3)
