@@ -164,3 +164,25 @@ def test_a_bad_replan_is_refused():
         with pytest.raises(NestedDiffusionError, match="re-planned"):
             run_nested(toy_denoiser(torch.zeros(1, 1, 2, 2)), torch.randn(1, 1, 2, 2), planned, inner, euler,
                        replan=lambda *_: bad)
+
+
+def test_a_pick_and_a_replan_go_together():
+    """A pick at an outer boundary keeps one item; the re-planned outer steps then run on it alone."""
+    targets = torch.stack([torch.full((1, 2, 2), float(i)) for i in range(3)])
+    planned = outer_schedule(karras, 2)
+    inner = [truncated_schedule(karras, 3, float(s)) for s in planned[:-1]]
+    picks, seen = [1], []
+
+    def replan(index, nfe_done, seconds):
+        if index == 0:
+            tail = paced_outer_sigmas(karras, float(planned[0]), 3)
+            inner[1:] = [truncated_schedule(karras, 2, float(s)) for s in tail[:-1]]
+            return tail.tolist()
+        return None
+
+    result = run_nested(lambda x, sigma, **kw: targets[:x.shape[0]] if x.shape[0] == 3 else targets[1:2].expand_as(x),
+                        torch.randn(3, 1, 2, 2) * 14.6, planned, inner, euler, replan=replan,
+                        take_pick=lambda batch: picks.pop() if picks else None,
+                        on_inner_result=lambda k, x, x0: seen.append((k, x.shape[0])))
+    assert seen == [(0, 3), (1, 1), (2, 1), (3, 1)] and result.kept == 1
+    assert result.nfe == 3 + 3 * 2 and torch.allclose(result.x, targets[1:2])

@@ -150,3 +150,30 @@ def test_nested_sampler_with_connected_sigmas_paces_too(family, pack):
     paced = sampler.last_run.reporter.paced
     assert sum(paced.steps) == 3 * 10 and len(paced.steps) > 3
     assert float(distances(samples, exemplars).max()) <= 3 * SPREAD
+
+
+def test_finish_now_ends_a_paced_run_with_its_latest_image(family, pack):
+    """Finish now, requested during the second inner diffusion, ends the run after it (as without update_seconds)."""
+    from comfy_execution.utils import CurrentNodeContext
+    from comfyui_nested_diffusion.nodes.finish import request_finish
+
+    _, model, cond, exemplars = family
+    answers = []
+    slow, calls = sleeping_clone(model, 0.01)
+    base = slow.model_options["model_function_wrapper"]
+
+    def wrapper(apply_model, args):
+        if calls["n"] == 12:  # the first inner diffusion (10 steps) is over: the second one runs
+            answers.append(request_finish("paced-finish", "1"))
+        return base(apply_model, args)
+
+    slow.set_model_unet_function_wrapper(wrapper)
+    with CurrentNodeContext("paced-finish", "1"):
+        samples, _, sampler = timed_run(slow, cond, empty_latent(1), 4, outer_steps=4, inner_steps=10,
+                                        update_seconds=0.2)
+    assert answers and answers[0][0] == 200
+    result = sampler.last_run.result
+    assert result.stop_reason == "finish requested"
+    assert result.nfe == 10 + sampler.last_run.reporter.paced.steps[1] < 40
+    assert torch.allclose(samples, slow.model.process_latent_out(result.latest))
+    assert float(distances(samples, exemplars).max()) <= 3 * SPREAD
