@@ -163,7 +163,7 @@ def test_finish_now_ends_a_paced_run_with_its_latest_image(family, pack):
     base = slow.model_options["model_function_wrapper"]
 
     def wrapper(apply_model, args):
-        if calls["n"] == 12:  # the first inner diffusion (10 steps) is over: the second one runs
+        if calls["n"] == 10:  # the first inner diffusion (10 steps) is over: the second one starts
             answers.append(request_finish("paced-finish", "1"))
         return base(apply_model, args)
 
