@@ -3,7 +3,7 @@
     scripts/bench.sh            # full run (a few minutes on 2 CPU cores); builds .nested_env/ first if needed
     scripts/bench.sh --quick    # smoke run (about a minute): fewer budgets, splits, samplers and repeats
 
-Parts (``--parts quality,cost,nfe,spread,fid,pick``):
+Parts (``--parts quality,cost,nfe,spread,fid,pick,update_seconds``):
 1. quality: anytime quality on the exact-denoiser model (eps, v-prediction, flow), see ``bench/quality.py``;
 2. cost: wall time, peak memory and preview emission of NestedKSampler / KSampler, see ``bench/cost.py``;
    where a CUDA GPU is present, a second process repeats it on the GPU at 512x512 and 1024x1024;
@@ -11,6 +11,7 @@ Parts (``--parts quality,cost,nfe,spread,fid,pick``):
 4. spread: the final samples' spread on N(0, I) data for every sampler (nested auto / ddim, KSampler), see ``bench/spread.py``.
 5. fid: FID-like score vs NFEs on the learned digits models (the paper's Figures 3/4), see ``bench/fid.py``.
 6. pick: keep one candidate mid-run: batch items evaluated and the kept item's image, see ``bench/pick.py``.
+7. update_seconds: intervals between images with update_seconds on a steadily slow model, see ``bench/update_seconds.py``.
 
 Writes ``bench/results/{quality,cost,nfe}.json``, ``anytime_quality.png``, ``anytime_quality_all.png``,
 ``cost.png`` and ``summary.md``; prints a results table and one PASS/FAIL line per target, and exits 1 if any
@@ -31,7 +32,7 @@ from pathlib import Path
 from comfyui_nested_diffusion.tools.comfy_env import REPO_ROOT, child_env, import_comfy, import_pack, module_command
 
 RESULTS = REPO_ROOT / "bench" / "results"
-PARTS = ("quality", "cost", "nfe", "spread", "fid", "pick")
+PARTS = ("quality", "cost", "nfe", "spread", "fid", "pick", "update_seconds")
 
 
 def log(message: str) -> None:
@@ -302,10 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_nested_diffusion.bench.nfe import nfe_checks, run_nfe
     from comfyui_nested_diffusion.bench.pick import pick_checks, run_pick
     from comfyui_nested_diffusion.bench.spread import run_spread, spread_checks
+    from comfyui_nested_diffusion.bench.update_seconds import run_update_seconds, update_seconds_checks
 
     nfe = run_part("nfe", run_nfe, nfe_checks)
     spread = run_part("spread", run_spread, spread_checks)
     run_part("pick", run_pick, pick_checks)
+    run_part("update_seconds", run_update_seconds, update_seconds_checks)
     fid_results = run_part("fid", run_fid, fid_checks, single_thread=False)
     if fid_results:
         plot_fid(fid_results, out_dir / "fid_vs_nfe.png")

@@ -11,6 +11,7 @@ from .nested import (
     sample_nested,
     seeded_outer_noise,
 )
+from .pacing import IntervalPacer, check_update_seconds, paced_outer_sigmas, split_steps, steps_for_interval
 from .schedules import (
     MAX_TOTAL_STEPS,
     check_schedule,
@@ -36,4 +37,5 @@ __all__ = [
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
     "truncated_schedule", "projected_costs", "spent_per_inner_process",
+    "IntervalPacer", "check_update_seconds", "paced_outer_sigmas", "split_steps", "steps_for_interval",
 ]

@@ -8,6 +8,7 @@ eps, v and flow models: ``x_next = x0 + sigma_next * (x - x0) / sigma``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -177,6 +178,8 @@ StopRuleFn = Callable[[int, int], Optional[str]]  # (outer index, NFEs so far) -
 InnerResultFn = Callable[[int, torch.Tensor, torch.Tensor], None]  # (outer index, state x, inner result x0)
 PickFn = Callable[[int], Optional[int]]  # (batch size) -> the batch position to keep from now on, or None
 OnPickFn = Callable[[int, int, int], None]  # (outer index, batch position kept, its batch index)
+# (outer index, NFEs so far, seconds the inner process just ended took) -> the outer sigmas after this one, or None
+ReplanFn = Callable[[int, int, float], Optional[Sequence[float]]]
 
 
 def narrow_batch(extra_args: dict, position: int, batch: int) -> dict:
@@ -192,7 +195,8 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
                on_inner_result: Optional[InnerResultFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
                stop_rule: Optional[StopRuleFn] = None, take_pick: Optional[PickFn] = None,
                on_pick: Optional[OnPickFn] = None, index_offset: int = 0, max_calls: int = 0,
-               outer_noise: Optional[OuterNoiseFn] = None, batch_indices: Optional[Sequence[int]] = None) -> NestedResult:
+               outer_noise: Optional[OuterNoiseFn] = None, batch_indices: Optional[Sequence[int]] = None,
+               replan: Optional[ReplanFn] = None) -> NestedResult:
     """Nested diffusion over the outer ``sigmas``: at outer step k, a complete inner diffusion over
     ``inner_sigmas[k]`` (from that sigma down to 0) with ``inner_solver`` (k-diffusion signature), whose result
     moves the outer state on by ``rule``.
@@ -205,6 +209,9 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
     the whole outer schedule (a later stage). ``batch_indices``: the items' indices in the original batch (their
     outer noise follows them). ``max_calls`` > 0: a hard limit on model evaluations; an inner diffusion that would
     need more is cut and the run ends with the previous inner result; cut in the first outer step it is an error.
+    ``replan(k, nfe_done, seconds)``, asked after every inner diffusion but the last (before ``on_inner_result``),
+    may give new outer sigmas after step k (ending with the same last sigma; ``inner_sigmas`` must then hold their
+    inner schedules: a sequence the caller keeps up to date): ``update_seconds`` chooses the inner lengths this way.
     """
     extra_args = {} if extra_args is None else extra_args
     counted = CountedModel(model, on_model_call, limit=max_calls)
@@ -221,10 +228,13 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
         return NestedResult(renoise_step(x0, outer_sigmas[-1], handover, rule.flow, rule.noise_scale), reason, x0,
                             counted.calls, kept)
 
-    for index in range(len(outer_sigmas) - 1):
+    index = -1
+    while index + 2 < len(outer_sigmas):
+        index += 1
         sigma, sigma_next = outer_sigmas[index], outer_sigmas[index + 1]
         # a copy: some solvers write into the schedule they are given (uni_pc sets its final 0 to 0.001 in place)
         schedule = inner_sigmas[index].to(device=x.device, copy=True)
+        started = time.monotonic()
         try:
             x0 = inner_solver(counted, x, schedule, callback=None, disable=True,
                               extra_args=_inner_extra_args(extra_args, index + index_offset, schedule))
@@ -235,6 +245,11 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
                     f"more model evaluations on this model than measured): raise max_nfe, or use fewer inner steps"
                 ) from None
             return ended(latest, index - 1, "max_nfe")
+        if replan is not None and sigma_next > 0:
+            following = replan(index, counted.calls, time.monotonic() - started)
+            if following is not None:
+                outer_sigmas = outer_sigmas[:index + 1] + _checked_tail(sigma, following, outer_sigmas[-1])
+                sigma_next = outer_sigmas[index + 1]
         if on_inner_result is not None:
             on_inner_result(index, x, x0)
         reason = stop_rule(index, counted.calls) if stop_rule is not None else None
@@ -251,6 +266,14 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
         latest = x0
         del x0, noise
     return NestedResult(x, None, latest, counted.calls, kept)
+
+
+def _checked_tail(sigma: float, following: Sequence[float], last: float) -> list[float]:
+    tail = [float(s) for s in following]
+    if not tail or tail[-1] != last or any(not math.isfinite(s) for s in tail) \
+            or any(a <= b for a, b in zip([sigma, *tail], tail)):
+        raise NestedDiffusionError(f"a re-planned outer schedule must decrease from {sigma} to {last}, got {tail}")
+    return tail
 
 
 def sample_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,

@@ -57,6 +57,11 @@ def optional_inputs() -> list:
                                "renoise: the inner result diffused afresh (exact for any solver, needed for "
                                "deterministic ones like euler or dpmpp_2m, whose images otherwise get too much "
                                "contrast). auto: measures the inner solver and picks."),
+        io.Float.Input("update_seconds", default=0.0, min=0.0, max=3600.0, step=0.5, optional=True,
+                       tooltip="0: off. Otherwise a new image about every this many seconds: outer_steps x inner_steps "
+                               "becomes the step budget, the first inner diffusion runs inner_steps steps, and each "
+                               "following one gets as many steps as fit in this time at the measured speed (the "
+                               "number of outer steps follows)."),
     ]
 
 
@@ -88,10 +93,10 @@ class NestedKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0,
-                outer_step="auto") -> io.NodeOutput:
+                outer_step="auto", update_seconds=0.0) -> io.NodeOutput:
         key = rerun_key(cls, "NestedKSampler", locals())
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
-                                   outer_step)
+                                   outer_step, update_seconds)
         plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise)
         # outer_previews is always filled (a bounded selection): whether it is connected is not part of ComfyUI's
         # cache key, so a run cached without it must still serve a preview node connected later.
@@ -100,9 +105,9 @@ class NestedKSampler(io.ComfyNode):
 
 
 def nested_settings(sampler_name: str, scheduler: str, inner_steps: int, inner_solver, outer_eta: float, max_nfe: int,
-                    max_seconds: float, outer_step: str) -> NestedSettings:
+                    max_seconds: float, outer_step: str, update_seconds: float = 0.0) -> NestedSettings:
     return NestedSettings(solver_spec(sampler_name, scheduler, inner_steps, inner_solver), outer_eta, outer_step,
-                          RunLimits(max_nfe, max_seconds))
+                          RunLimits(max_nfe, max_seconds), update_seconds)
 
 
 def rerun_key(cls, node_class: str, arguments: dict):
@@ -152,11 +157,12 @@ class NestedKSamplerAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, add_noise, noise_seed, outer_steps, inner_steps, cfg, sampler_name, scheduler, positive,
                 negative, latent_image, start_at_outer_step, end_at_outer_step, return_with_leftover_noise,
-                inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
+                inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto",
+                update_seconds=0.0) -> io.NodeOutput:
         key = rerun_key(cls, "NestedKSamplerAdvanced", locals())
         end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
-                                   outer_step)
+                                   outer_step, update_seconds)
         plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler)
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
         sampler = NestedKSAMPLER(settings, stage, own_progress=True, rerun_key=key)  # outer_previews: see NestedKSampler

@@ -16,10 +16,25 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ..nested_core import NestedDiffusionError, NestedResult, OuterStepRule, StopRule, check_number, run_nested
-from . import rerun
+from ..nested_core import (
+    NestedDiffusionError,
+    NestedResult,
+    OuterStepRule,
+    StopRule,
+    check_number,
+    check_update_seconds,
+    run_nested,
+)
+from . import rerun, schedule_cache
 from .finish import RunControl, finishable_run
-from .planning import InnerSolverSpec, NestedPlan, check_outer_step_mode, plan_from_sigmas, resolve_outer_step_mode
+from .planning import (
+    InnerSolverSpec,
+    NestedPlan,
+    PacedPlan,
+    check_outer_step_mode,
+    plan_from_sigmas,
+    resolve_outer_step_mode,
+)
 from .reporting import NestedRunReporter, executing_node_id, outer_previews_latent
 
 
@@ -39,10 +54,12 @@ class NestedSettings:
     outer_eta: float = 0.0
     outer_step: str = "auto"
     limits: RunLimits = RunLimits()
+    update_seconds: float = 0.0  # > 0: inner lengths chosen for a new image about this often (PacedPlan)
 
     def __post_init__(self) -> None:
         OuterStepRule(eta=self.outer_eta)  # refuses an outer_eta outside 0..1, naming it
         check_outer_step_mode(self.outer_step)
+        check_update_seconds(self.update_seconds)
 
 
 @dataclass
@@ -79,6 +96,10 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         plan = self.plan if self.plan is not None else plan_from_sigmas(model_sampling, self.settings.spec, sigmas)
         reporter = NestedRunReporter(model_wrap.model_patcher, executing_node_id(), plan, self.own_progress,
                                      self.batch_indices)
+        paced = None
+        if PacedPlan.applies(plan, self.settings.update_seconds):
+            paced = PacedPlan(plan, model_sampling, self.settings.spec, self.settings.update_seconds)
+            reporter.follow(paced)
         mode = resolve_outer_step_mode(self.settings.outer_step, plan, model_wrap, channels_of(noise))
         reporter.set_outer_step_mode(mode)
         self.reporter = reporter
@@ -89,7 +110,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         results: list[NestedResult] = []
         with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:
             control.set_batch_size(int(noise.shape[0]))  # what a pick may name
-            self.sampler_function = self.nested_function(plan, rule, reporter, control, results)
+            self.sampler_function = self.nested_function(plan, rule, reporter, control, results, paced)
             samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
                                      latent_image, denoise_mask, disable_pbar)
             rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
@@ -97,17 +118,25 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         return samples
 
     def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: RunControl,
-                        results: list) -> Any:
+                        results: list, paced: Optional[PacedPlan] = None) -> Any:
         """The sampler function KSAMPLER.sample calls with ComfyUI's model (``KSamplerX0Inpaint``) for one run; its
-        NestedResult goes to ``results``."""
+        NestedResult goes to ``results``. With ``paced`` (update_seconds) the outer steps after each inner process
+        are placed again, and the stop rule and reporter follow its live lists."""
         limits = self.settings.limits
+        nfe_per_outer = paced.nfe if paced is not None else plan.nfe_per_outer
+        inner_sigmas = paced.inner_sigmas if paced is not None else plan.inner_sigmas
+
+        def replan(index: int, nfe_done: int, seconds: float):
+            with schedule_cache.single_threaded():
+                return paced.replan(index, nfe_done, seconds)
 
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
             def on_inner_result(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
                 if not self.reports_through_callback:
                     reporter.on_outer_step(index, x0)
                 if callback is not None:
-                    callback({"x": state, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
+                    sigma = sigmas[index] if paced is None else torch.tensor(paced.outer_sigmas[index])
+                    callback({"x": state, "i": index, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
 
             def on_pick(index: int, position: int, batch_index: int) -> None:
                 narrow_inpainting(model_k, position)
@@ -115,11 +144,12 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                 control.set_batch_size(1)
 
             result = run_nested(
-                model_k, x, sigmas, plan.inner_sigmas, plan.solver, extra_args, rule=rule,
+                model_k, x, sigmas, inner_sigmas, plan.solver, extra_args, rule=rule,
                 on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
-                stop_rule=StopRule(plan.nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
+                stop_rule=StopRule(nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
                 take_pick=control.take_pick, on_pick=on_pick, index_offset=plan.first_outer_index,
                 max_calls=limits.max_nfe, batch_indices=self.batch_indices,
+                replan=replan if paced is not None else None,
             )
             results.append(result)
             return result.x

@@ -36,9 +36,12 @@ class NestedSampler(io.ComfyNode):
         return rerun.fingerprint("NestedSampler", inputs)
 
     @classmethod
-    def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto") -> io.NodeOutput:
-        settings = NestedSettings(inner_solver or PAPER_INNER_SOLVER, outer_eta, outer_step, RunLimits(max_nfe, max_seconds))
+    def execute(cls, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0, outer_step="auto",
+                update_seconds=0.0) -> io.NodeOutput:
+        settings = NestedSettings(inner_solver or PAPER_INNER_SOLVER, outer_eta, outer_step, RunLimits(max_nfe, max_seconds),
+                                  update_seconds)
         hidden = cls.hidden  # None when execute is called outside ComfyUI's executor (scripts, tests)
         key = rerun.key_from_prompt("NestedSampler", getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
-                                    ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"])
+                                    ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step",
+                                     "update_seconds"])
         return io.NodeOutput(NestedKSAMPLER(settings, rerun_key=key))

@@ -17,12 +17,14 @@ import comfy.samplers
 import torch
 
 from ..nested_core import (
+    IntervalPacer,
     NestedDiffusionError,
     denoise_start_sigma,
     inner_steps_per_outer,
     largest_count_that_works,
     nfe_for_inner_process,
     outer_schedule,
+    paced_outer_sigmas,
     truncated_schedule,
 )
 from . import schedule_cache
@@ -88,6 +90,7 @@ class NestedPlan:
     first_outer_index: int = 0  # where this stage starts in the whole outer schedule
     total_outer_steps: int = 0
     nfe_before: int = 0  # NFEs the earlier stages spend
+    outer_scheduler: Optional[str] = None  # the scheduler that spaced the outer steps (None: connected sigmas)
 
     @property
     def nfe_total(self) -> int:
@@ -116,6 +119,7 @@ class NestedPlan:
             first_outer_index=self.first_outer_index + start,
             total_outer_steps=self.total_outer_steps,
             nfe_before=self.nfe_before + sum(self.nfe_per_outer[:start]),
+            outer_scheduler=self.outer_scheduler,
         )
 
 
@@ -204,6 +208,7 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     as given (already checked by ``outer_sigmas_from``).
     """
     check_solver_names(spec)
+    outer_sigmas_given = outer_sigmas
     steps = spec.steps_per_outer(outer_steps)
     inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
     if outer_sigmas is None:
@@ -228,6 +233,7 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
         flow=flow,
         inner_sigmas=inner_sigmas,
         total_outer_steps=len(outer_sigmas) - 1,
+        outer_scheduler=outer_scheduler if outer_sigmas_given is None else None,
     )
 
 
@@ -270,3 +276,80 @@ def plan_from_sigmas(model_sampling: Any, spec: InnerSolverSpec, sigmas: torch.T
     """The plan for connected SIGMAS (SamplerCustom): their outer steps as ``outer_sigmas_from`` reads them."""
     outer_sigmas = outer_sigmas_from(sigmas)
     return plan_nested_run(model_sampling, spec, len(outer_sigmas) - 1, outer_sigmas=outer_sigmas)
+
+
+class PacedPlan:
+    """A plan whose inner lengths follow ``update_seconds`` (``nested_core.pacing``): after every inner process the
+    outer steps left are placed again, from the current outer sigma down with the outer scheduler (the inner
+    scheduler where the outer steps came as connected sigmas), and their inner schedules built as the plan's are.
+    ``outer_sigmas``, ``steps``, ``nfe`` and ``inner_sigmas`` are live: the run, its stop rule and its reporter read
+    them as they change. Only for a plan that ends at 0 (a stage handing on leftover noise keeps its plan)."""
+
+    def __init__(self, plan: NestedPlan, model_sampling: Any, spec: InnerSolverSpec, update_seconds: float):
+        self.plan = plan
+        self.spec = spec
+        self.model_sampling = model_sampling
+        self.update_seconds = update_seconds
+        self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
+        self.steps = list(plan.steps_per_outer)
+        self.nfe = list(plan.nfe_per_outer)
+        self.inner_sigmas = PacedInnerSchedules(self)
+        self.pacer = IntervalPacer(update_seconds, sum(self.steps))
+        self.outer_fn = schedule_function(model_sampling, plan.outer_scheduler or spec.scheduler)
+        self.inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
+        self.nfe_seen = 0
+
+    @staticmethod
+    def applies(plan: NestedPlan, update_seconds: float) -> bool:
+        return update_seconds > 0 and float(plan.outer_sigmas[-1]) == 0.0 and len(plan.steps_per_outer) >= 1
+
+    def inner_schedule(self, index: int) -> torch.Tensor:
+        return truncated_schedule(self.inner_fn, self.steps[index], self.outer_sigmas[index])
+
+    def replan(self, index: int, nfe_done: int, seconds: float) -> Optional[list[float]]:
+        """``run_nested``'s ``replan``: the outer sigmas after outer step ``index``, or None to keep the plan."""
+        calls, self.nfe_seen = nfe_done - self.nfe_seen, nfe_done
+        counts = self.pacer.update(sum(self.steps[:index + 1]), self.steps[index], calls, seconds)
+        if not counts:
+            return None
+        try:
+            tail = [float(s) for s in paced_outer_sigmas(self.outer_fn, self.outer_sigmas[index], len(counts))]
+            following = truncated_schedule(self.inner_fn, counts[0], tail[0])
+        except NestedDiffusionError:  # beyond a scheduler's resolution: the plan so far stands
+            self.inner_sigmas.prepare(index + 1)
+            return None
+        planned = nfe_for_inner_process(self.spec.sampler_name, counts[0])
+        measured = measure_inner_costs(self.plan.solver, [following], self.plan.flow, self.model_sampling,
+                                       fallbacks=[planned])[0].nfe
+        self.outer_sigmas[index + 1:] = tail
+        self.steps[index + 1:] = counts
+        # the next inner process's cost as measured; the later ones' by the solver's table, scaled alike
+        self.nfe[index + 1:] = [measured] + [max(1, round(nfe_for_inner_process(self.spec.sampler_name, count)
+                                                          * measured / max(planned, 1))) for count in counts[1:]]
+        self.inner_sigmas.replanned(index + 1, following)
+        return tail
+
+
+class PacedInnerSchedules:
+    """The inner schedules of a PacedPlan, built when first asked for (a re-plan places every outer step left, but
+    only the next one surely runs as placed)."""
+
+    def __init__(self, paced: PacedPlan):
+        self.paced = paced
+        self.built: dict[int, torch.Tensor] = dict(enumerate(paced.plan.inner_sigmas))
+
+    def __len__(self) -> int:
+        return len(self.paced.steps)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index not in self.built:
+            self.prepare(index)
+        return self.built[index]
+
+    def prepare(self, index: int) -> None:
+        if index not in self.built and index < len(self.paced.steps):
+            self.built[index] = self.paced.inner_schedule(index)
+
+    def replanned(self, index: int, schedule: torch.Tensor) -> None:
+        self.built = {k: v for k, v in self.built.items() if k < index}
+        self.built[index] = schedule

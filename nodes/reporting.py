@@ -94,6 +94,13 @@ class NestedRunReporter:
         self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
         self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
         self.picked: Optional[int] = None  # the batch position a pick kept
+        self.paced: Any = None  # a PacedPlan (update_seconds): the outer steps, their sigmas and NFEs follow it
+
+    def follow(self, paced: Any) -> None:
+        """Take the outer sigmas, inner steps and planned NFEs from ``paced``'s live lists (re-planned as it runs)."""
+        self.paced = paced
+        self.outer_sigmas = paced.outer_sigmas
+        self.nfe_planned = paced.nfe
 
     def set_outer_step_mode(self, mode: str) -> None:
         self.outer_step_mode = mode
@@ -115,6 +122,8 @@ class NestedRunReporter:
 
     def on_outer_step(self, index: int, x0: torch.Tensor) -> None:
         x0 = first_latent(x0)
+        if self.paced is not None:
+            self.outer_steps = self.first_outer_index + len(self.paced.steps)
         # The total: what the inner processes so far spent plus the projected cost of the rest (exact for solvers
         # whose model calls do not depend on the model; dpm_adaptive's follows what it really spends).
         self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)
@@ -133,8 +142,13 @@ class NestedRunReporter:
                                                      "images": self.candidate_images(x0), "picked": self.picked})
 
     def step_fields(self, index: int) -> dict:
-        return {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
-                "outer_steps": self.outer_steps, "nfe": self.nfe_done, "nfe_total": self.nfe_total}
+        fields = {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
+                  "outer_steps": self.outer_steps, "nfe": self.nfe_done, "nfe_total": self.nfe_total}
+        if self.paced is not None:  # update_seconds: this outer step's inner steps, and the next one's as chosen
+            steps = self.paced.steps
+            fields.update(update_seconds=self.paced.update_seconds, inner_steps=steps[index],
+                          next_inner_steps=steps[index + 1] if index + 1 < len(steps) else None)
+        return fields
 
     def on_pick(self, index: int, position: int, batch_index: int) -> None:
         """A pick kept batch position ``position`` after outer step ``index``."""

@@ -54,7 +54,8 @@ def test_nodes_are_registered_with_their_schema(client):
         "positive", "negative", "latent_image", "denoise",
     ]
     assert list(sampler["input"]["required"]) == sampler["input_order"]["required"]
-    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step"]
+    assert sampler["input_order"]["optional"] == ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step",
+                                                  "update_seconds"]
     assert sampler["input"]["optional"]["inner_solver"][0] == "NESTED_INNER_SOLVER"
     assert sampler["output"] == ["LATENT", "LATENT"]
     assert sampler["output_name"] == ["samples", "outer_previews"]
@@ -67,6 +68,23 @@ def test_nodes_are_registered_with_their_schema(client):
     assert options("NestedKSampler", "sampler_name") == options("KSampler", "sampler_name")
     assert options("NestedKSampler", "scheduler") == options("KSampler", "scheduler")
     assert options("InnerSolverSelect", "sampler_name") == options("KSampler", "sampler_name")
+
+
+def test_update_seconds_choice_is_in_the_outer_step_events(client, exemplar_defaults):
+    """update_seconds: each outer_step event names the target and its inner steps; the totals follow the re-plan."""
+    prompt = nested_prompt(seed=11, prefix="nested_update_seconds", exemplar_defaults=exemplar_defaults)
+    prompt[SAMPLER]["inputs"]["update_seconds"] = 0.02
+    prompt_id = client.queue_prompt(prompt)
+    events = list(client.stream(prompt_id, timeout=120))
+    assert of_type(events, "execution_success")
+    steps = [e["data"] for e in of_type(events, OUTER_STEP_EVENT, SAMPLER)]
+    assert [s["outer_step"] for s in steps] == list(range(1, len(steps) + 1))
+    assert {s["update_seconds"] for s in steps} == {0.02}
+    inner = [s["inner_steps"] for s in steps]
+    assert inner[0] == INNER and sum(inner) == OUTER * INNER  # the first as planned, then the budget re-planned
+    assert [s["nfe"] for s in steps] == [sum(inner[:k + 1]) for k in range(len(steps))]  # euler: a call a step
+    assert [s["next_inner_steps"] for s in steps] == [*inner[1:], None]
+    assert steps[-1]["outer_steps"] == len(steps) and steps[-1]["nfe_total"] == OUTER * INNER
 
 
 def test_prompt_streams_outer_steps_previews_and_progress(client, exemplar_defaults):
