@@ -28,11 +28,14 @@ def preview_metadata(previews: dict) -> list[Optional[dict]]:
     batch = int(previews.get("nested_batch_size") or 0)
     nfe = list(previews.get("nested_nfe") or [])
     numbers = list(previews.get("nested_outer_step_numbers") or range(1, outer_steps + 1))
-    if outer_steps <= 0 or batch <= 0 or len(numbers) * batch != count:
+    sizes = list(previews.get("nested_step_batch_sizes") or [batch] * len(numbers))  # after a pick: 1 per step
+    if outer_steps <= 0 or batch <= 0 or len(sizes) != len(numbers) or sum(sizes) != count:
         return [None] * count
-    return [{"outer_step": int(numbers[index // batch]), "outer_steps": outer_steps, "batch_index": index % batch,
-             "nfe": int(nfe[index // batch]) if index // batch < len(nfe) else None}
-            for index in range(count)]
+    picked = previews.get("nested_picked")
+    return [{"outer_step": int(numbers[step]), "outer_steps": outer_steps,
+             "batch_index": position if size == batch or picked is None else int(picked),
+             "nfe": int(nfe[step]) if step < len(nfe) else None}
+            for step, size in enumerate(sizes) for position in range(size)]
 
 
 def preview_label(index: int, metadata: Optional[dict], batch: int) -> str:

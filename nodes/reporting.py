@@ -197,4 +197,5 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
         "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
         "nested_sigmas": [s.sigma for s in kept],
         "nested_outer_step_mode": reporter.outer_step_mode,
+        "nested_picked": reporter.picked,  # the batch position a pick kept (its images after the pick), or None
     }

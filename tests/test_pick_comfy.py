@@ -32,3 +32,14 @@ def test_without_a_pick_nothing_changes(pack):
     samples, previews, counter = nested_run("euler", "euler", "test-no-pick", pick=False)
     assert samples["samples"].shape[0] == BATCH and previews["nested_step_batch_sizes"] == [BATCH] * OUTER
     assert counter["items"] == BATCH * OUTER * 10
+
+
+def test_outer_step_preview_labels_the_candidates_and_then_the_kept_item(pack):
+    from comfyui_nested_diffusion.nodes.outer_preview import preview_label, preview_metadata
+
+    _, previews, _ = nested_run("euler", "euler", "test-pick-preview", pick=True)
+    metadata = preview_metadata(previews)
+    assert [m["outer_step"] for m in metadata] == [1] * BATCH + list(range(2, OUTER + 1))
+    assert [m["batch_index"] for m in metadata] == list(range(BATCH)) + [KEEP] * (OUTER - 1)
+    assert preview_label(len(metadata) - 1, metadata[-1], BATCH).startswith(f"outer {OUTER}/{OUTER}")
+    assert preview_label(len(metadata) - 1, metadata[-1], BATCH).endswith(f"index {KEEP}")
