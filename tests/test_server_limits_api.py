@@ -310,7 +310,19 @@ def test_the_extension_sends_the_tabs_client_id():
 
     source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
     assert "api.clientId ?? api.initialClientId" in source
-    assert f"{RUNNING_ROUTE}?client_id=" in source and "client_id: clientId" in source
+    assert "${RUNNING_ROUTE}?client_id=" in source
+    assert source.count("client_id: clientId") == 2  # finish and pick
+
+
+def test_the_extension_spells_the_names_protocol_py_defines():
+    """web/nested_diffusion.js cannot import protocol.py: its copies of the event and route names must match."""
+    from pathlib import Path
+
+    from comfyui_nested_diffusion import protocol
+
+    source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
+    for name in ("OUTER_STEP_EVENT", "CANDIDATES_EVENT", "PICKED_EVENT", "FINISH_ROUTE", "PICK_ROUTE", "RUNNING_ROUTE"):
+        assert f'const {name} = "{getattr(protocol, name)}";' in source, name
 
 
 # -- the load test's mixed workload --------------------------------------------------------------------------------
