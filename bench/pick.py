@@ -19,22 +19,6 @@ SOLVERS = ("euler", "dpmpp_2m", "euler_ancestral")
 SAME_AS_FULL_BATCH = {"euler", "dpmpp_2m"}  # the pack draws all their noise per item
 
 
-def counting_items(model):
-    """A clone of ``model`` counting the batch items every model call evaluates, and a hook run at the first call."""
-    counter = {"items": 0, "calls": 0, "on_first_call": None}
-
-    def wrapper(apply_model, args):
-        counter["calls"] += 1
-        counter["items"] += int(args["input"].shape[0])
-        if counter["calls"] == 1 and counter["on_first_call"] is not None:
-            counter["on_first_call"]()
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone, counter
-
-
 def nested_run(model, sampler_name: str, prompt_id: str, pick: bool) -> tuple[dict, dict, dict]:
     """NestedKSampler's code path, as node "1" of prompt ``prompt_id``; with ``pick`` the pick is requested over the
     registry the HTTP route uses. Returns (samples, outer_previews, counter)."""
@@ -45,12 +29,16 @@ def nested_run(model, sampler_name: str, prompt_id: str, pick: bool) -> tuple[di
     from comfyui_nested_diffusion.nodes.nested_ksampler import nested_settings
     from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, sample_latent
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
+    from comfyui_nested_diffusion.tools.models import counting_clone
 
-    base = build_exemplar_model(default_exemplars(32), 0.05, "eps")
-    model, counter = counting_items(base)
     answers = []
-    if pick:
-        counter["on_first_call"] = lambda: answers.append(request_pick(prompt_id, "1", KEEP, None))
+
+    def pick_at_the_first_call(calls: dict) -> None:
+        if pick and calls["n"] == 1:
+            answers.append(request_pick(prompt_id, "1", KEEP, None))
+
+    model, counter = counting_clone(build_exemplar_model(default_exemplars(32), 0.05, "eps"),
+                                    on_call=pick_at_the_first_call)
     settings = nested_settings(sampler_name, "normal", INNER, None, 0.0, 0, 0.0, "auto")
     plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, OUTER, "normal")
     cond = empty_conditioning()

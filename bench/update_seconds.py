@@ -19,19 +19,6 @@ TARGETS = (0.5, 1.0)
 TOLERANCE = 0.25
 
 
-def sleeping_clone(model, seconds: float):
-    calls = {"n": 0}
-
-    def wrapper(apply_model, args):
-        calls["n"] += 1
-        time.sleep(seconds)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone, calls
-
-
 def paced_run(update_seconds: float, outer: int, inner: int) -> dict:
     import comfy.sample
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars, manifold_distance
@@ -39,9 +26,10 @@ def paced_run(update_seconds: float, outer: int, inner: int) -> dict:
     from comfyui_nested_diffusion.nodes.nested_ksampler import nested_settings
     from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
+    from comfyui_nested_diffusion.tools.models import counting_clone
 
     exemplars = default_exemplars(32)
-    model, calls = sleeping_clone(build_exemplar_model(exemplars, 0.05, "eps"), CALL_SECONDS)
+    model, calls = counting_clone(build_exemplar_model(exemplars, 0.05, "eps"), seconds_per_call=CALL_SECONDS)
     settings = nested_settings("euler_ancestral", "normal", inner, None, 0.0, 0, 0.0, "auto", update_seconds)
     plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer, "normal")
     sampler = NestedKSAMPLER(settings, plan)

@@ -1,7 +1,7 @@
 """update_seconds inside ComfyUI: a new image about every N seconds on a model whose every call takes a fixed time.
 
 The stand-in model is the exemplar model's clone with a unet function wrapper (ComfyUI's own hook, as
-``tools.comfy_env.counting_clone``) that sleeps a fixed time per call; the intervals are taken between the
+``tools.models.counting_clone``) that sleeps a fixed time per call; the intervals are taken between the
 sampler's outer-step callbacks (``sample_custom``'s callback), and asserted on their median, which a busy shared
 machine moves far less than single intervals (each one is printed).
 """
@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from comfy_helpers import SPREAD, empty_latent, exemplar_setup, run_node
+from comfy_helpers import SPREAD, counting_clone, empty_latent, exemplar_setup, run_node
 
 CALL_SECONDS = 0.03
 TARGET = 0.4
@@ -25,20 +25,6 @@ def distances(images, exemplars):
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
 
     return manifold_distance(images, exemplars)[0]
-
-
-def sleeping_clone(model, seconds: float):
-    """A clone whose every diffusion-model evaluation takes at least ``seconds``; ``calls["n"]`` counts them."""
-    calls = {"n": 0}
-
-    def wrapper(apply_model, args):
-        calls["n"] += 1
-        time.sleep(seconds)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone, calls
 
 
 def timed_run(model, cond, latent, seed, outer_steps, inner_steps, update_seconds, max_nfe=0, max_seconds=0.0,
@@ -64,7 +50,7 @@ def timed_run(model, cond, latent, seed, outer_steps, inner_steps, update_second
 
 def test_a_new_image_about_every_update_seconds(family, pack):
     prediction, model, cond, exemplars = family
-    slow, calls = sleeping_clone(model, CALL_SECONDS)
+    slow, calls = counting_clone(model, seconds_per_call=CALL_SECONDS)
     samples, arrivals, sampler = timed_run(slow, cond, empty_latent(2), 3, outer_steps=4, inner_steps=20,
                                            update_seconds=TARGET)
     intervals = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
@@ -102,7 +88,7 @@ def test_paced_run_on_the_node_ends_clean_and_reports_its_steps(family, pack):
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     _, model, cond, exemplars = family
-    slow, calls = sleeping_clone(model, 0.01)
+    slow, calls = counting_clone(model, seconds_per_call=0.01)
     samples, previews = run_node(NestedKSampler, model=slow, seed=2, outer_steps=2, inner_steps=12, cfg=1.0,
                                  sampler_name="euler_ancestral", scheduler="karras", positive=cond, negative=cond,
                                  latent_image=empty_latent(2), denoise=1.0, update_seconds=0.05)
@@ -120,7 +106,7 @@ def test_budgets_still_end_a_paced_run(family, pack, budget):
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     _, model, cond, _ = family
-    slow, calls = sleeping_clone(model, 0.02)
+    slow, calls = counting_clone(model, seconds_per_call=0.02)
     started = time.monotonic()
     samples, previews = run_node(NestedKSampler, model=slow, seed=5, outer_steps=4, inner_steps=10, cfg=1.0,
                                  sampler_name="euler", scheduler="normal", positive=cond, negative=cond,
@@ -140,7 +126,7 @@ def test_nested_sampler_with_connected_sigmas_paces_too(family, pack):
     from comfyui_nested_diffusion.nodes.nested_sampler import NestedSampler
 
     _, model, cond, exemplars = family
-    slow, calls = sleeping_clone(model, 0.01)
+    slow, calls = counting_clone(model, seconds_per_call=0.01)
     (sampler,) = run_node(NestedSampler, update_seconds=0.04)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 4)
     latent = empty_latent(1)
@@ -159,7 +145,7 @@ def test_finish_now_ends_a_paced_run_with_its_latest_image(family, pack):
 
     _, model, cond, exemplars = family
     answers = []
-    slow, calls = sleeping_clone(model, 0.01)
+    slow, calls = counting_clone(model, seconds_per_call=0.01)
     base = slow.model_options["model_function_wrapper"]
 
     def wrapper(apply_model, args):

@@ -17,6 +17,7 @@ the same seed gives the same model, bit for bit.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -231,13 +232,20 @@ def exemplar_model(prediction: str, spread: float, image_size: int, shift: float
     return build_exemplar_model(exemplars, spread, prediction, shift=shift), empty_conditioning(), exemplars
 
 
-def counting_clone(model):
+def counting_clone(model, seconds_per_call: float = 0.0, on_call=None):
     """A clone of a MODEL whose every diffusion-model evaluation is counted (ComfyUI's unet function wrapper):
-    ``(clone, calls)`` with ``calls["n"]`` the count so far."""
-    calls = {"n": 0}
+    ``(clone, calls)`` with ``calls["n"]`` the evaluations so far and ``calls["items"]`` the batch items they
+    evaluated. ``seconds_per_call``: each evaluation takes at least that long (a slow model, steady);
+    ``on_call(calls)`` runs at every evaluation."""
+    calls = {"n": 0, "items": 0}
 
     def wrapper(apply_model, args):
         calls["n"] += 1
+        calls["items"] += int(args["input"].shape[0])
+        if seconds_per_call:
+            time.sleep(seconds_per_call)
+        if on_call is not None:
+            on_call(calls)
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     clone = model.clone()
