@@ -26,14 +26,17 @@ FAMILIES = [("eps", 1.0), ("v_prediction", 1.0), ("flow", 3.0)]
 
 @pytest.mark.parametrize("prediction,shift", FAMILIES)
 def test_defaults_keep_the_spread(pack, prediction, shift):
-    """NestedKSampler's defaults (euler, normal, auto) and InnerSolverSelect's (euler_ancestral eta 0.85)."""
+    """NestedKSampler's defaults (euler, normal, auto) and InnerSolverSelect's (euler_ancestral eta 0.85, which on
+    flow with the normal scheduler is as narrow as its own KSampler run: 0.89)."""
     from comfyui_nested_diffusion.nodes.nested_sampler import PAPER_INNER_SOLVER
 
     model = gaussian_model(prediction, shift)
     std, mode = nested_std(model, node_default_spec("euler"))
     assert mode == "renoise" and abs(std - 1.0) <= TOLERANCE, (std, mode)
     std, mode = nested_std(model, PAPER_INNER_SOLVER)
-    assert mode == "ddim" and abs(std - 1.0) <= TOLERANCE, (std, mode)
+    row = {"auto": std, "ksampler_10": ksampler_std(model, "euler_ancestral", 10),
+           "ksampler_40": ksampler_std(model, "euler_ancestral", 40)}
+    assert mode == "renoise" and within_own_accuracy(row), (row, mode)
 
 
 @pytest.mark.parametrize("prediction,shift", FAMILIES)
@@ -89,9 +92,9 @@ def test_probe_tells_odes_from_posterior_samplers(pack):
     from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
 
     model = gaussian_model("eps", 1.0)
-    cases = [("euler", None, "renoise"), ("uni_pc", None, "renoise"), ("euler_ancestral", 1.0, "ddim"),
-             ("euler_ancestral", 0.85, "ddim"), ("euler_ancestral", 0.3, "renoise"), ("euler_ancestral", 0.0, "renoise"),
-             ("dpmpp_sde", 1.0, "ddim")]
+    cases = [("euler", None, "renoise"), ("uni_pc", None, "renoise"), ("euler_ancestral", 1.0, "renoise"),
+             ("euler_ancestral", 0.85, "renoise"), ("euler_ancestral", 0.3, "renoise"), ("euler_ancestral", 0.0, "renoise"),
+             ("dpmpp_sde", 1.0, "ddim"), ("seeds_2", None, "ddim"), ("res_multistep_ancestral", None, "renoise")]
     for name, eta, expected in cases:
         _, mode = nested_std(model, InnerSolverSpec(name, "normal", 10, eta=eta), batch=4)
         assert mode == expected, (name, eta, mode)
