@@ -29,7 +29,7 @@ from ..nested_core import (
 )
 from . import schedule_cache
 from .solver_cost import measure_inner_costs, solver_key
-from .solver_probe import inner_solver_is_posterior_sampler
+from .solver_probe import measured_posterior_ratio, outer_step_for_ratio
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
 
 
 OUTER_STEP_MODES = ("auto", "ddim", "renoise")
-_POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> bool, bounded below
+_POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> "ddim" / "renoise", bounded below
 POSTERIOR_PROBE_CACHE_LIMIT = 256
 
 
@@ -256,19 +256,19 @@ def resolve_outer_step_mode(mode: str, plan: NestedPlan, model_wrap: Any, channe
     """The outer step a run takes: "ddim" or "renoise" as asked, or for "auto" what the measured solver needs."""
     if mode != "auto":
         return check_outer_step_mode(mode)
-    return "renoise" if plan.takes_outer_steps and inner_solver_needs_renoise(plan, model_wrap, channels) else "ddim"
+    return measured_outer_step(plan, model_wrap, channels) if plan.takes_outer_steps else "ddim"
 
 
-def inner_solver_needs_renoise(plan: NestedPlan, model_wrap: Any, channels: int) -> bool:
-    """Whether "auto" re-noises: the inner solver, probed over the middle outer step's own inner schedule, is not
-    close enough to a posterior sampler for the eta-0 outer step (see ``solver_probe``)."""
+def measured_outer_step(plan: NestedPlan, model_wrap: Any, channels: int) -> str:
+    """The outer step "auto" takes: the inner solver's posterior ratio, probed over the middle outer step's own inner
+    schedule, decides (``solver_probe.outer_step_for_ratio``)."""
     inner_sigmas = plan.inner_sigmas[len(plan.inner_sigmas) // 2]
     key = _probe_key(plan, inner_sigmas, channels)
     if key not in _POSTERIOR_PROBES:
         if len(_POSTERIOR_PROBES) >= POSTERIOR_PROBE_CACHE_LIMIT:
             _POSTERIOR_PROBES.clear()
-        posterior = inner_solver_is_posterior_sampler(plan.solver, inner_sigmas, model_wrap, plan.flow, channels)
-        _POSTERIOR_PROBES[key] = posterior is False  # a solver the probe cannot drive keeps the paper's step
+        ratio = measured_posterior_ratio(plan.solver, inner_sigmas, model_wrap, plan.flow, channels)
+        _POSTERIOR_PROBES[key] = outer_step_for_ratio(ratio, plan.flow)
     return _POSTERIOR_PROBES[key]
 
 

@@ -19,11 +19,16 @@ import torch
 
 from .schedule_cache import planning_checkpoint
 
-# "auto" takes the paper's eta-0 outer step only for a solver whose results spread like posterior samples, within
-# this band; every other solver is re-noised. A partial posterior sampler (euler_ancestral at eta 0.85, ratio about
-# 0.5) keeps the spread of N(0, 1) data within 10% with the paper's step, but on the learned digits model (1000
-# samples, FID-like score) that step made the images worse after every outer step: final 51.6 vs 16.4 re-noised
-# at CFG 1, 56.5 vs 49.1 at CFG 2 (docs/results.md).
+# What "auto" takes, by posterior ratio (docs/results.md has the measurements):
+# - below DETERMINISTIC_BELOW (ODE solvers, small eta): re-noise; the paper's step widens the spread of N(0, 1) data
+#   by 40% and more;
+# - within POSTERIOR_RATIO_BAND (a posterior sample: dpmpp_sde, seeds_2, ...): the paper's step, exact there;
+# - above the band (more noise than the posterior holds): re-noise;
+# - in between (partial posterior samplers: ancestral solvers, ratio 0.5 to 0.8): both steps keep the spread of
+#   N(0, 1) data within 10%, and on the learned digits models (1000 samples, FID-like score, euler_ancestral at
+#   eta 0.85) each one was clearly better on one family: re-noising on the eps model (16.4 vs 51.6 at CFG 1,
+#   49.1 vs 56.5 at CFG 2), the paper's step on the flow model (4.1 vs 8.1 at CFG 1, 37.5 vs 48.9 at CFG 2).
+DETERMINISTIC_BELOW = 0.35
 POSTERIOR_RATIO_BAND = (0.85, 1.15)
 PROBE_BATCH = 64
 PROBE_SPATIAL = 4
@@ -84,9 +89,20 @@ def posterior_ratio(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Ten
     return spread / max(posterior_variance(sigma, flow), 1e-12)
 
 
-def inner_solver_is_posterior_sampler(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any,
-                                      flow: bool, channels: int) -> Optional[bool]:
-    """True when the eta-0 outer step suits this solver, False when it needs re-noising; None if the probe failed."""
+def outer_step_for_ratio(ratio: Optional[float], flow: bool) -> str:
+    """The outer step "auto" takes for a solver of this posterior ratio (None: the probe could not drive it, and the
+    paper's step is kept)."""
+    low, high = POSTERIOR_RATIO_BAND
+    if ratio is None or low <= ratio <= high:
+        return "ddim"
+    if ratio < DETERMINISTIC_BELOW or ratio > high:
+        return "renoise"
+    return "ddim" if flow else "renoise"  # a partial posterior sampler: as measured on the digits models
+
+
+def measured_posterior_ratio(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any,
+                             flow: bool, channels: int) -> Optional[float]:
+    """The solver's posterior ratio, or None if the probe could not drive it."""
     try:
         ratio = posterior_ratio(solver, inner_sigmas, inner_model, flow, channels)
     except comfy.model_management.InterruptProcessingException:  # Cancel: not a solver the stand-in cannot drive
@@ -94,5 +110,4 @@ def inner_solver_is_posterior_sampler(solver: Callable[..., torch.Tensor], inner
     except Exception as error:  # a third-party solver the stand-in cannot drive: the caller decides
         logging.warning("nested diffusion: could not probe the inner solver (%s: %s)", type(error).__name__, error)
         return None
-    low, high = POSTERIOR_RATIO_BAND
-    return low <= ratio <= high
+    return ratio
