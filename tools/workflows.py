@@ -42,12 +42,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Optional
 
+import tomllib
 from comfyui_nested_diffusion.tools.workflow_checks import EXAMPLES_DIR, REPO_ROOT, input_specs, is_widget
 
 API_DIR = EXAMPLES_DIR / "api"
 OBJECT_INFO = Path(__file__).resolve().with_name("object_info.json")
 PACK_CNR_ID = "comfyui-nested-diffusion"
-PACK_VERSION = "0.1.0"
+PACK_VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 CORE_VERSION = "0.3.75"
 FRONTEND_VERSION = "1.32.9"
 THUMBNAIL_SIZE = 400
