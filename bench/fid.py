@@ -90,7 +90,7 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     out = comfy.sample.sample_custom(model, noise, CFG, sampler, plan.outer_sigmas, positive, negative, latent,
                                      callback=keep_x0, disable_pbar=True, seed=SEED)
     assert set(fid_by_nfe) == set(boundaries), "a boundary without an anytime image"
-    return out.cpu(), fid_by_nfe, sampler.last_run.reporter.outer_step_mode
+    return out.cpu(), fid_by_nfe, sampler.reporter.outer_step_mode
 
 
 def run_variant(variant: str, count: int, budgets: dict, log) -> dict:

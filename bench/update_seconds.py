@@ -41,7 +41,7 @@ def paced_run(update_seconds: float, outer: int, inner: int) -> dict:
                                          cond, cond, latent, callback=lambda *_: arrivals.append(time.monotonic()),
                                          disable_pbar=True, seed=3)
     intervals = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    steps = sampler.last_run.reporter.paced.steps
+    steps = sampler.reporter.paced.steps
     return {
         "update_seconds": update_seconds,
         "budget_steps": outer * inner,

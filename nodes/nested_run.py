@@ -62,14 +62,6 @@ class NestedSettings:
         check_update_seconds(self.update_seconds)
 
 
-@dataclass
-class NestedRunOutcome:
-    """What the last run of a NestedKSAMPLER left: the core's result and what was reported (for outer_previews)."""
-
-    result: NestedResult
-    reporter: NestedRunReporter
-
-
 class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     """Nested diffusion as a ComfyUI SAMPLER. ``plan``: the NestedKSampler nodes' own plan (their scheduler, denoise,
     stage); without it the connected sigmas are the outer steps (``outer_sigmas_from``). ``own_progress``: a
@@ -84,11 +76,11 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         self.own_progress = own_progress
         self.rerun_key = rerun_key
         self.batch_indices = batch_indices
-        self.last_run: Optional[NestedRunOutcome] = None
         # The NestedKSampler nodes hand sample_custom ``report_outer_step`` as its callback, so that the reporter sees
         # each inner result as ComfyUI's guider hands callbacks it (a multi-latent model's x0 as a NestedTensor).
         self.reports_through_callback = False
-        self.reporter: Optional[NestedRunReporter] = None
+        self.reporter: Optional[NestedRunReporter] = None  # the running or last run's (outer_previews come from it)
+        self.last_result: Optional[NestedResult] = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -114,7 +106,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
                                      latent_image, denoise_mask, disable_pbar)
             rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
-        self.last_run = NestedRunOutcome(results[0], reporter)
+        self.last_result = results[0]
         return samples
 
     def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: RunControl,
@@ -205,9 +197,9 @@ def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, po
     )
     out = latent.copy()
     out["samples"] = samples
-    if sampler.last_run.result.kept is not None:  # a pick: the kept item, as LatentFromBatch would give it
-        keep_picked_item(out, sampler.last_run.result.kept)
-    return out, outer_previews_latent(sampler.last_run.reporter, model)
+    if sampler.last_result.kept is not None:  # a pick: the kept item, as LatentFromBatch would give it
+        keep_picked_item(out, sampler.last_result.kept)
+    return out, outer_previews_latent(sampler.reporter, model)
 
 
 def keep_picked_item(latent: dict, position: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..nested_core import projected_costs, spent_per_inner_process
 from ..protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICKED_EVENT
 from .kept_previews import KeptPreviews, KeptStep
-from .planning import NestedPlan
+from .planning import NestedPlan, PacedPlan
 
 PREVIEW_FORMAT = "JPEG"
 MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
@@ -94,9 +94,9 @@ class NestedRunReporter:
         self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
         self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
         self.picked: Optional[int] = None  # the batch position a pick kept
-        self.paced: Any = None  # a PacedPlan (update_seconds): the outer steps, their sigmas and NFEs follow it
+        self.paced: Optional[PacedPlan] = None  # update_seconds: the outer steps, their sigmas and NFEs follow it
 
-    def follow(self, paced: Any) -> None:
+    def follow(self, paced: PacedPlan) -> None:
         """Take the outer sigmas, inner steps and planned NFEs from ``paced``'s live lists (re-planned as it runs)."""
         self.paced = paced
         self.outer_sigmas = paced.outer_sigmas
@@ -132,14 +132,19 @@ class NestedRunReporter:
         self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
                                self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1,
                                self.items(x0.shape[0])))
+        # One decode per batch item: ComfyUI's previewers show a batch by its first item, so the progress preview is
+        # the first candidate's.
+        candidates = self.item_previews(x0) if prompt_server() is not None else None
         if self.progress is not None:
-            self.progress.update_absolute(self.nfe_done, self.nfe_total, self.preview_bytes(x0))
+            preview = candidates[0] if candidates else self.preview_bytes(x0)
+            self.progress.update_absolute(self.nfe_done, self.nfe_total, preview)
         step = self.step_fields(index)
         send_to_prompt_client(OUTER_STEP_EVENT, {**step, "sigma": sigma, "outer_step_mode": self.outer_step_mode})
-        if prompt_server() is not None:
+        if candidates is not None:
             send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
                                                      "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
-                                                     "images": self.candidate_images(x0), "picked": self.picked})
+                                                     "images": [data_url(preview) for preview in candidates],
+                                                     "picked": self.picked})
 
     def step_fields(self, index: int) -> dict:
         fields = {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
@@ -166,19 +171,20 @@ class NestedRunReporter:
             logging.warning("nested diffusion: preview failed: %s", error)
             return None
 
-    def candidate_images(self, x0: torch.Tensor) -> list[Optional[str]]:
-        """A small JPEG data URL per batch item (at most MAX_CANDIDATES), through ComfyUI's previewer."""
-        return [self.candidate_image(x0[item:item + 1]) for item in range(min(x0.shape[0], MAX_CANDIDATES))]
+    def item_previews(self, x0: torch.Tensor) -> list:
+        """ComfyUI's preview of every batch item (at most MAX_CANDIDATES), None where there is none."""
+        return [self.preview_bytes(x0[item:item + 1]) for item in range(min(x0.shape[0], MAX_CANDIDATES))]
 
-    def candidate_image(self, latent: torch.Tensor) -> Optional[str]:
-        preview = self.preview_bytes(latent)
-        if preview is None:
-            return None
-        image = preview[1].copy()
-        image.thumbnail((CANDIDATE_SIZE, CANDIDATE_SIZE))
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=85)
-        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+def data_url(preview) -> Optional[str]:
+    """A previewer's ``(format, image, size)`` as a small JPEG data URL for the filmstrip (None stays None)."""
+    if preview is None:
+        return None
+    image = preview[1].copy()
+    image.thumbnail((CANDIDATE_SIZE, CANDIDATE_SIZE))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:

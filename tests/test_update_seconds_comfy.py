@@ -55,7 +55,7 @@ def test_a_new_image_about_every_update_seconds(family, pack):
                                            update_seconds=TARGET)
     intervals = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
     print(f"{prediction}: intervals after the first image {[round(i, 3) for i in intervals]} (target {TARGET})")
-    paced = sampler.last_run.reporter.paced
+    paced = sampler.reporter.paced
     assert sum(paced.steps) == 4 * 20 and calls["n"] == 4 * 20  # the budget, spent exactly (euler, cfg 1)
     assert paced.steps[0] == 20 and len(paced.steps) == len(arrivals) >= 5
     # The requirement, on the median: single intervals move with the load of a shared machine (printed above; on
@@ -133,7 +133,7 @@ def test_nested_sampler_with_connected_sigmas_paces_too(family, pack):
     noise = comfy.sample.prepare_noise(latent["samples"], 1)
     samples = comfy.sample.sample_custom(slow, noise, 1.0, sampler, sigmas, cond, cond, latent["samples"],
                                          disable_pbar=True, seed=1)
-    paced = sampler.last_run.reporter.paced
+    paced = sampler.reporter.paced
     assert sum(paced.steps) == 3 * 10 and len(paced.steps) > 3
     assert float(distances(samples, exemplars).max()) <= 3 * SPREAD
 
@@ -158,8 +158,8 @@ def test_finish_now_ends_a_paced_run_with_its_latest_image(family, pack):
         samples, _, sampler = timed_run(slow, cond, empty_latent(1), 4, outer_steps=4, inner_steps=10,
                                         update_seconds=0.2)
     assert answers and answers[0][0] == 200
-    result = sampler.last_run.result
+    result = sampler.last_result
     assert result.stop_reason == "finish requested"
-    assert result.nfe == 10 + sampler.last_run.reporter.paced.steps[1] < 40
+    assert result.nfe == 10 + sampler.reporter.paced.steps[1] < 40
     assert torch.allclose(samples, slow.model.process_latent_out(result.latest))
     assert float(distances(samples, exemplars).max()) <= 3 * SPREAD
