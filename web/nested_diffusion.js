@@ -207,7 +207,7 @@ function filmstripOf(node) {
   element.append(head, grid);
   // keep the canvas from taking wheel and pointer events meant for the strip's scrolling and buttons
   element.addEventListener("wheel", (event) => event.stopPropagation(), { passive: true });
-  const strip = { node, element, head, grid, items: [], promptId: null, running: false, outerStep: 0,
+  const strip = { node, element, head, grid, live: [], shown: 0, promptId: null, running: false, outerStep: 0,
                   outerSteps: 0, pickRequested: null, picked: null, eventNode: null, widget: null };
   try {
     strip.widget = node.addDOMWidget(FILMSTRIP_WIDGET, "nested_filmstrip", element, {
@@ -243,7 +243,7 @@ async function keepOnly(strip, item) {
     return;
   }
   strip.pickRequested = item.position;
-  render(strip);
+  updateControls(strip);
   let result;
   try {
     result = await postJson(PICK_ROUTE, {
@@ -261,64 +261,122 @@ async function keepOnly(strip, item) {
     strip.pickRequested = null;
     notify("warn", result.answer.error ?? `Pick refused (${result.status})`);
   }
-  render(strip);
+  updateControls(strip);
 }
 
-function render(strip) {
-  const { head, grid, items } = strip;
-  const state = strip.picked
-    ? `kept #${strip.picked.batch_index} after outer ${strip.picked.outer_step}`
-    : strip.running ? "running" : "done";
-  head.textContent = items.length
-    ? `Candidates · outer ${strip.outerStep}/${strip.outerSteps} · ${state}`
-    : "Candidates";
-  grid.replaceChildren();
-  const canPick = strip.running && !strip.picked && strip.pickRequested === null;
-  // latest outer step first, batch order within a step
-  const ordered = [...items].sort((a, b) => b.outerStep - a.outerStep || a.position - b.position);
-  for (const item of ordered) {
-    const figure = document.createElement("figure");
-    figure.dataset.outerStep = String(item.outerStep);
-    figure.dataset.batchIndex = String(item.batchIndex);
-    figure.dataset.position = String(item.position);
-    if (strip.picked && item.batchIndex === strip.picked.batch_index) figure.classList.add("nested-kept");
-    let image;
+// The strip is built incrementally, so that a fast model (many outer steps a second) costs the page only the new
+// images: the first row holds the latest outer step's candidates ("live" figures, one per batch position, updated
+// in place, so that their "keep only this" buttons stay put under the pointer); at every new outer step the live
+// row's images move down into the history (newest first), and the oldest go once MAX_KEPT images are shown.
+function newFigure(strip) {
+  const figure = document.createElement("figure");
+  const caption = document.createElement("figcaption");
+  figure.append(caption);
+  figure.__caption = caption;
+  return figure;
+}
+
+function showItem(strip, figure, item) {
+  figure.__item = item;
+  figure.dataset.outerStep = String(item.outerStep);
+  figure.dataset.batchIndex = String(item.batchIndex);
+  figure.dataset.position = String(item.position);
+  figure.dataset.label = label(item);
+  figure.__caption.textContent = `outer ${item.outerStep}/${item.outerSteps}\n${item.nfe} NFE · #${item.batchIndex}`;
+  const wanted = item.src ? "IMG" : "DIV";
+  if (figure.__image?.tagName !== wanted) {
+    const image = document.createElement(wanted.toLowerCase());
     if (item.src) {
-      image = document.createElement("img");
-      image.src = item.src;
-      image.alt = label(item);
-      image.title = `${label(item)}: click to enlarge`;
       image.addEventListener("click", (event) => {
         event.stopPropagation();
-        enlarge(item);
+        enlarge(figure.__item);
       });
     } else {
       // the server had no previewer for this model (or preview method "none")
-      image = document.createElement("div");
       image.className = "nested-no-preview";
       image.textContent = "no preview";
     }
-    figure.dataset.label = label(item);
-    const caption = document.createElement("figcaption");
-    caption.textContent = `outer ${item.outerStep}/${item.outerSteps}\n${item.nfe} NFE · #${item.batchIndex}`;
-    figure.append(image, caption);
-    const latest = item.outerStep === strip.outerStep && item.batchSize > 1;
-    if (strip.running && latest && !strip.picked) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "nested-keep";
-      button.textContent = strip.pickRequested === item.position ? "keeping..." : "keep only this";
-      button.title = "Continue the run with this candidate only (from the next outer step on)";
-      button.disabled = !canPick;
-      button.addEventListener("click", (event) => {
-        event.stopPropagation();
-        keepOnly(strip, item);
-      });
-      figure.append(button);
+    figure.__image?.remove();
+    figure.prepend(image);
+    figure.__image = image;
+  }
+  if (item.src) {
+    if (figure.__image.src !== item.src) figure.__image.src = item.src;
+    figure.__image.alt = label(item);
+    figure.__image.title = `${label(item)}: click to enlarge`;
+  }
+  figure.classList.toggle("nested-kept", !!strip.picked && item.batchIndex === strip.picked.batch_index);
+}
+
+function clearStrip(strip) {
+  strip.grid.replaceChildren();
+  strip.live = [];
+  strip.shown = 0;
+}
+
+// A new outer step's candidates: the live row's images go to the top of the history, the live row shows these.
+function addOuterStep(strip, items) {
+  const { grid, live } = strip;
+  if (live.length && live[0].__item.outerStep !== items[0]?.outerStep) {
+    const retired = document.createDocumentFragment();
+    for (const figure of live) {
+      const copy = newFigure(strip);
+      showItem(strip, copy, figure.__item);
+      retired.append(copy);
     }
-    grid.append(figure);
+    grid.insertBefore(retired, live[live.length - 1].nextSibling);
+  }
+  while (live.length > items.length) live.pop().remove();
+  while (live.length < items.length) {
+    const figure = newFigure(strip);
+    grid.insertBefore(figure, live.length ? live[live.length - 1].nextSibling : grid.firstChild);
+    live.push(figure);
+  }
+  items.forEach((item, position) => showItem(strip, live[position], item));
+  while (grid.children.length > MAX_KEPT) grid.lastElementChild.remove();
+  strip.shown = grid.children.length;
+}
+
+// The head line, the live row's buttons and the kept outline: what changes with the run's state, not its images.
+function updateControls(strip) {
+  const state = strip.picked
+    ? `kept #${strip.picked.batch_index} after outer ${strip.picked.outer_step}`
+    : strip.running ? "running" : "done";
+  strip.head.textContent = strip.shown
+    ? `Candidates · outer ${strip.outerStep}/${strip.outerSteps} · ${state}`
+    : "Candidates";
+  const offered = strip.running && !strip.picked && strip.live.length > 1;
+  const canPick = offered && strip.pickRequested === null;
+  for (const figure of strip.live) {
+    const button = figure.__button ?? keepButton(strip, figure);
+    if (!offered) {
+      button.remove();
+      continue;
+    }
+    const text = strip.pickRequested === figure.__item.position ? "keeping..." : "keep only this";
+    if (button.textContent !== text) button.textContent = text;
+    button.disabled = !canPick;
+    if (!button.isConnected) figure.append(button);
+  }
+  if (strip.picked) {
+    for (const figure of strip.grid.children) {
+      figure.classList.toggle("nested-kept", figure.__item?.batchIndex === strip.picked.batch_index);
+    }
   }
   redraw();
+}
+
+function keepButton(strip, figure) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "nested-keep";
+  button.title = "Continue the run with this candidate only (from the next outer step on)";
+  button.addEventListener("click", (event) => {
+    event.stopPropagation();
+    keepOnly(strip, figure.__item);
+  });
+  figure.__button = button;
+  return button;
 }
 
 function onCandidates(detail) {
@@ -329,27 +387,26 @@ function onCandidates(detail) {
   if (!strip) return;
   if (strip.promptId !== detail.prompt_id) {
     // a new run of this node: the strip shows that one
-    Object.assign(strip, { items: [], promptId: detail.prompt_id, pickRequested: null, picked: null });
+    Object.assign(strip, { promptId: detail.prompt_id, pickRequested: null, picked: null });
+    clearStrip(strip);
   }
   strip.running = true;
   strip.eventNode = String(detail.node);
   strip.outerStep = detail.outer_step;
   strip.outerSteps = detail.outer_steps;
   const images = Array.isArray(detail.images) ? detail.images : [];
-  images.forEach((src, position) => {
-    strip.items.push({
-      src,
-      position,
-      batchSize: images.length,
-      batchIndex: detail.batch_indices?.[position] ?? position,
-      outerStep: detail.outer_step,
-      outerSteps: detail.outer_steps,
-      nfe: detail.nfe,
-      nfeTotal: detail.nfe_total,
-    });
-  });
-  if (strip.items.length > MAX_KEPT) strip.items.splice(0, strip.items.length - MAX_KEPT);
-  render(strip);
+  const items = images.map((src, position) => ({
+    src,
+    position,
+    batchSize: images.length,
+    batchIndex: detail.batch_indices?.[position] ?? position,
+    outerStep: detail.outer_step,
+    outerSteps: detail.outer_steps,
+    nfe: detail.nfe,
+    nfeTotal: detail.nfe_total,
+  }));
+  if (items.length) addOuterStep(strip, items);
+  updateControls(strip);
 }
 
 function onPicked(detail) {
@@ -358,7 +415,7 @@ function onPicked(detail) {
   if (!strip || strip.promptId !== detail.prompt_id) return;
   strip.picked = detail;
   strip.pickRequested = null;
-  render(strip);
+  updateControls(strip);
 }
 
 // The run of a strip is over once its prompt ends or ComfyUI executes another node.
@@ -368,7 +425,7 @@ function endRuns(promptId, executingNode) {
     if (promptId && strip.promptId && promptId !== strip.promptId) continue;
     if (executingNode !== undefined && executingNode !== null && String(executingNode) === strip.eventNode) continue;
     strip.running = false;
-    render(strip);
+    updateControls(strip);
   }
 }
 
