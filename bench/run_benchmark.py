@@ -238,6 +238,29 @@ def cuda_cost_main(out_dir: Path, quick: bool) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 
+def fid_settings(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The fid part's settings: its defaults (or --quick's) with the --fid-* options applied."""
+    from dataclasses import replace
+
+    from comfyui_nested_diffusion.bench.fid import BUDGETS, FidSettings
+
+    def listed(text: str | None, kind=str) -> tuple | None:
+        return None if text is None else tuple(kind(item.strip()) for item in text.split(",") if item.strip())
+
+    settings = FidSettings.quick() if args.quick else FidSettings()
+    changes = {"samples": args.fid_samples, "cfgs": listed(args.fid_cfg, float),
+               "solvers": listed(args.fid_solvers), "variants": listed(args.fid_variants)}
+    budgets = listed(args.fid_budgets, int)
+    if budgets is not None:
+        unknown = [n for n in budgets if n not in BUDGETS]
+        if unknown:
+            parser.error(f"--fid-budgets {unknown}: the fid part has splits for {sorted(BUDGETS)} NFEs")
+        changes["budgets"] = {n: BUDGETS[n] for n in budgets}
+    if args.fid_samples is not None and args.fid_samples < 10:
+        parser.error("--fid-samples must be at least 10 (one of each digit)")
+    return replace(settings, **{key: value for key, value in changes.items() if value is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer budgets, splits, samplers and repeats")
@@ -245,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the GPU cost run even where CUDA is present")
     parser.add_argument("--cuda-cost", action="store_true", help=argparse.SUPPRESS)
+    fid_options = parser.add_argument_group("fid part", "a subset of the fid part (default: all of it, or --quick's)")
+    fid_options.add_argument("--fid-samples", type=int, help="samples per run (default 1000, --quick 100)")
+    fid_options.add_argument("--fid-cfg", help="comma-separated CFG scales (default 1,2)")
+    fid_options.add_argument("--fid-budgets", help="comma-separated total NFEs, each with its splits (default 40,100)")
+    fid_options.add_argument("--fid-solvers", help="comma-separated inner solvers (default euler_ancestral,euler)")
+    fid_options.add_argument("--fid-variants", help="comma-separated digits models (default eps,flow)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    fid_run = fid_settings(args, parser)
 
     started = time.time()
     log(f"Nested diffusion benchmark{' (quick)' if args.quick else ''}: parts {', '.join(parts)}; results in {out_dir}")
@@ -309,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     spread = run_part("spread", run_spread, spread_checks)
     run_part("pick", run_pick, pick_checks)
     run_part("update_seconds", run_update_seconds, update_seconds_checks)
-    fid_results = run_part("fid", run_fid, fid_checks, single_thread=False)
+    fid_results = run_part("fid", lambda quick, log: run_fid(quick, log, fid_run), fid_checks, single_thread=False)
     if fid_results:
         plot_fid(fid_results, out_dir / "fid_vs_nfe.png")
 
