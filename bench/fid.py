@@ -156,11 +156,12 @@ def run_fid(quick: bool, log, settings: FidSettings | None = None) -> dict:
 
 
 def fid_checks(results: dict) -> list[tuple[str, bool, str]]:
-    """The issue's four targets per model and CFG, over every solver, budget and split."""
+    """The issue's four targets per model and CFG, over every solver, budget and split (with ``outer_step`` auto)."""
     checks = []
     for variant, data in results["variants"].items():
-        for cfg in sorted({r["cfg"] for r in data["runs"]}):
-            runs = [r for r in data["runs"] if r["cfg"] == cfg]
+        measured = [r for r in data["runs"] if r.get("auto", True)]  # not the hand-set comparison runs
+        for cfg in sorted({r["cfg"] for r in measured}):
+            runs = [r for r in measured if r["cfg"] == cfg]
             where = f"fid [{variant}, CFG {cfg:g}]"
             first = [(r, min(r["fid_boundaries"], key=int)) for r in runs]
             worst = max(r["fid_boundaries"][n] / max(r["ksampler"]["fid_x0"][n], 1e-9) for r, n in first)
@@ -223,3 +224,30 @@ def plot_fid(results: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def report(path: str, plot: str | None = None) -> int:
+    """Print the table and the targets of a saved fid result (``fid.json`` or ``bench/results/fid_1000.json``);
+    ``plot``: also draw it. 1 if a target fails."""
+    import json
+
+    results = json.loads(open(path, encoding="utf-8").read())
+    for line in fid_table(results):
+        print(line)
+    checks = fid_checks(results)
+    for name, ok, detail in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    if plot:
+        plot_fid(results, plot)
+    return int(not all(ok for _, ok, _ in checks))
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Report a saved fid result: its table, targets and plot.")
+    parser.add_argument("results", help="a fid part's JSON (bench/results/fid.json, bench/results/fid_1000.json)")
+    parser.add_argument("--plot", help="write the FID-vs-NFE plot here (PNG)")
+    args = parser.parse_args()
+    sys.exit(report(args.results, args.plot))
