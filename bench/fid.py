@@ -206,6 +206,11 @@ def plot_fid(results: dict, path) -> None:
         for col, budget in enumerate(budgets):
             ax = axes[row][col]
             runs = [r for r in results["variants"][variant]["runs"] if r["budget"] == budget and r["cfg"] == cfg]
+            if not runs:  # a subset was run
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"digits {variant}, CFG {cfg:g}, {budget} NFEs: not run", ha="center",
+                        va="center", transform=ax.transAxes, color="#777777")
+                continue
             solvers = list(dict.fromkeys(r["solver"] for r in runs))
             for style, solver in zip(("-", "--", ":"), solvers):
                 vanilla = next(r["ksampler"]["fid_x0"] for r in runs if r["solver"] == solver)
