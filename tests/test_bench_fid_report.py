@@ -1,0 +1,49 @@
+"""The fid part's targets and report (bench/fid.py): grouped per model and CFG, hand-set comparison runs left out,
+and the saved 1000-sample result (bench/results/fid_1000.json) reported as docs/results.md states it."""
+import json
+
+from comfyui_nested_diffusion.bench import fid as bench
+from comfyui_nested_diffusion.tools.comfy_env import REPO_ROOT
+
+
+def run(cfg, boundaries, x0, final, ks_final, accuracy=0.9, ks_accuracy=0.9, auto=True, outer_step="renoise"):
+    return {"variant": "eps", "cfg": cfg, "solver": "euler", "budget": 40, "outer": len(boundaries),
+            "inner": 40 // len(boundaries), "outer_step": outer_step, "auto": auto, "fid_final": final,
+            "accuracy": accuracy, "fid_boundaries": boundaries,
+            "ksampler": {"fid_final": ks_final, "accuracy": ks_accuracy, "fid_x0": x0}}
+
+
+def verdicts(results) -> dict:
+    return {name: ok for name, ok, _ in bench.fid_checks(results)}
+
+
+def test_targets_are_checked_per_model_and_cfg_without_the_hand_set_runs():
+    good = run(1.0, {10: 10.0, 20: 5.0}, {10: 40.0, 20: 6.0}, final=5.0, ks_final=5.0)
+    behind = run(2.0, {10: 30.0, 20: 9.0}, {10: 40.0, 20: 6.0}, final=9.0, ks_final=6.0, accuracy=0.8)
+    hand_set = run(1.0, {10: 50.0, 20: 50.0}, {10: 40.0, 20: 6.0}, final=50.0, ks_final=5.0, auto=False,
+                   outer_step="ddim")
+    got = verdicts({"samples": 10, "variants": {"eps": {"runs": [good, behind, hand_set]}}})
+    assert got == {
+        "fid [eps, CFG 1]: nested at the first boundary <= 1/3 of KSampler x0's": True,
+        "fid [eps, CFG 1]: nested <= KSampler x0 at every boundary": True,
+        "fid [eps, CFG 1]: final FID <= 1.10x KSampler's": True,
+        "fid [eps, CFG 1]: class accuracy >= KSampler's - 2 points": True,
+        "fid [eps, CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's": False,
+        "fid [eps, CFG 2]: nested <= KSampler x0 at every boundary": False,
+        "fid [eps, CFG 2]: final FID <= 1.10x KSampler's": False,
+        "fid [eps, CFG 2]: class accuracy >= KSampler's - 2 points": False,
+    }
+
+
+def test_saved_1000_sample_result_reports_what_the_docs_say(capsys, tmp_path):
+    path = REPO_ROOT / "bench" / "results" / "fid_1000.json"
+    saved = json.loads(path.read_text())
+    assert saved["samples"] == 1000
+    got = verdicts(saved)
+    assert sum(got.values()) == 8 and len(got) == 16  # "8 of 16 PASS" in docs/results.md and the README
+    assert got["fid [eps, CFG 1]: final FID <= 1.10x KSampler's"] is True
+    assert got["fid [flow, CFG 1]: final FID <= 1.10x KSampler's"] is False  # euler, re-noised: 1.58x
+    assert bench.report(str(path)) == 1  # a target fails: exit status 1
+    printed = capsys.readouterr().out
+    assert "| flow | 1 | euler | 40 | 4x10 | renoise | 10: 6.1/18.2," in printed
+    assert printed.count("PASS  ") == 8 and printed.count("FAIL  ") == 8
