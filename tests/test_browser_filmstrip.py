@@ -139,6 +139,10 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
     shown = figures(page, sampler)
     assert [(step, index) for step, index, _, _ in shown][:2] == [(3, 1), (2, 0)]
     assert not any(keep for *_, keep in shown)
+    outlined = page.evaluate("""(id) => [...document.querySelectorAll(`.nested-filmstrip[data-node="${id}"] figure`)]
+        .map(f => [Number(f.dataset.batchIndex), f.classList.contains('nested-kept')])""", str(sampler))
+    assert outlined == [[index, index == 1] for index, _ in outlined]  # the kept item, before and after the pick
+    assert sum(kept for _, kept in outlined) == 3  # outer steps 1 and 2 and the new step 3
 
     # a candidate the server had no preview image for (preview method "none"): a placeholder, no broken image
     no_preview = candidates(sampler, "synthetic-1", 4, 4, picked=1, indices=[1])

@@ -207,7 +207,7 @@ function filmstripOf(node) {
   element.append(head, grid);
   // keep the canvas from taking wheel and pointer events meant for the strip's scrolling and buttons
   element.addEventListener("wheel", (event) => event.stopPropagation(), { passive: true });
-  const strip = { node, element, head, grid, live: [], shown: 0, promptId: null, running: false, outerStep: 0,
+  const strip = { node, element, head, grid, live: [], promptId: null, running: false, outerStep: 0,
                   outerSteps: 0, pickRequested: null, picked: null, eventNode: null, widget: null };
   try {
     strip.widget = node.addDOMWidget(FILMSTRIP_WIDGET, "nested_filmstrip", element, {
@@ -268,7 +268,7 @@ async function keepOnly(strip, item) {
 // images: the first row holds the latest outer step's candidates ("live" figures, one per batch position, updated
 // in place, so that their "keep only this" buttons stay put under the pointer); at every new outer step the live
 // row's images move down into the history (newest first), and the oldest go once MAX_KEPT images are shown.
-function newFigure(strip) {
+function newFigure() {
   const figure = document.createElement("figure");
   const caption = document.createElement("figcaption");
   figure.append(caption);
@@ -311,7 +311,6 @@ function showItem(strip, figure, item) {
 function clearStrip(strip) {
   strip.grid.replaceChildren();
   strip.live = [];
-  strip.shown = 0;
 }
 
 // A new outer step's candidates: the live row's images go to the top of the history, the live row shows these.
@@ -320,7 +319,7 @@ function addOuterStep(strip, items) {
   if (live.length && live[0].__item.outerStep !== items[0]?.outerStep) {
     const retired = document.createDocumentFragment();
     for (const figure of live) {
-      const copy = newFigure(strip);
+      const copy = newFigure();
       showItem(strip, copy, figure.__item);
       retired.append(copy);
     }
@@ -328,21 +327,20 @@ function addOuterStep(strip, items) {
   }
   while (live.length > items.length) live.pop().remove();
   while (live.length < items.length) {
-    const figure = newFigure(strip);
+    const figure = newFigure();
     grid.insertBefore(figure, live.length ? live[live.length - 1].nextSibling : grid.firstChild);
     live.push(figure);
   }
   items.forEach((item, position) => showItem(strip, live[position], item));
   while (grid.children.length > MAX_KEPT) grid.lastElementChild.remove();
-  strip.shown = grid.children.length;
 }
 
-// The head line, the live row's buttons and the kept outline: what changes with the run's state, not its images.
+// The head line and the live row's buttons: what changes with the run's state, not its images.
 function updateControls(strip) {
   const state = strip.picked
     ? `kept #${strip.picked.batch_index} after outer ${strip.picked.outer_step}`
     : strip.running ? "running" : "done";
-  strip.head.textContent = strip.shown
+  strip.head.textContent = strip.grid.children.length
     ? `Candidates · outer ${strip.outerStep}/${strip.outerSteps} · ${state}`
     : "Candidates";
   const offered = strip.running && !strip.picked && strip.live.length > 1;
@@ -357,11 +355,6 @@ function updateControls(strip) {
     if (button.textContent !== text) button.textContent = text;
     button.disabled = !canPick;
     if (!button.isConnected) figure.append(button);
-  }
-  if (strip.picked) {
-    for (const figure of strip.grid.children) {
-      figure.classList.toggle("nested-kept", figure.__item?.batchIndex === strip.picked.batch_index);
-    }
   }
   redraw();
 }
@@ -398,7 +391,6 @@ function onCandidates(detail) {
   const items = images.map((src, position) => ({
     src,
     position,
-    batchSize: images.length,
     batchIndex: detail.batch_indices?.[position] ?? position,
     outerStep: detail.outer_step,
     outerSteps: detail.outer_steps,
@@ -415,6 +407,10 @@ function onPicked(detail) {
   if (!strip || strip.promptId !== detail.prompt_id) return;
   strip.picked = detail;
   strip.pickRequested = null;
+  // the kept item's images so far get the outline (showItem gives it to the ones that come later)
+  for (const figure of strip.grid.children) {
+    figure.classList.toggle("nested-kept", figure.__item.batchIndex === detail.batch_index);
+  }
   updateControls(strip);
 }
 
