@@ -9,6 +9,7 @@ import base64
 import functools
 import io
 import logging
+import time
 from typing import Any, Optional
 
 import comfy.model_management
@@ -24,6 +25,10 @@ from .planning import NestedPlan, PacedPlan
 PREVIEW_FORMAT = "JPEG"
 MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
 CANDIDATE_SIZE = 256  # longest side of a filmstrip preview, in pixels
+# Progress between outer steps goes out at most this often. A fast model makes hundreds of calls a second, and every
+# update is two websocket messages the page must handle in order: unthrottled, a busy page falls behind the run, and
+# its "keep only this" and "Finish now" reach the server late. Every outer step's update (with its preview) is sent.
+PROGRESS_INTERVAL_S = 0.1
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,6 +92,7 @@ class NestedRunReporter:
         self.nfe_planned = list(plan.nfe_per_outer)
         self.nfe_spent: list[int] = []  # what each inner process of this run really spent
         self.nfe_done = 0
+        self.progress_sent_at = -float("inf")
         self.batch_indices = batch_indices
         # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
@@ -109,7 +115,9 @@ class NestedRunReporter:
         self.nfe_done = calls
         if calls > self.nfe_total:  # adaptive solvers can only be estimated beforehand
             self.nfe_total = calls
-        if self.progress is not None:
+        now = time.monotonic()
+        if self.progress is not None and now - self.progress_sent_at >= PROGRESS_INTERVAL_S:
+            self.progress_sent_at = now
             self.progress.update_absolute(calls, self.nfe_total)  # its hook also honours Cancel
         else:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -137,6 +145,7 @@ class NestedRunReporter:
         candidates = self.item_previews(x0) if prompt_server() is not None else None
         if self.progress is not None:
             preview = candidates[0] if candidates else self.preview_bytes(x0)
+            self.progress_sent_at = time.monotonic()
             self.progress.update_absolute(self.nfe_done, self.nfe_total, preview)
         step = self.step_fields(index)
         send_to_prompt_client(OUTER_STEP_EVENT, {**step, "sigma": sigma, "outer_step_mode": self.outer_step_mode})

@@ -87,6 +87,30 @@ def test_update_seconds_choice_is_in_the_outer_step_events(client, exemplar_defa
     assert steps[-1]["outer_steps"] == len(steps) and steps[-1]["nfe_total"] == OUTER * INNER
 
 
+def test_a_fast_model_does_not_flood_the_page_with_progress(client, exemplar_defaults):
+    """The exemplar model makes hundreds of calls a second. Unthrottled, every call was a progress message (two with
+    progress_state), and a browser on 2 busy cores fell so far behind that "keep only this" and "Finish now"
+    reached the server after the run had ended. Between outer steps progress now goes out at most every 0.1 s;
+    every outer step's update is still sent, and the bar still ends at the run's total."""
+    import time
+
+    outer, inner = 60, 40
+    prompt_id = client.queue_prompt(nested_prompt(seed=12, outer_steps=outer, inner_steps=inner,
+                                                  prefix="nested_progress_rate", exemplar_defaults=exemplar_defaults))
+    arrived = []
+    events = list(client.stream(prompt_id, on_event=lambda event: arrived.append(time.monotonic()), timeout=300))
+    assert of_type(events, "execution_success")
+    sampler_events = [i for i, e in enumerate(events) if e["data"].get("node") == SAMPLER]
+    seconds = arrived[sampler_events[-1]] - arrived[sampler_events[0]]
+    progress = of_type(events, "progress", SAMPLER)
+    values = [e["data"]["value"] for e in progress]
+    assert values == sorted(values) and values[-1] == outer * inner
+    assert {e["data"]["max"] for e in progress} == {outer * inner}
+    # at most one update per 0.1 s between outer steps, plus one per outer step (and the first)
+    assert len(progress) <= seconds / 0.1 + outer + 2, (len(progress), seconds)
+    assert len(progress) < outer * inner / 2, "progress still goes out on every model call"
+
+
 def test_prompt_streams_outer_steps_previews_and_progress(client, exemplar_defaults):
     prompt_id = client.queue_prompt(nested_prompt(seed=7, prefix="nested_stream", exemplar_defaults=exemplar_defaults))
     events = list(client.stream(prompt_id, timeout=120))

@@ -8,9 +8,10 @@ The same conventions as tests/test_browser_steering.py (whose page fixture and h
   first), the enlarged view, the body "keep only this" POSTs (the route answered in the page, so no run is
   needed), and the "Finish now" button a SamplerCustom gets once it runs a nested sampler.
 * ``test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item`` runs the demo for real on the exact
-  exemplar model: K x B images arrive during a 4 x 4 run; in a longer run a real click on "keep only this" after
-  outer step 1 makes the run continue with that item only. It needs the sampler side of issue 14 (the
-  candidates event, honouring the pick).
+  exemplar model: K x B images arrive during a 4 x 4 run. Then a long run of the digits demo (the learned model,
+  whose calls take as long as a small real model's): a real click on "keep only this" as soon as it is offered
+  makes the run continue with that item only, and "Finish now" ends it. It needs the sampler side of issue 14
+  (the candidates event, honouring the pick).
 
 Screenshots go to test-artifacts/{filmstrip_events,filmstrip,filmstrip_pick}.png; with NESTED_UPDATE_DOCS=1
 filmstrip.png (the 4 x 4 run) also goes to docs/steering/.
@@ -40,6 +41,7 @@ from test_browser_steering import (  # noqa: F401  (page is a fixture)
 Image = pytest.importorskip("PIL.Image")
 ImageDraw = pytest.importorskip("PIL.ImageDraw")
 
+DIGITS_DEMO = wc.EXAMPLES_DIR / "nested_vs_vanilla_digits.json"
 COLOURS = [(230, 60, 60), (60, 160, 230), (240, 200, 40), (80, 200, 90)]
 
 
@@ -249,8 +251,16 @@ def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page
     close_toasts(page)
     screenshot(page, "filmstrip", frame(page, [model, sampler, save]))
 
-    # a long run; keep batch item 2 as soon as outer step 1 is shown
-    outer = 300
+    # A long run on the learned digits model (a real UNet: its calls cost what a small model's do, so the run lasts
+    # minutes, not the seconds the exact exemplar model needs): keep batch item 2 as soon as it is offered.
+    digits = wc.load(DIGITS_DEMO)
+    ids = ids_by_title(digits)
+    sampler, save = ids["Nested KSampler (anytime)"], ids["Save nested"]
+    latent, model = ids["Empty pixel latent"], ids["Digits Model (nested demo)"]
+    vanilla = {ids["Vanilla KSampler (same NFEs)"], ids["Decode vanilla"], ids["Save vanilla"], ids["Note"]}
+    load_graph(page, without_nodes(digits, vanilla), "filmstrip_pick")
+    outer = 1000
+    set_widgets(page, latent, {"batch_size": 4})
     set_widgets(page, sampler, {"seed": 20_261_202, "outer_steps": outer})
     page.evaluate("() => { window.__film = []; }")
     start_log(page)
@@ -259,7 +269,7 @@ def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page
     keep.first.wait_for(state="visible", timeout=60_000)
     # A real pointer click: the live row's buttons stay put while new outer steps arrive. The timeouts are generous
     # because on 2 CPU cores the server's sampling and the page's canvas drawing share the machine, and every round
-    # trip to the page can take seconds; the assertions below still tell a lost Finish (the run would go all 300
+    # trip to the page can take seconds; the assertions below still tell a lost Finish (the run would go all 1000
     # outer steps) from a taken one.
     keep.first.click(timeout=90_000)
     page.get_by_text("Keeping only batch item 2").first.wait_for(state="visible", timeout=30_000)

@@ -67,28 +67,47 @@ async function postJson(route, body) {
   return { ok: response.ok, status: response.status, answer };
 }
 
+// The run this node's filmstrip is showing, while it runs: finishing it takes one request, so Finish acts at once
+// even when the page is busy (the listing's answer would wait behind the page's queued events first).
+function liveRun(node) {
+  const strip = node.__nestedFilmstrip;
+  if (!strip?.running || !strip.promptId || !strip.eventNode) return null;
+  return { prompt_id: strip.promptId, node_id: strip.eventNode };
+}
+
+// The server's record of this node's run queued from this tab (before its first image, or when the strip's ended).
+async function listedRun(node, clientId) {
+  const listing = await api.fetchApi(`${RUNNING_ROUTE}?client_id=${encodeURIComponent(clientId)}`);
+  const { running = [] } = await listing.json();
+  return running.find((entry) => isThisNode(entry, node)) ?? null;
+}
+
+async function requestFinish(run, clientId) {
+  return postJson(FINISH_ROUTE, { prompt_id: run.prompt_id, node_id: run.node_id, client_id: clientId });
+}
+
 async function finishNow(node) {
   const clientId = ownClientId();
   if (!clientId) {
     notify("warn", "Cannot tell which runs this tab queued (no client id yet): nothing finished.");
     return;
   }
-  const listing = await api.fetchApi(`${RUNNING_ROUTE}?client_id=${encodeURIComponent(clientId)}`);
-  const { running = [] } = await listing.json();
-  const run = running.find((entry) => isThisNode(entry, node));
-  if (!run) {
-    notify("info", "Nothing to finish: this node is not sampling a prompt queued from this tab.");
-    return;
+  let result = null;
+  const live = liveRun(node);
+  if (live) result = await requestFinish(live, clientId);
+  if (!result || result.status === 404 || result.status === 409) {
+    // no live strip, or its run has ended meanwhile: ask the server what this node runs now
+    const run = await listedRun(node, clientId);
+    if (!run) {
+      notify("info", "Nothing to finish: this node is not sampling a prompt queued from this tab.");
+      return;
+    }
+    result = await requestFinish(run, clientId);
   }
-  const { ok, status, answer } = await postJson(FINISH_ROUTE, {
-    prompt_id: run.prompt_id,
-    node_id: run.node_id,
-    client_id: clientId,
-  });
-  if (ok) {
+  if (result.ok) {
     notify("success", "Finishing after the current inner diffusion; its image will be the result.");
   } else {
-    notify("warn", answer.error ?? `Finish request refused (${status})`);
+    notify("warn", result.answer.error ?? `Finish request refused (${result.status})`);
   }
 }
 
