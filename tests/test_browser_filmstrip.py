@@ -218,16 +218,20 @@ def test_filmstrip_shows_candidate_events_and_posts_the_pick(page, comfy_server)
     assert page.page_errors == [], page.page_errors
 
 
+def load_nested_half(page, path, model_title: str, name: str) -> tuple:  # noqa: F811
+    """A nested-vs-vanilla demo without its vanilla half (and its note): (sampler, save, latent, model) node ids."""
+    demo = wc.load(path)
+    ids = ids_by_title(demo)
+    vanilla = {ids["Vanilla KSampler (same NFEs)"], ids["Decode vanilla"], ids["Save vanilla"], ids["Note"]}
+    load_graph(page, without_nodes(demo, vanilla), name)
+    return ids["Nested KSampler (anytime)"], ids["Save nested"], ids["Empty pixel latent"], ids[model_title]
+
+
 def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page, comfy_server):  # noqa: F811
     """Needs the sampler side of issue 14. A 4 x 4 run of batch 4 fills the strip with 16 labelled images; a long
-    run, "keep only this" clicked on batch item 2 after outer step 1: the run continues only that item (picked event,
-    one-image candidates), then Finish now ends it and Save shows the one kept image."""
-    demo = wc.load(DEMO)
-    ids = ids_by_title(demo)
-    sampler, save = ids["Nested KSampler (anytime)"], ids["Save nested"]
-    latent, model = ids["Empty pixel latent"], ids["Exemplar Mixture Model (testing)"]
-    vanilla = {ids["Vanilla KSampler (same NFEs)"], ids["Decode vanilla"], ids["Save vanilla"], ids["Note"]}
-    load_graph(page, without_nodes(demo, vanilla), "filmstrip")
+    run of the digits demo, "keep only this" clicked on batch item 2 as soon as it is offered: the run continues only
+    that item (picked event, one-image candidates), then Finish now ends it and Save shows the one kept image."""
+    sampler, save, latent, model = load_nested_half(page, DEMO, "Exemplar Mixture Model (testing)", "filmstrip")
     set_widgets(page, latent, {"batch_size": 4})
     set_widgets(page, sampler, {"seed": 20_261_201, "outer_steps": 4, "inner_steps": 10})
     page.evaluate("""(kinds) => {
@@ -253,12 +257,7 @@ def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page
 
     # A long run on the learned digits model (a real UNet: its calls cost what a small model's do, so the run lasts
     # minutes, not the seconds the exact exemplar model needs): keep batch item 2 as soon as it is offered.
-    digits = wc.load(DIGITS_DEMO)
-    ids = ids_by_title(digits)
-    sampler, save = ids["Nested KSampler (anytime)"], ids["Save nested"]
-    latent, model = ids["Empty pixel latent"], ids["Digits Model (nested demo)"]
-    vanilla = {ids["Vanilla KSampler (same NFEs)"], ids["Decode vanilla"], ids["Save vanilla"], ids["Note"]}
-    load_graph(page, without_nodes(digits, vanilla), "filmstrip_pick")
+    sampler, save, latent, model = load_nested_half(page, DIGITS_DEMO, "Digits Model (nested demo)", "filmstrip_pick")
     outer = 1000
     set_widgets(page, latent, {"batch_size": 4})
     set_widgets(page, sampler, {"seed": 20_261_202, "outer_steps": outer})
