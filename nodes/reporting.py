@@ -115,12 +115,15 @@ class NestedRunReporter:
         self.nfe_done = calls
         if calls > self.nfe_total:  # adaptive solvers can only be estimated beforehand
             self.nfe_total = calls
-        now = time.monotonic()
-        if self.progress is not None and now - self.progress_sent_at >= PROGRESS_INTERVAL_S:
-            self.progress_sent_at = now
-            self.progress.update_absolute(calls, self.nfe_total)  # its hook also honours Cancel
+        if self.progress is not None and time.monotonic() - self.progress_sent_at >= PROGRESS_INTERVAL_S:
+            self.send_progress()  # its hook also honours Cancel
         else:
             comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def send_progress(self, preview=None) -> None:
+        """The bar at the NFEs done so far (with ``preview``, a previewer's image); the throttle counts from now."""
+        self.progress_sent_at = time.monotonic()
+        self.progress.update_absolute(self.nfe_done, self.nfe_total, preview)
 
     def items(self, batch: int) -> list[int]:
         """The batch index of every item now in the run (a pick leaves one)."""
@@ -144,9 +147,7 @@ class NestedRunReporter:
         # the first candidate's.
         candidates = self.item_previews(x0) if prompt_server() is not None else None
         if self.progress is not None:
-            preview = candidates[0] if candidates else self.preview_bytes(x0)
-            self.progress_sent_at = time.monotonic()
-            self.progress.update_absolute(self.nfe_done, self.nfe_total, preview)
+            self.send_progress(candidates[0] if candidates else self.preview_bytes(x0))
         step = self.step_fields(index)
         send_to_prompt_client(OUTER_STEP_EVENT, {**step, "sigma": sigma, "outer_step_mode": self.outer_step_mode})
         if candidates is not None:

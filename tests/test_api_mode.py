@@ -7,6 +7,7 @@ decoded with ComfyUI's built-in 'pixel_space' VAE, so every run takes well under
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -92,8 +93,6 @@ def test_a_fast_model_does_not_flood_the_page_with_progress(client, exemplar_def
     progress_state), and a browser on 2 busy cores fell so far behind that "keep only this" and "Finish now"
     reached the server after the run had ended. Between outer steps progress now goes out at most every 0.1 s;
     every outer step's update is still sent, and the bar still ends at the run's total."""
-    import time
-
     outer, inner = 60, 40
     prompt_id = client.queue_prompt(nested_prompt(seed=12, outer_steps=outer, inner_steps=inner,
                                                   prefix="nested_progress_rate", exemplar_defaults=exemplar_defaults))

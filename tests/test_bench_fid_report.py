@@ -35,7 +35,7 @@ def test_targets_are_checked_per_model_and_cfg_without_the_hand_set_runs():
     }
 
 
-def test_saved_1000_sample_result_reports_what_the_docs_say(capsys, tmp_path):
+def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     path = REPO_ROOT / "bench" / "results" / "fid_1000.json"
     saved = json.loads(path.read_text())
     assert saved["samples"] == 1000
