@@ -98,6 +98,49 @@ def _outer_step_ancestral_flow(x, x0, sigma, sigma_next, eta, s_noise, noise):
     return x_down * (alpha_next / alpha_down) + noise * (fresh * s_noise)
 
 
+class TrajectoryTap:
+    """The inner solver's own state at the next outer sigma, taken from its callbacks (the "trajectory" outer step).
+
+    A solver's state at sigma has the marginal there (up to its discretization), deterministic or not, so continuing
+    from it keeps the distribution where the eta-0 step widens a deterministic solver's spread and re-noising drifts
+    on some models. The tap keeps the last state at or above ``target`` and moves it down to ``target`` by an Euler
+    step with that step's own denoised estimate (exact where ``target`` is on the inner grid). The result is a new
+    tensor: solvers may reuse theirs."""
+
+    def __init__(self, target: float, start: torch.Tensor):
+        self.target = target
+        self.start = start
+        self.stale = False  # a later step reported the solver's input as its state (ComfyUI's deis and ipndm do)
+        self.state: Optional[torch.Tensor] = None
+        self._slope: Optional[torch.Tensor] = None
+
+    def __call__(self, info: dict) -> None:
+        """ComfyUI's sampler callback: ``x`` the state at ``sigma_hat`` (or ``sigma``), ``denoised`` its estimate."""
+        sigma = info.get("sigma_hat", info.get("sigma"))
+        x, denoised = info.get("x"), info.get("denoised")
+        if sigma is None or x is None or denoised is None:
+            return
+        if x is self.start and info.get("i", 0) != 0:
+            self.stale = True
+        sigma = float(sigma)
+        if self.stale or sigma < self.target or sigma <= 0:
+            return
+        self._slope = (x - denoised) / sigma
+        self.state = x + self._slope * (self.target - sigma)
+
+    def state_at(self, sigma: float) -> Optional[torch.Tensor]:
+        """The state at ``sigma`` (a re-planned next outer sigma: the same Euler step from the kept state)."""
+        if self.stale or self.state is None:
+            return None
+        if sigma == self.target:
+            return self.state
+        return self.state + self._slope * (sigma - self.target)
+
+    def narrow(self, position: int) -> None:
+        if self.state is not None:
+            self.state, self._slope = self.state[position:position + 1], self._slope[position:position + 1]
+
+
 class ModelCallLimitReached(Exception):
     """An inner diffusion asked for one model evaluation more than the run's ``max_calls`` allows."""
 
@@ -152,13 +195,14 @@ class OuterStepRule:
     flow: bool = False
     renoise: bool = False
     noise_scale: float = 1.0
+    trajectory: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.eta) or not 0 <= self.eta <= 1:
             raise NestedDiffusionError(f"outer_eta must be a number from 0 to 1, got {self.eta}")
 
     def needs_noise(self, sigma_next: float) -> bool:
-        return (self.renoise or self.eta > 0) and sigma_next > 0
+        return (self.renoise or self.eta > 0) and sigma_next > 0 and not self.trajectory
 
 
 @dataclass
@@ -234,9 +278,10 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
         sigma, sigma_next = outer_sigmas[index], outer_sigmas[index + 1]
         # a copy: some solvers write into the schedule they are given (uni_pc sets its final 0 to 0.001 in place)
         schedule = inner_sigmas[index].to(device=x.device, copy=True)
+        tap = TrajectoryTap(sigma_next, x) if rule.trajectory and sigma_next > 0 else None
         started = time.monotonic()
         try:
-            x0 = inner_solver(counted, x, schedule, callback=None, disable=True,
+            x0 = inner_solver(counted, x, schedule, callback=tap, disable=True,
                               extra_args=_inner_extra_args(extra_args, index + index_offset, schedule))
         except ModelCallLimitReached:
             if latest is None:
@@ -259,13 +304,27 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
         if position is not None and 0 <= position < x.shape[0]:
             x, x0, extra_args = x[position:position + 1], x0[position:position + 1], narrow_batch(extra_args, position, x.shape[0])
             kept, items = position, [items[position]]
+            if tap is not None:
+                tap.narrow(position)
             if on_pick is not None:
                 on_pick(index, position, items[0])
-        noise = noise_fn(index + index_offset, x, items) if rule.needs_noise(sigma_next) else None
-        x = outer_step(x, x0, sigma, sigma_next, rule.eta, rule.s_noise, noise, rule.flow, rule.renoise, rule.noise_scale)
+        x = _next_outer_state(x, x0, sigma, sigma_next, rule, tap, lambda: noise_fn(index + index_offset, x, items))
         latest = x0
-        del x0, noise
+        del x0, tap
     return NestedResult(x, None, latest, counted.calls, kept)
+
+
+def _next_outer_state(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, rule: OuterStepRule,
+                      tap: Optional[TrajectoryTap], draw_noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The outer step by ``rule``. A trajectory step whose solver reported no usable state (a third-party solver
+    without callbacks, stale reports) re-noises instead: exact whenever ``x0`` has the data's marginal."""
+    continued = tap.state_at(sigma_next) if tap is not None else None
+    if continued is not None:
+        return continued
+    fallback = rule.trajectory and sigma_next > 0
+    noise = draw_noise() if rule.needs_noise(sigma_next) or fallback else None
+    return outer_step(x, x0, sigma, sigma_next, rule.eta, rule.s_noise, noise, rule.flow, rule.renoise or fallback,
+                      rule.noise_scale)
 
 
 def _checked_tail(sigma: float, following: Sequence[float], last: float) -> list[float]:

@@ -98,7 +98,7 @@ class NestedRunReporter:
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
         self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
         self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
-        self.outer_step_mode: Optional[str] = None  # "ddim" or "renoise", once "auto" is resolved
+        self.outer_step_mode: Optional[str] = None  # "ddim", "renoise" or "trajectory", once "auto" is resolved
         self.picked: Optional[int] = None  # the batch position a pick kept
         self.paced: Optional[PacedPlan] = None  # update_seconds: the outer steps, their sigmas and NFEs follow it
 

@@ -102,8 +102,26 @@ def _gaussian_posterior_mean(flow: bool):
 
 
 def _deterministic_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * x.new_ones(x.shape[0]))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        x = denoised + (x - denoised) * (sigma_next / sigma)
+    return x
+
+
+def _silent(solver):
+    """``solver`` without its callbacks (a third-party solver that reports nothing)."""
+    return lambda model, x, sigmas, extra_args=None, callback=None, disable=None: solver(model, x, sigmas, extra_args)
+
+
+def _stale_reports(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Euler that names its input as the state of every step (what ComfyUI's deis reports)."""
+    start = x
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = model(x, sigma * x.new_ones(x.shape[0]))
+        if callback is not None:
+            callback({"x": start, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         x = denoised + (x - denoised) * (sigma_next / sigma)
     return x
 
@@ -121,12 +139,44 @@ def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
     noise = torch.randn(20000, 1, generator=generator)
     x = noise * outer[0] if not flow else noise * outer[0] + torch.randn(20000, 1, generator=generator) * (1 - outer[0])
     std = {}
-    for renoise in (False, True):
+    for step, rule in {"ddim": OuterStepRule(flow=flow), "renoise": OuterStepRule(flow=flow, renoise=True),
+                       "trajectory": OuterStepRule(flow=flow, trajectory=True)}.items():
         out = sample_nested(model, x.clone(), outer, extra_args={"seed": 3}, inner_solver=_deterministic_euler,
-                            inner_sigmas=inner, rule=OuterStepRule(flow=flow, renoise=renoise))
-        std[renoise] = float(out.std())
-    assert std[False] > 1.25
-    assert abs(std[True] - 1.0) < 0.05
+                            inner_sigmas=inner, rule=rule)
+        std[step] = float(out.std())
+    assert std["ddim"] > 1.25
+    assert abs(std["renoise"] - 1.0) < 0.05
+    assert abs(std["trajectory"] - 1.0) < 0.05
+
+
+def _states_seen(solver, outer, inner, x, rule):
+    states = []
+    run_nested(_gaussian_posterior_mean(False), x.clone(), outer, inner, solver, {"seed": 3}, rule=rule,
+               on_inner_result=lambda index, state, x0: states.append(state))
+    return states
+
+
+def test_the_trajectory_step_continues_from_the_inner_solvers_own_state():
+    """On the inner grid the next outer state is the inner solver's state there; between grid points, an Euler step
+    from the last state above with that step's denoised estimate."""
+    model = _gaussian_posterior_mean(False)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(2)) * 10.0
+    inner = [torch.tensor([10.0, 6.0, 3.0, 1.0, 0.0]), torch.tensor([3.0, 1.0, 0.0])]
+    on_grid = _states_seen(_deterministic_euler, torch.tensor([10.0, 3.0, 0.0]), inner, x, OuterStepRule(trajectory=True))
+    assert torch.allclose(on_grid[1], _deterministic_euler(model, x, torch.tensor([10.0, 6.0, 3.0])))
+    inner = [torch.tensor([10.0, 6.0, 3.0, 1.0, 0.0]), torch.tensor([4.0, 1.0, 0.0])]
+    between = _states_seen(_deterministic_euler, torch.tensor([10.0, 4.0, 0.0]), inner, x, OuterStepRule(trajectory=True))
+    assert torch.allclose(between[1], _deterministic_euler(model, x, torch.tensor([10.0, 6.0, 4.0])))
+
+
+def test_a_trajectory_step_without_usable_reports_re_noises():
+    outer, x = torch.tensor([10.0, 3.0, 0.0]), torch.randn(8, 2, generator=torch.Generator().manual_seed(4)) * 10.0
+    inner = [torch.tensor([10.0, 6.0, 3.0, 1.0, 0.0]), torch.tensor([3.0, 1.0, 0.0])]
+    silent = _states_seen(_silent(_deterministic_euler), outer, inner, x, OuterStepRule(trajectory=True))
+    renoised = _states_seen(_deterministic_euler, outer, inner, x, OuterStepRule(renoise=True))
+    assert torch.equal(silent[1], renoised[1])
+    stale = _states_seen(_stale_reports, outer, inner, x, OuterStepRule(trajectory=True))
+    assert torch.equal(stale[1], renoised[1])
 
 
 def test_renoise_step_is_the_forward_process():
@@ -231,15 +281,17 @@ def test_outer_noise_of_an_item_does_not_depend_on_its_batch():
     assert torch.equal(seeded_outer_noise(11, stream=2)(2, x4, range(4)), seeded_outer_noise(11, stream=2)(2, x4, range(4)))
 
 
-@pytest.mark.parametrize("renoise, eta", [(True, 0.0), (False, 0.5), (False, 0.0)])
-def test_a_pick_continues_the_kept_item_as_the_full_batch_would(renoise, eta):
+@pytest.mark.parametrize("renoise, eta, trajectory", [(True, 0.0, False), (False, 0.5, False), (False, 0.0, False),
+                                                      (False, 0.0, True)])
+def test_a_pick_continues_the_kept_item_as_the_full_batch_would(renoise, eta, trajectory):
     """Issue 14: keeping batch position 1 after outer step 1 runs the rest on that item alone (1/B of the model
     work) and gives what the full batch gives that item: the pack's outer noise is drawn per item."""
     sigmas = torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
     inner = [sigma * torch.linspace(1, 0, 6) for sigma in sigmas[:-1]]
     model = _gaussian_posterior_mean(flow=False)
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1)) * sigmas[0]
-    common = dict(extra_args={"seed": 5}, rule=OuterStepRule(eta=eta, renoise=renoise), batch_indices=[4, 7, 9])
+    common = dict(extra_args={"seed": 5}, rule=OuterStepRule(eta=eta, renoise=renoise, trajectory=trajectory),
+                  batch_indices=[4, 7, 9])
     full = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common)
     seen, picked, calls = [], [], []
     result = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common,
