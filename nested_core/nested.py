@@ -112,6 +112,7 @@ class TrajectoryTap:
         self.start = start
         self.stale = False  # a later step reported the solver's input as its state (ComfyUI's deis and ipndm do)
         self.state: Optional[torch.Tensor] = None
+        self._sigma = 0.0
         self._slope: Optional[torch.Tensor] = None
 
     def __call__(self, info: dict) -> None:
@@ -125,12 +126,13 @@ class TrajectoryTap:
         sigma = float(sigma)
         if self.stale or sigma < self.target or sigma <= 0:
             return
-        self._slope = (x - denoised) / sigma
+        self._sigma, self._slope = sigma, (x - denoised) / sigma
         self.state = x + self._slope * (self.target - sigma)
 
     def state_at(self, sigma: float) -> Optional[torch.Tensor]:
-        """The state at ``sigma`` (a re-planned next outer sigma: the same Euler step from the kept state)."""
-        if self.stale or self.state is None:
+        """The state at ``sigma``: a re-planned next outer sigma takes the same Euler step from the kept state, down
+        only (None above it: the path was not kept there)."""
+        if self.stale or self.state is None or sigma > self._sigma:
             return None
         if sigma == self.target:
             return self.state

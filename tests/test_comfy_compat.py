@@ -109,7 +109,7 @@ def test_context_windows_run_inside_every_inner_diffusion(pack):
     assert samples["samples"].shape == (1, 4, 16, 32) and bool(torch.isfinite(samples["samples"]).all())
 
 
-@pytest.mark.parametrize("outer_step, outer_eta", [("ddim", 1.0), ("ddim", 0.5), ("renoise", 0.0)])
+@pytest.mark.parametrize("outer_step, outer_eta", [("ddim", 1.0), ("ddim", 0.5), ("renoise", 0.0), ("trajectory", 0.0)])
 def test_flow_outer_steps_honour_the_models_noise_scale(pack, outer_step, outer_eta):
     """Issue 12: ComfyUI 0.21.1 added ``model_sampling.noise_scale`` (flow models whose noise is scaled, e.g.
     HiDream-O1's 8): ``x = (1 - s) x0 + s * noise_scale * eps``. The outer state at every outer sigma must have

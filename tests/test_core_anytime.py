@@ -169,6 +169,21 @@ def test_the_trajectory_step_continues_from_the_inner_solvers_own_state():
     assert torch.allclose(between[1], _deterministic_euler(model, x, torch.tensor([10.0, 6.0, 4.0])))
 
 
+@pytest.mark.parametrize("replanned, from_path", [(2.0, True), (8.0, False)])
+def test_a_replanned_trajectory_step_steps_down_from_the_kept_state_or_re_noises(replanned, from_path):
+    """update_seconds may move the next outer sigma after the inner diffusion: below the kept state (sigma 6 here) the
+    same Euler step goes on to it; above it the path was not kept, and the step re-noises."""
+    model = _gaussian_posterior_mean(False)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(6)) * 10.0
+    schedules = [torch.tensor([10.0, 6.0, 3.0, 1.0, 0.0]), torch.tensor([replanned, 1.0, 0.0])]
+    states = []
+    run_nested(model, x.clone(), torch.tensor([10.0, 4.0, 0.0]), schedules, _deterministic_euler, {"seed": 3},
+               rule=OuterStepRule(trajectory=True), replan=lambda index, nfe, seconds: [replanned, 0.0],
+               on_inner_result=lambda index, state, x0: states.append(state))
+    expected = _deterministic_euler(model, x, torch.tensor([10.0, 6.0, replanned]))
+    assert torch.allclose(states[1], expected) is from_path
+
+
 def test_a_trajectory_step_without_usable_reports_re_noises():
     outer, x = torch.tensor([10.0, 3.0, 0.0]), torch.randn(8, 2, generator=torch.Generator().manual_seed(4)) * 10.0
     inner = [torch.tensor([10.0, 6.0, 3.0, 1.0, 0.0]), torch.tensor([3.0, 1.0, 0.0])]

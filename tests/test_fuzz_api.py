@@ -59,7 +59,7 @@ def fuzz_prompts(draw, exemplar_defaults: dict) -> dict:
         "scheduler": draw(st.sampled_from(SCHEDULERS)), "outer_eta": draw(edgy_floats(0.0, 1.0)),
         "max_nfe": draw(st.one_of(st.just(0), edgy_ints(0, 1000000))),
         "max_seconds": draw(st.one_of(st.just(0.0), edgy_floats(0.0, 86400.0))),
-        "outer_step": draw(st.sampled_from(["auto", "ddim", "renoise"])),
+        "outer_step": draw(st.sampled_from(["auto", "ddim", "renoise", "trajectory"])),
     }
     if kind == "NestedKSampler":
         sampler = {**common, "seed": draw(edgy_ints(0, 2**64 - 1)), "denoise": draw(edgy_floats(0.01, 1.0))}
