@@ -57,8 +57,8 @@ def optional_inputs() -> list:
                                "renoise: the inner result diffused afresh (exact for any solver, needed for "
                                "deterministic ones like euler or dpmpp_2m, whose images otherwise get too much "
                                "contrast). trajectory: continue from the inner solver's own state at the next outer "
-                               "sigma (keeps the distribution for solvers that report their path; what auto takes "
-                               "after deterministic solvers on flow models). auto: measures the inner solver and picks."),
+                               "sigma (keeps the solver's own KSampler distribution; solvers that report no path "
+                               "re-noise). auto: measures the inner solver and picks ddim or renoise."),
         io.Float.Input("update_seconds", default=0.0, min=0.0, max=3600.0, step=0.5, optional=True,
                        tooltip="0: off. Otherwise a new image about every this many seconds: outer_steps x inner_steps "
                                "becomes the step budget, the first inner diffusion runs inner_steps steps, and each "

@@ -96,8 +96,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         reporter.set_outer_step_mode(mode)
         self.reporter = reporter
         # A flow model's noise can be scaled (model_sampling.noise_scale, ComfyUI 0.21.1 on): fresh outer noise too.
-        rule = OuterStepRule(eta=self.settings.outer_eta, flow=plan.flow, renoise=mode == "renoise", trajectory=mode == "trajectory",
-                             noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
+        rule = OuterStepRule(eta=self.settings.outer_eta, flow=plan.flow, renoise=mode == "renoise",
+                             trajectory=mode == "trajectory", noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
         self.inpaint_options = plan.inpaint_options
         results: list[NestedResult] = []
         with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:

@@ -29,7 +29,7 @@ from ..nested_core import (
 )
 from . import schedule_cache
 from .solver_cost import measure_inner_costs, solver_key
-from .solver_probe import measured_solver, outer_step_for
+from .solver_probe import measured_posterior_ratio, outer_step_for_ratio
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
 
 
 OUTER_STEP_MODES = ("auto", "ddim", "renoise", "trajectory")
-_POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, target, flow, channels) -> an outer step, bounded below
+_POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> "ddim" / "renoise", bounded below
 POSTERIOR_PROBE_CACHE_LIMIT = 256
 
 
@@ -248,28 +248,27 @@ def check_outer_step_mode(mode: str) -> str:
     return mode
 
 
-def _probe_key(plan: NestedPlan, inner_sigmas: torch.Tensor, target: float, channels: int) -> tuple:
-    return (solver_key(plan.solver), tuple(inner_sigmas.tolist()), target, plan.flow, channels)
+def _probe_key(plan: NestedPlan, inner_sigmas: torch.Tensor, channels: int) -> tuple:
+    return (solver_key(plan.solver), tuple(inner_sigmas.tolist()), plan.flow, channels)
 
 
 def resolve_outer_step_mode(mode: str, plan: NestedPlan, model_wrap: Any, channels: int) -> str:
-    """The outer step a run takes: as asked, or for "auto" what the measured solver needs."""
+    """The outer step a run takes: as asked, or for "auto" what the measured solver needs ("ddim" or "renoise")."""
     if mode != "auto":
         return check_outer_step_mode(mode)
     return measured_outer_step(plan, model_wrap, channels) if plan.takes_outer_steps else "ddim"
 
 
 def measured_outer_step(plan: NestedPlan, model_wrap: Any, channels: int) -> str:
-    """The outer step "auto" takes: the inner solver probed over the middle outer step's own inner schedule (the
-    first's with two outer steps), towards the outer sigma after it, decides (``solver_probe.outer_step_for``)."""
-    index = max(0, min(len(plan.inner_sigmas) // 2, len(plan.inner_sigmas) - 2))
-    inner_sigmas, target = plan.inner_sigmas[index], float(plan.outer_sigmas[index + 1])
-    key = _probe_key(plan, inner_sigmas, target, channels)
+    """The outer step "auto" takes: the inner solver's posterior ratio, probed over the middle outer step's own inner
+    schedule, decides (``solver_probe.outer_step_for_ratio``)."""
+    inner_sigmas = plan.inner_sigmas[len(plan.inner_sigmas) // 2]
+    key = _probe_key(plan, inner_sigmas, channels)
     if key not in _POSTERIOR_PROBES:
         if len(_POSTERIOR_PROBES) >= POSTERIOR_PROBE_CACHE_LIMIT:
             _POSTERIOR_PROBES.clear()
-        probe = measured_solver(plan.solver, inner_sigmas, model_wrap, plan.flow, channels, target)
-        _POSTERIOR_PROBES[key] = outer_step_for(probe, plan.flow)
+        ratio = measured_posterior_ratio(plan.solver, inner_sigmas, model_wrap, plan.flow, channels)
+        _POSTERIOR_PROBES[key] = outer_step_for_ratio(ratio, plan.flow)
     return _POSTERIOR_PROBES[key]
 
 

@@ -12,14 +12,11 @@ posterior holds (res_multistep_ancestral, dpmpp_3m_sde on eps models).
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import comfy.model_management
 import torch
 
-from ..nested_core import TrajectoryTap
 from .schedule_cache import planning_checkpoint
 
 # What "auto" takes, by posterior ratio (docs/results.md has the measurements):
@@ -33,7 +30,6 @@ from .schedule_cache import planning_checkpoint
 #   49.1 vs 56.5 at CFG 2), the paper's step on the flow model (4.1 vs 8.1 at CFG 1, 37.5 vs 48.9 at CFG 2).
 DETERMINISTIC_BELOW = 0.35
 POSTERIOR_RATIO_BAND = (0.85, 1.15)
-TRAJECTORY_TOLERANCE = 0.05
 PROBE_BATCH = 64
 PROBE_SPATIAL = 4
 _PROBE_SEEDS = (1, 2)
@@ -81,61 +77,37 @@ def diffused_standard_normal(sigma: float, flow: bool, channels: int, seed: int 
     return x0 * (1 - sigma) + noise * sigma if flow else x0 + noise * sigma
 
 
-@dataclass(frozen=True)
-class SolverProbe:
-    """What the stand-in runs measured. ``ratio``: the posterior ratio. ``trajectory_keeps``: whether the state the
-    solver reports on its way (its callbacks) keeps the marginal at the next outer sigma (within
-    ``TRAJECTORY_TOLERANCE`` of its standard deviation): what the "trajectory" outer step continues from."""
-
-    ratio: float
-    trajectory_keeps: bool = False
-
-
-def marginal_std(sigma: float, flow: bool) -> float:
-    """The standard deviation of N(0, 1) data diffused to ``sigma``."""
-    return math.sqrt((1 - sigma) ** 2 + sigma**2) if flow else math.sqrt(1 + sigma**2)
-
-
-def probe_solver(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any, flow: bool,
-                 channels: int, target: Optional[float] = None) -> SolverProbe:
-    """Runs the solver twice from one x_sigma with two seeds: the variance of its results over the seeds, divided by
-    the true posterior variance, is its posterior ratio; the first run's reported path, taken at ``target``, tells
-    whether the trajectory outer step may continue from it."""
+def posterior_ratio(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any, flow: bool,
+                    channels: int) -> float:
+    """Var over solver seeds of its result from one x_sigma, divided by the true posterior variance."""
     sigma = float(inner_sigmas[0])
     x = diffused_standard_normal(sigma, flow, channels)
     sigmas = inner_sigmas.detach().to(device="cpu", dtype=torch.float32)
-    starts = [x.clone() for _ in _PROBE_SEEDS]
-    tap = TrajectoryTap(target, starts[0]) if target is not None and 0 < target < sigma else None
-    results = [solver(GaussianStandIn(inner_model, flow), start, sigmas.clone(), extra_args={"seed": seed, "model_options": {}},
-                      callback=tap if index == 0 else None, disable=True)
-               for index, (seed, start) in enumerate(zip(_PROBE_SEEDS, starts))]
+    results = [solver(GaussianStandIn(inner_model, flow), x.clone(), sigmas.clone(), extra_args={"seed": seed, "model_options": {}},
+                      callback=None, disable=True) for seed in _PROBE_SEEDS]
     spread = float(((results[0] - results[1]) ** 2).mean()) / 2
-    ratio = spread / max(posterior_variance(sigma, flow), 1e-12)
-    state = tap.state_at(target) if tap is not None else None
-    keeps = state is not None and abs(float(state.std()) / marginal_std(target, flow) - 1) <= TRAJECTORY_TOLERANCE
-    return SolverProbe(ratio, keeps)
+    return spread / max(posterior_variance(sigma, flow), 1e-12)
 
 
-def outer_step_for(probe: Optional[SolverProbe], flow: bool) -> str:
-    """The outer step "auto" takes for a measured solver (None: the probe could not drive it, and the paper's step is
-    kept). On flow models the trajectory step replaces re-noising wherever the solver's path keeps the marginal."""
-    if probe is None:
-        return "ddim"
+def outer_step_for_ratio(ratio: Optional[float], flow: bool) -> str:
+    """The outer step "auto" takes for a solver of this posterior ratio (None: the probe could not drive it, and the
+    paper's step is kept)."""
     low, high = POSTERIOR_RATIO_BAND
-    if low <= probe.ratio <= high:
+    if ratio is None or low <= ratio <= high:
         return "ddim"
-    if DETERMINISTIC_BELOW <= probe.ratio < low and flow:
-        return "ddim"  # a partial posterior sampler: as measured on the digits models
-    return "trajectory" if flow and probe.trajectory_keeps else "renoise"
+    if ratio < DETERMINISTIC_BELOW or ratio > high:
+        return "renoise"
+    return "ddim" if flow else "renoise"  # a partial posterior sampler: as measured on the digits models
 
 
-def measured_solver(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any, flow: bool,
-                    channels: int, target: Optional[float] = None) -> Optional[SolverProbe]:
-    """The solver's probe, or None if the stand-in could not drive it."""
+def measured_posterior_ratio(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any,
+                             flow: bool, channels: int) -> Optional[float]:
+    """The solver's posterior ratio, or None if the probe could not drive it."""
     try:
-        return probe_solver(solver, inner_sigmas, inner_model, flow, channels, target)
+        ratio = posterior_ratio(solver, inner_sigmas, inner_model, flow, channels)
     except comfy.model_management.InterruptProcessingException:  # Cancel: not a solver the stand-in cannot drive
         raise
     except Exception as error:  # a third-party solver the stand-in cannot drive: the caller decides
         logging.warning("nested diffusion: could not probe the inner solver (%s: %s)", type(error).__name__, error)
         return None
+    return ratio
