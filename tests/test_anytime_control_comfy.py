@@ -21,15 +21,15 @@ def distances(images, exemplars):
     return manifold_distance(images, exemplars)[0]
 
 
-@pytest.mark.parametrize("sampler_name,outer_eta", [("euler", 0.0), ("euler_ancestral", 0.0), ("dpmpp_2m", 0.6)])
-def test_two_stages_equal_one_run(family, pack, sampler_name, outer_eta):
+@pytest.mark.parametrize("sampler_name,outer_eta,outer_step", [("euler", 0.0, "auto"), ("euler_ancestral", 0.0, "auto"),
+                                                                ("dpmpp_2m", 0.6, "auto"), ("dpmpp_2m", 0.0, "trajectory")])
+def test_two_stages_equal_one_run(family, pack, sampler_name, outer_eta, outer_step):
     prediction, model, cond, _ = family
-    full, full_previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(3), 6, 4, 5, 0, 4, False,
-                                                                       sampler_name=sampler_name, outer_eta=outer_eta))
-    first, first_previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(3), 6, 4, 5, 0, 2, True,
-                                                                         sampler_name=sampler_name, outer_eta=outer_eta))
+    options = dict(sampler_name=sampler_name, outer_eta=outer_eta, outer_step=outer_step)
+    full, full_previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(3), 6, 4, 5, 0, 4, False, **options))
+    first, first_previews = run_node(advanced_node(), **advanced_inputs(model, cond, empty_latent(3), 6, 4, 5, 0, 2, True, **options))
     second, second_previews = run_node(advanced_node(), **advanced_inputs(model, cond, first, 6, 4, 5, 2, 4, False, add_noise=False,
-                                                                           sampler_name=sampler_name, outer_eta=outer_eta))
+                                                                           **options))
     assert torch.allclose(second["samples"], full["samples"], atol=1e-5, rtol=0)
     staged = torch.cat([first_previews["samples"], second_previews["samples"]])
     assert torch.allclose(staged, full_previews["samples"], atol=1e-5, rtol=0)
