@@ -48,4 +48,5 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 1 | euler | 40 | 4x10 | renoise | 10: 6.1/18.2," in printed
     assert "| eps | 1 | euler | 100 | 10x10 | renoise | 10: 42.7/160.9," in printed  # session 5's deterministic runs
     assert "| flow | 1 | euler | 100 | 10x10 | renoise | 10: 6.1/66.4," in printed
+    assert "| flow | 2 | euler | 40 | 4x10 | trajectory | 10: 74.6/77.7, 20: 74.7/63.2," in printed  # session 6, by hand
     assert printed.count("PASS  ") == 7 and printed.count("FAIL  ") == 9
