@@ -68,6 +68,7 @@ class NodeDef:
     seed: Optional[str] = None  # the widget followed by the frontend's control_after_generate value
     upload: bool = False  # LoadImage: an extra "upload" widget value after the file name
     input_order: tuple = ()  # every input, widgets and sockets interleaved, as /object_info lists them (API order)
+    choices: tuple = ()  # (name, options) of this pack's combo widgets (core ones list local files: not compared)
 
 
 # Frontend-only nodes: not in /object_info (the one schema typed here).
@@ -76,20 +77,23 @@ VIRTUAL_NODE_DEFS = {"MarkdownNote": NodeDef(widgets=(("text", "STRING", False),
 
 def node_def(info: dict) -> NodeDef:
     """One node's schema as the builder needs it, read from its ``/object_info`` entry."""
-    sockets, widgets, defaults, seed, upload = [], [], [], None, False
+    sockets, widgets, defaults, choices, seed, upload = [], [], [], [], None, False
     for name, kind, options, optional in input_specs(info):
         if not is_widget(kind, options):
             sockets.append((name, kind, optional))
             continue
         widgets.append((name, kind, optional))
+        if kind == "COMBO":
+            choices.append((name, tuple(options.get("options") or ())))
         if optional and "default" in options:
             defaults.append((name, options["default"]))
         seed = name if options.get("control_after_generate") else seed
         upload = upload or bool(options.get("image_upload"))
     outputs = tuple(zip(info.get("output_name") or info.get("output") or (), info.get("output") or ()))
+    pack = str(info.get("python_module", "")).startswith("custom_nodes.")
     return NodeDef(sockets=tuple(sockets), widgets=tuple(widgets), defaults=tuple(defaults), outputs=outputs,
-                   pack=str(info.get("python_module", "")).startswith("custom_nodes."), seed=seed, upload=upload,
-                   input_order=tuple(name for name, _, _, _ in input_specs(info)))
+                   pack=pack, seed=seed, upload=upload, input_order=tuple(name for name, _, _, _ in input_specs(info)),
+                   choices=tuple(choices) if pack else ())
 
 
 _live_object_info: Optional[dict] = None  # set only while --object-info finds the node types the examples use
