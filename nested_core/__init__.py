@@ -5,7 +5,6 @@ from .nested import (
     CountedModel,
     NestedResult,
     OuterStepRule,
-    TrajectoryTap,
     derive_seed,
     outer_step,
     run_nested,
@@ -34,7 +33,7 @@ from .steps import (
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "TrajectoryTap", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
+    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
     "truncated_schedule", "projected_costs", "spent_per_inner_process",

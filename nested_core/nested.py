@@ -204,7 +204,8 @@ class OuterStepRule:
             raise NestedDiffusionError(f"outer_eta must be a number from 0 to 1, got {self.eta}")
 
     def needs_noise(self, sigma_next: float) -> bool:
-        return (self.renoise or self.eta > 0) and sigma_next > 0 and not self.trajectory
+        """Whether the step draws fresh noise (a trajectory step only where it falls back to re-noising)."""
+        return (self.renoise or self.trajectory or self.eta > 0) and sigma_next > 0
 
 
 @dataclass
@@ -323,9 +324,8 @@ def _next_outer_state(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_nex
     continued = tap.state_at(sigma_next) if tap is not None else None
     if continued is not None:
         return continued
-    fallback = rule.trajectory and sigma_next > 0
-    noise = draw_noise() if rule.needs_noise(sigma_next) or fallback else None
-    return outer_step(x, x0, sigma, sigma_next, rule.eta, rule.s_noise, noise, rule.flow, rule.renoise or fallback,
+    noise = draw_noise() if rule.needs_noise(sigma_next) else None
+    return outer_step(x, x0, sigma, sigma_next, rule.eta, rule.s_noise, noise, rule.flow, rule.renoise or rule.trajectory,
                       rule.noise_scale)
 
 
