@@ -179,6 +179,19 @@ def fid_checks(results: dict) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def passes_by_solver(results: dict) -> dict[str, tuple[int, int]]:
+    """{inner solver: (targets passed, targets checked)} with only that solver's runs: which solver a target's
+    failure comes from (``fid_checks`` takes the worst run over every solver)."""
+    solvers = dict.fromkeys(r["solver"] for data in results["variants"].values() for r in data["runs"])
+    counts = {}
+    for solver in solvers:
+        only = {**results, "variants": {variant: {**data, "runs": [r for r in data["runs"] if r["solver"] == solver]}
+                                        for variant, data in results["variants"].items()}}
+        checks = fid_checks(only)
+        counts[solver] = (sum(ok for _, ok, _ in checks), len(checks))
+    return counts
+
+
 def fid_table(results: dict) -> list[str]:
     lines = [f"FID-like score ({results['samples']} samples): nested anytime image at each outer boundary vs KSampler's "
              "x0 at the same NFEs; final FID and class accuracy",
@@ -242,6 +255,8 @@ def report(path: str, plot: str | None = None) -> int:
     checks = fid_checks(results)
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    for solver, (passed, checked) in passes_by_solver(results).items():
+        print(f"with {solver}'s runs alone: {passed} of {checked} targets pass")
     if plot:
         plot_fid(results, plot)
     return int(not all(ok for _, ok, _ in checks))

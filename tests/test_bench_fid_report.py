@@ -35,6 +35,14 @@ def test_targets_are_checked_per_model_and_cfg_without_the_hand_set_runs():
     }
 
 
+def test_passes_are_also_counted_per_inner_solver():
+    good = run(1.0, {10: 10.0, 20: 5.0}, {10: 40.0, 20: 6.0}, final=5.0, ks_final=5.0)
+    behind = {**run(1.0, {10: 30.0, 20: 9.0}, {10: 40.0, 20: 6.0}, final=9.0, ks_final=6.0), "solver": "dpmpp_2m"}
+    results = {"samples": 10, "variants": {"eps": {"runs": [good, behind]}}}
+    assert sum(verdicts(results).values()) == 1  # the worst run over both solvers: only the accuracy target
+    assert bench.passes_by_solver(results) == {"euler": (4, 4), "dpmpp_2m": (1, 4)}
+
+
 def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     path = REPO_ROOT / "bench" / "results" / "fid_1000.json"
     saved = json.loads(path.read_text())
@@ -51,4 +59,9 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 1 | euler | 100 | 10x10 | renoise | 10: 6.1/66.4," in printed
     assert "| flow | 2 | euler | 40 | 4x10 | trajectory | 10: 74.6/77.7, 20: 74.7/63.2," in printed  # session 6, by hand
     assert "| eps | 2 | euler_ancestral | 100 | 10x10 | renoise | 10: 73.6/151.5," in printed
+    assert "| flow | 1 | dpmpp_2m | 40 | 4x10 | renoise | 10: 4.4/17.1, 20: 3.9/4.8, 30: 4.4/4.2," in printed  # session 7
+    assert "| flow | 1 | dpmpp_2m | 40 | 2x20 | renoise | 20: 4.2/4.8, 40: 4.0/4.2 |" in printed
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
+    assert "with euler's runs alone: 8 of 16 targets pass" in printed  # the per-solver counts in docs/results.md
+    assert "with euler_ancestral's runs alone: 9 of 16 targets pass" in printed
+    assert "with dpmpp_2m's runs alone: 8 of 16 targets pass" in printed
