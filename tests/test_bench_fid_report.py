@@ -62,6 +62,7 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 1 | dpmpp_2m | 40 | 4x10 | renoise | 10: 4.4/17.1, 20: 3.9/4.8, 30: 4.4/4.2," in printed  # session 7
     assert "| flow | 1 | dpmpp_2m | 40 | 2x20 | renoise | 20: 4.2/4.8, 40: 4.0/4.2 |" in printed
     assert "| flow | 2 | euler_ancestral | 100 | 10x10 | ddim | 10: 51.4/183.8," in printed  # session 7
+    assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.5 | 10: 73.6/151.5," in printed  # by hand
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
     assert "with euler's runs alone: 8 of 16 targets pass" in printed  # the per-solver counts in docs/results.md
     assert "with euler_ancestral's runs alone: 9 of 16 targets pass" in printed
