@@ -7,6 +7,7 @@ progress, previews and events, honours Finish now, picks and the budgets, and ru
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -177,12 +178,25 @@ def check_latent(model: Any, latent_image: torch.Tensor) -> None:
         raise NestedDiffusionError("latent_image contains NaN or Inf values: it must be finite")
 
 
+# What an empty-latent node records of the size it was made for; ComfyUI's KSampler fits an empty latent to the
+# model's own spatial and temporal compression by them (releases after 0.3.75) and leaves them out of its output.
+LATENT_DOWNSCALE_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def fitted_latent_image(model: Any, latent: dict) -> torch.Tensor:
+    """``latent["samples"]`` as ComfyUI's KSampler samples it: an empty latent given the model's channel count and,
+    on releases whose ``fix_empty_latent_channels`` takes the recorded downscale ratios, the model's own size."""
+    accepted = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    ratios = {key: latent.get(key) for key in LATENT_DOWNSCALE_KEYS if key in accepted}
+    return comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"], **ratios)
+
+
 def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, positive, negative, latent: dict,
                   add_noise: bool = True) -> tuple[dict, dict]:
     """Sample like ``nodes.common_ksampler`` with a NestedKSAMPLER holding its plan; returns (samples,
     outer_previews)."""
     check_number("cfg", cfg, 0.0, 100.0)
-    latent_image = comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"])
+    latent_image = fitted_latent_image(model, latent)
     check_latent(model, latent_image)
     if add_noise:
         noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
@@ -195,7 +209,7 @@ def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, po
         noise_mask=latent.get("noise_mask"), callback=sampler.report_outer_step,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
     )
-    out = latent.copy()
+    out = {key: value for key, value in latent.items() if key not in LATENT_DOWNSCALE_KEYS}
     out["samples"] = samples
     if sampler.last_result.kept is not None:  # a pick: the kept item, as LatentFromBatch would give it
         keep_picked_item(out, sampler.last_result.kept)

@@ -43,6 +43,16 @@ def test_passes_are_also_counted_per_inner_solver():
     assert bench.passes_by_solver(results) == {"euler": (4, 4), "dpmpp_2m": (1, 4)}
 
 
+def test_first_boundary_detail_counts_runs_where_ksampler_final_is_above_a_third_of_its_x0():
+    early = run(1.0, {10: 10.0, 20: 5.0}, {10: 40.0, 20: 6.0}, final=5.0, ks_final=5.0)  # floor 5/40: reachable
+    late = run(1.0, {20: 5.0, 40: 4.0}, {20: 6.0, 40: 4.5}, final=4.0, ks_final=4.5)  # floor 4.5/6: not without beating it
+    assert bench.first_boundary_floor(early) == 5.0 / 40.0 and bench.first_boundary_floor(late) == 4.5 / 6.0
+    checks = bench.fid_checks({"samples": 10, "variants": {"eps": {"runs": [early, late]}}})
+    name, ok, detail = checks[0]
+    assert name == "fid [eps, CFG 1]: nested at the first boundary <= 1/3 of KSampler x0's" and ok is False
+    assert detail.startswith("worst ratio 0.833 over 2 runs; in 1 of them KSampler's own final FID is above 1/3")
+
+
 def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     path = REPO_ROOT / "bench" / "results" / "fid_1000.json"
     saved = json.loads(path.read_text())
@@ -64,6 +74,7 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 2 | euler_ancestral | 100 | 10x10 | ddim | 10: 51.4/183.8," in printed  # session 7
     assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.5 | 10: 73.6/151.5," in printed  # by hand
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
+    assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 6 runs; in 6 of them" in printed
     assert "with euler's runs alone: 8 of 16 targets pass" in printed  # the per-solver counts in docs/results.md
     assert "with euler_ancestral's runs alone: 9 of 16 targets pass" in printed
     assert "with dpmpp_2m's runs alone: 8 of 16 targets pass" in printed

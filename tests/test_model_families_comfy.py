@@ -340,3 +340,29 @@ def test_flux_guidance_from_the_conditioning_reaches_the_model(pack):
     changed, _ = nested_ksampler(flux, seed=15, cfg=1.0, positive=low, negative=low)
     assert torch.isfinite(changed["samples"]).all()
     assert not torch.allclose(default["samples"], changed["samples"], atol=1e-3)
+
+
+def test_an_empty_latent_is_fitted_to_the_models_compression_as_ksampler_fits_it(pack):
+    """ComfyUI after 0.3.75: EmptyLatentImage records ``downscale_ratio_spacial`` (8) and KSampler resizes an empty
+    latent to a model that compresses by another factor (Flux2 and Wan 2.2: 16), then drops the key from its output.
+    A model compressing by 4 here: where the release resizes, both samplers must give the same 2x larger latent."""
+    import inspect
+
+    import comfy.sample
+
+    import nodes
+
+    fam = Family("sd15_eps")
+    latent_format = fam.model.get_model_object("latent_format")
+    fourfold = type("FourfoldLatents", (type(latent_format),), {"spacial_downscale_ratio": 4})()
+    model = fam.model.clone()
+    model.add_object_patch("latent_format", fourfold)
+    latent = {**fam.latent(), "downscale_ratio_spacial": 8}
+    expected, = nodes.common_ksampler(model, 5, 4, CFG, "euler", fam.scheduler, fam.positive, fam.negative, latent)
+    samples, _ = nested_ksampler(fam, model=model, outer_steps=1, inner_steps=4, latent=latent)
+    resizes = "downscale_ratio_spacial" in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    assert samples["samples"].shape[-1] == (2 * SIZE if resizes else SIZE)
+    assert_same(samples["samples"], expected["samples"])
+    assert set(samples) == {"samples"}  # the ratio described the empty latent, not the sampled one
+    assert set(expected) == ({"samples"} if resizes else {"samples", "downscale_ratio_spacial"})
+    assert latent["downscale_ratio_spacial"] == 8  # the input LATENT is left as it was
