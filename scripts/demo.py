@@ -4,7 +4,8 @@
     ./scripts/demo.sh [--outer 4] [--inner 10] [--seed 42] [--out demo_output] [--port P] [--workflow FILE]
 
 Starts ComfyUI (CPU, ``--preview-method auto``) with this pack in ``custom_nodes``, queues
-``example_workflows/api/nested_vs_vanilla_exemplar_api.json`` over HTTP, listens on the websocket while it runs
+``example_workflows/api/nested_vs_vanilla_digits_api.json`` and then ``nested_vs_vanilla_exemplar_api.json`` over
+HTTP (each into its own sub-folder of the output), listens on the websocket while it runs
 (progress in NFEs, the nested sampler's anytime preview after every outer step, the KSampler's x0 preview
 after every step), then fetches the saved images through ``/history`` and ``/view`` and writes everything
 to one folder:

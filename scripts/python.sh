@@ -3,7 +3,7 @@
 # environment first if needed. For the developer scripts and tools, e.g.
 #   scripts/python.sh -m comfyui_nested_diffusion.scripts.load_test --mixed
 #   scripts/python.sh -m comfyui_nested_diffusion.tools.comfy_server --port 8188
-#   scripts/python.sh -m comfyui_nested_diffusion.example_workflows.build_workflows --check
+#   scripts/python.sh -m comfyui_nested_diffusion.tools.workflows --check
 # NESTED_ENGINE=0.33.0 selects the ComfyUI 0.33.0 environment.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
