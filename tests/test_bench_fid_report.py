@@ -74,7 +74,9 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 2 | euler_ancestral | 100 | 10x10 | ddim | 10: 51.4/183.8," in printed  # session 7
     assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.5 | 10: 73.6/151.5," in printed  # by hand
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
-    assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 6 runs; in 6 of them" in printed
+    assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 8 runs; in 8 of them" in printed
+    assert "| eps | 2 | euler | 100 | 10x10 | renoise | 10: 58.5/108.1, 20: 63.2/83.9," in printed  # session 8
+    assert "| flow | 2 | euler | 100 | 10x10 | renoise | 10: 74.6/188.6," in printed
     assert "with euler's runs alone: 8 of 16 targets pass" in printed  # the per-solver counts in docs/results.md
     assert "with euler_ancestral's runs alone: 9 of 16 targets pass" in printed
     assert "with dpmpp_2m's runs alone: 8 of 16 targets pass" in printed
