@@ -73,6 +73,8 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 1 | dpmpp_2m | 40 | 2x20 | renoise | 20: 4.2/4.8, 40: 4.0/4.2 |" in printed
     assert "| flow | 2 | euler_ancestral | 100 | 10x10 | ddim | 10: 51.4/183.8," in printed  # session 7
     assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.5 | 10: 73.6/151.5," in printed  # by hand
+    assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.75 | 10: 73.6/151.5, 20: 55.9/67.5," in printed
+    assert "| 52.89 / 51.73 | 0.943 / 0.935 |" in printed  # session 8, by hand: meets the final and accuracy targets
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
     assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 8 runs; in 8 of them" in printed
     assert "| eps | 2 | euler | 100 | 10x10 | renoise | 10: 58.5/108.1, 20: 63.2/83.9," in printed  # session 8
