@@ -155,11 +155,15 @@ def run_fid(quick: bool, log, settings: FidSettings | None = None) -> dict:
             "variants": {variant: run_variant(variant, settings, log) for variant in settings.variants}}
 
 
+def first_boundary(run: dict) -> str:
+    """The run's first outer boundary (its NFEs, a key of ``fid_boundaries`` and of KSampler's ``fid_x0``)."""
+    return min(run["fid_boundaries"], key=int)
+
+
 def first_boundary_floor(run: dict) -> float:
     """KSampler's final FID over its x0's at the run's first boundary: the first-boundary ratio a first image as
     good as KSampler's finished ones would get. Above 1/3 the paper's target needs a first image better than those."""
-    first = min(run["fid_boundaries"], key=int)
-    return run["ksampler"]["fid_final"] / max(run["ksampler"]["fid_x0"][first], 1e-9)
+    return run["ksampler"]["fid_final"] / max(run["ksampler"]["fid_x0"][first_boundary(run)], 1e-9)
 
 
 def fid_checks(results: dict) -> list[tuple[str, bool, str]]:
@@ -170,7 +174,7 @@ def fid_checks(results: dict) -> list[tuple[str, bool, str]]:
         for cfg in sorted({r["cfg"] for r in measured}):
             runs = [r for r in measured if r["cfg"] == cfg]
             where = f"fid [{variant}, CFG {cfg:g}]"
-            first = [(r, min(r["fid_boundaries"], key=int)) for r in runs]
+            first = [(r, first_boundary(r)) for r in runs]
             worst = max(r["fid_boundaries"][n] / max(r["ksampler"]["fid_x0"][n], 1e-9) for r, n in first)
             floored = sum(first_boundary_floor(r) > 1 / 3 for r in runs)
             checks.append((f"{where}: nested at the first boundary <= 1/3 of KSampler x0's", worst <= 1 / 3,

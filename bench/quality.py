@@ -100,7 +100,8 @@ def nested_run(model, cond, exemplars, prediction: str, outer: int, inner: int, 
     counted, calls = counting_clone(model)
     latent = {"samples": torch.zeros(batch, 3, exemplars.shape[-2], exemplars.shape[-1])}
     scheduler = scheduler_for(prediction)
-    settings = nested_settings(SAMPLER, scheduler, inner, None, 0.0, 0, 0.0, "auto")
+    settings = nested_settings(SAMPLER, scheduler, inner, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0,
+                               outer_step="auto")
     plan = plan_nested_run(counted.get_model_object("model_sampling"), settings.spec, outer, scheduler, 1.0)
     recorded, counted_at = [], []
 
