@@ -33,9 +33,31 @@ fi
 # No pip cache: torch's CUDA wheels would take a second copy of several GB on disk (CI once ran out of space).
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
 "${pip[@]}" --upgrade pip
+
+# Installs "$1" (torch==X) and the rest of "$@": first torch's own requirements one by one, then torch from its
+# downloaded wheel, so that the disk holds at most two wheels beside what is installed.
+install_torch_stepwise() {
+  local tmp
+  tmp="$(mktemp -d)"
+  "$venv/bin/python" -m pip download --disable-pip-version-check --no-cache-dir -q --no-deps "$1" -d "$tmp"
+  shift
+  "$venv/bin/python" -c '
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+    for line in wheel.read(metadata).decode().splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            print(line.split(":", 1)[1].strip())
+' "$tmp"/torch-*.whl | while IFS= read -r requirement; do
+    "${pip[@]}" "$requirement"
+  done
+  "${pip[@]}" "$tmp"/torch-*.whl "$@"
+  rm -rf "$tmp"
+}
 if [ "$engine" = "0.33.0" ]; then
-  # torch 2.14 does not import with ComfyUI 0.33.0 (../shared/comfyui/README.md)
-  "${pip[@]}" torch==2.9.1 torchvision==0.24.1 "torchaudio==2.9.*" kornia
+  # torch 2.14 does not import with ComfyUI 0.33.0 (../shared/comfyui/README.md). torch 2.9.1 comes from PyPI with
+  # about 4 GiB of CUDA wheels: pip would download them all before installing any, so they go in one at a time.
+  install_torch_stepwise torch==2.9.1 torchvision==0.24.1 "torchaudio==2.9.*" kornia
 else
   "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 fi
