@@ -4,7 +4,8 @@ The rule (documented in docs/reliability.md): a run keeps at most ``MAX_PREVIEW_
 batch), so at most ``max(1, MAX_PREVIEW_IMAGES // batch)`` outer steps; the latest outer step is always kept whole
 (NestedPickCandidate reads it). While they fit, every outer step is kept; beyond that, the first outer step and every
 ``stride``-th one after it, the stride doubling whenever the selection would overflow, plus the latest. Batch 1 keeps
-up to 64 outer steps, batch 4 up to 16, batch 16 up to 4, a batch above 32 only the latest.
+up to 64 outer steps, batch 4 up to 16, batch 16 up to 4, a batch above 32 only the latest. A sampler without an
+outer_previews output (NestedSampler's SAMPLER) keeps none.
 """
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ class KeptPreviews:
         self.grid: list[KeptStep] = []  # indices that are multiples of the stride
         self.latest: Optional[KeptStep] = None  # the latest step when it is not on the grid
 
+    @property
+    def active(self) -> bool:
+        """False for a run without an outer_previews output: it keeps nothing."""
+        return self.max_images > 0
+
     def add(self, step: KeptStep) -> None:
+        if not self.active:
+            return
         if self.capacity is None:
             batch = int(step.latent.shape[0]) if step.latent.ndim > 0 else 1
             self.capacity = max(1, self.max_images // max(batch, 1))

@@ -8,7 +8,7 @@ progress, previews and events, honours Finish now, picks and the budgets, and ru
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import comfy.model_management
@@ -67,16 +67,21 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     """Nested diffusion as a ComfyUI SAMPLER. ``plan``: the NestedKSampler nodes' own plan (their scheduler, denoise,
     stage); without it the connected sigmas are the outer steps (``outer_sigmas_from``). ``own_progress``: a
     progress bar and preview of its own (inside SamplerCustom, the node's bar and previews count outer steps).
-    ``batch_indices``: the latent's ``batch_index`` (each item's outer noise follows its index)."""
+    ``batch_indices``: the latent's ``batch_index`` (each item's outer noise follows its index). ``cached_output``:
+    this sampler is a node's output (NestedSampler's SAMPLER), which ComfyUI's cache keeps for as long as the graph
+    keeps the node, so after each run it holds no latents: its result keeps only the stop reason, NFEs and pick."""
 
     def __init__(self, settings: NestedSettings, plan: Optional[NestedPlan] = None, own_progress: bool = False,
-                 rerun_key: Optional[tuple] = None, batch_indices: Optional[list[int]] = None):
+                 rerun_key: Optional[tuple] = None, batch_indices: Optional[list[int]] = None,
+                 cached_output: bool = False):
         super().__init__(None)
         self.settings = settings
         self.plan = plan
         self.own_progress = own_progress
         self.rerun_key = rerun_key
         self.batch_indices = batch_indices
+        self.cached_output = cached_output
+        self.keep_previews = False  # sample_latent sets it: the NestedKSampler nodes' outer_previews output
         # The NestedKSampler nodes hand sample_custom ``report_outer_step`` as its callback, so that the reporter sees
         # each inner result as ComfyUI's guider hands callbacks it (a multi-latent model's x0 as a NestedTensor).
         self.reports_through_callback = False
@@ -88,7 +93,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         model_sampling = model_wrap.inner_model.model_sampling
         plan = self.plan if self.plan is not None else plan_from_sigmas(model_sampling, self.settings.spec, sigmas)
         reporter = NestedRunReporter(model_wrap.model_patcher, executing_node_id(), plan, self.own_progress,
-                                     self.batch_indices)
+                                     self.batch_indices, keep_previews=self.keep_previews)
         paced = None
         if PacedPlan.applies(plan, self.settings.update_seconds):
             paced = PacedPlan(plan, model_sampling, self.settings.spec, self.settings.update_seconds)
@@ -104,10 +109,13 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:
             control.set_batch_size(int(noise.shape[0]))  # what a pick may name
             self.sampler_function = self.nested_function(plan, rule, reporter, control, results, paced)
-            samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
-                                     latent_image, denoise_mask, disable_pbar)
+            try:
+                samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,
+                                         latent_image, denoise_mask, disable_pbar)
+            finally:
+                self.sampler_function = None  # its closure holds the run's state
             rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
-        self.last_result = results[0]
+        self.last_result = without_latents(results[0]) if self.cached_output else results[0]
         return samples
 
     def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: RunControl,
@@ -152,6 +160,11 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     def report_outer_step(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
         """The sample_custom callback of the NestedKSampler nodes: the running reporter's outer step."""
         self.reporter.on_outer_step(step, x0)
+
+
+def without_latents(result: NestedResult) -> NestedResult:
+    """``result`` with its final state and latest image dropped (the caller has them as the returned samples)."""
+    return replace(result, x=result.x.new_empty(0), latest=None)
 
 
 def channels_of(noise: torch.Tensor) -> int:
@@ -204,6 +217,7 @@ def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, po
         noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
     sampler.batch_indices = latent.get("batch_index")
     sampler.reports_through_callback = True
+    sampler.keep_previews = True
     samples = comfy.sample.sample_custom(
         model, noise, cfg, sampler, sampler.plan.outer_sigmas, positive, negative, latent_image,
         noise_mask=latent.get("noise_mask"), callback=sampler.report_outer_step,

@@ -44,4 +44,4 @@ class NestedSampler(io.ComfyNode):
         key = rerun.key_from_prompt("NestedSampler", getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
                                     ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step",
                                      "update_seconds"])
-        return io.NodeOutput(NestedKSAMPLER(settings, rerun_key=key))
+        return io.NodeOutput(NestedKSAMPLER(settings, rerun_key=key, cached_output=True))

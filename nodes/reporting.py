@@ -19,7 +19,7 @@ import torch
 
 from ..nested_core import projected_costs, spent_per_inner_process
 from ..protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICKED_EVENT
-from .kept_previews import KeptPreviews, KeptStep
+from .kept_previews import MAX_PREVIEW_IMAGES, KeptPreviews, KeptStep
 from .planning import NestedPlan, PacedPlan
 
 PREVIEW_FORMAT = "JPEG"
@@ -81,7 +81,7 @@ class NestedRunReporter:
     """One progress bar per node run, counted in NFEs; a preview and an event after every inner process."""
 
     def __init__(self, model: Any, node_id: Optional[str], plan: NestedPlan, own_progress_bar: bool = True,
-                 batch_indices: Optional[list[int]] = None):
+                 batch_indices: Optional[list[int]] = None, keep_previews: bool = True):
         self.node_id = node_id
         self.prompt_id = executing_prompt_id()
         self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
@@ -97,7 +97,8 @@ class NestedRunReporter:
         # Inside SamplerCustom(Advanced) the node's own bar already counts outer steps and shows the previews.
         self.progress = comfy.utils.ProgressBar(self.nfe_total) if own_progress_bar else None
         self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-        self.kept = KeptPreviews()  # for outer_previews: a bounded, evenly spread selection (kept_previews)
+        # For outer_previews: a bounded, evenly spread selection (kept_previews); nothing where no output takes them.
+        self.kept = KeptPreviews(MAX_PREVIEW_IMAGES if keep_previews else 0)
         self.outer_step_mode: Optional[str] = None  # "ddim", "renoise" or "trajectory", once "auto" is resolved
         self.picked: Optional[int] = None  # the batch position a pick kept
         self.paced: Optional[PacedPlan] = None  # update_seconds: the outer steps, their sigmas and NFEs follow it
@@ -140,9 +141,10 @@ class NestedRunReporter:
         self.nfe_spent = spent_per_inner_process(self.nfe_spent, self.nfe_done)
         self.nfe_total = max(sum(projected_costs(self.nfe_planned, self.nfe_spent)), self.nfe_done, 1)
         sigma = self.outer_sigmas[index]
-        self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
-                               self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1,
-                               self.items(x0.shape[0])))
+        if self.kept.active:  # the copy only where an outer_previews output takes it
+            self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
+                                   self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1,
+                                   self.items(x0.shape[0])))
         # One decode per batch item: ComfyUI's previewers show a batch by its first item, so the progress preview is
         # the first candidate's.
         candidates = self.item_previews(x0) if prompt_server() is not None else None

@@ -99,3 +99,37 @@ def test_basic_and_dual_cfg_guiders_drive_the_nested_sampler(family, pack):
         outputs.append(output["samples"])
     # the exact model ignores conditioning, so every guider must give the same image
     assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
+
+
+def latent_tensors_reachable(root, latent_shape) -> list:
+    """Tensors with the latent's image size that ``root`` still references (walking its attributes, not into modules)."""
+    import gc
+    import types
+
+    seen, found, todo = set(), [], [root]
+    while todo and len(seen) < 200_000:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, torch.nn.Module)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if tuple(obj.shape[-2:]) == tuple(latent_shape[-2:]):
+                found.append(obj)
+            continue
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
+def test_a_sampler_output_keeps_no_images_after_its_run(family, pack):
+    """The SAMPLER is ComfyUI's cached output of NestedSampler: it lives as long as the graph keeps the node, so a run
+    through SamplerCustomAdvanced must leave no inner results in it (it has no outer_previews output to fill)."""
+    from comfy_extras.nodes_custom_sampler import BasicScheduler
+
+    _, model, cond, _ = family
+    sampler = nested_sampler(spec("euler", "normal", 3))
+    sigmas = BasicScheduler.execute(model, "normal", 5, 1.0).args[0]
+    latent = empty_latent(4)
+    output, _ = custom_advanced(model, cond, latent, 3, sampler, sigmas)
+    assert torch.isfinite(output).all()
+    assert sampler.last_result is not None  # it did run
+    assert latent_tensors_reachable(sampler, latent["samples"].shape) == []
