@@ -69,7 +69,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     progress bar and preview of its own (inside SamplerCustom, the node's bar and previews count outer steps).
     ``batch_indices``: the latent's ``batch_index`` (each item's outer noise follows its index). ``cached_output``:
     this sampler is a node's output (NestedSampler's SAMPLER), which ComfyUI's cache keeps for as long as the graph
-    keeps the node, so after each run it holds no latents: its result keeps only the stop reason, NFEs and pick."""
+    keeps the node, so after each run it holds no latents and no previewer: its result keeps only the stop reason,
+    NFEs and pick."""
 
     def __init__(self, settings: NestedSettings, plan: Optional[NestedPlan] = None, own_progress: bool = False,
                  rerun_key: Optional[tuple] = None, batch_indices: Optional[list[int]] = None,
@@ -115,7 +116,10 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             finally:
                 self.sampler_function = None  # its closure holds the run's state
             rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
-        self.last_result = without_latents(results[0]) if self.cached_output else results[0]
+        self.last_result = results[0]
+        if self.cached_output:
+            self.last_result = without_latents(results[0])
+            reporter.previewer = None  # a TAESD previewer is a model
         return samples
 
     def nested_function(self, plan: NestedPlan, rule: OuterStepRule, reporter: NestedRunReporter, control: RunControl,
