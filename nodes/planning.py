@@ -133,12 +133,26 @@ def outer_sigmas_from(sigmas: torch.Tensor) -> torch.Tensor:
     """
     sigmas = sigmas.detach().to(dtype=torch.float32, device="cpu").flatten()
     if sigmas.numel() < 2 or not bool(torch.isfinite(sigmas).all()) or float(sigmas[-1]) < 0:
-        raise NestedDiffusionError(f"sigmas must hold at least 2 finite values >= 0 (one outer step), got {sigmas.tolist()}")
-    if not bool((sigmas[:-1] > sigmas[1:]).all()):
-        raise NestedDiffusionError(f"sigmas must be strictly decreasing to be used as outer steps, got {sigmas.tolist()}")
+        raise NestedDiffusionError(f"sigmas must hold at least 2 finite values >= 0 (one outer step), got "
+                                   f"{sigmas_listed(sigmas)}")
+    not_decreasing = torch.nonzero(sigmas[:-1] <= sigmas[1:]).flatten()
+    if not_decreasing.numel():
+        at = int(not_decreasing[0])
+        raise NestedDiffusionError(f"sigmas must be strictly decreasing to be used as outer steps: sigma {at} "
+                                   f"({float(sigmas[at]):.6g}) is not above sigma {at + 1} ({float(sigmas[at + 1]):.6g}) "
+                                   f"in {sigmas_listed(sigmas)}")
     if float(sigmas[-1]) == 0.0 and sigmas.numel() >= 3:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas
+
+
+def sigmas_listed(sigmas: torch.Tensor, shown: int = 6) -> str:
+    """A schedule for an error message: whole when short, else its ends and its length (one may hold 10000)."""
+    values = [f"{value:.6g}" for value in sigmas.tolist()]
+    if len(values) <= shown:
+        return f"[{', '.join(values)}]"
+    half = shown // 2
+    return f"[{', '.join(values[:half])}, ..., {', '.join(values[-half:])}] ({len(values)} values)"
 
 
 def other_schedulers(scheduler: str) -> str:

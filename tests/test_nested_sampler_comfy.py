@@ -82,6 +82,18 @@ def test_bad_sigmas_get_a_clear_error(family, pack):
         custom_advanced(model, cond, empty_latent(1), 2, nested_sampler(), torch.tensor([1.0, 2.0, 0.0]))
 
 
+def test_a_long_bad_schedule_gets_a_short_error_naming_where(family, pack):
+    """Found by the API fuzzer: BasicScheduler with thousands of steps repeats sigmas, and the error listed all of them
+    (6660 characters)."""
+    from comfyui_nested_diffusion.nested_core import NestedDiffusionError
+
+    _, model, cond, _ = family
+    sigmas = torch.cat([torch.linspace(14.0, 1.0, 1500), torch.tensor([1.0]), torch.linspace(0.9, 0.0, 1500)])
+    with pytest.raises(NestedDiffusionError, match=r"sigma 1499 \(1\) is not above sigma 1500 \(1\)") as error:
+        custom_advanced(model, cond, empty_latent(1), 2, nested_sampler(), sigmas)
+    assert len(str(error.value)) < 300 and "3001 values" in str(error.value)
+
+
 def test_basic_and_dual_cfg_guiders_drive_the_nested_sampler(family, pack):
     from comfy_extras.nodes_custom_sampler import BasicGuider, BasicScheduler, DualCFGGuider, RandomNoise, SamplerCustomAdvanced
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
