@@ -289,7 +289,12 @@ def measured_outer_step(plan: NestedPlan, model_wrap: Any, channels: int) -> str
 def plan_from_sigmas(model_sampling: Any, spec: InnerSolverSpec, sigmas: torch.Tensor) -> NestedPlan:
     """The plan for connected SIGMAS (SamplerCustom): their outer steps as ``outer_sigmas_from`` reads them."""
     outer_sigmas = outer_sigmas_from(sigmas)
-    return plan_nested_run(model_sampling, spec, len(outer_sigmas) - 1, outer_sigmas=outer_sigmas)
+    outer_steps = len(outer_sigmas) - 1
+    try:
+        return plan_nested_run(model_sampling, spec, outer_steps, outer_sigmas=outer_sigmas)
+    except NestedDiffusionError as error:  # its messages speak of NestedKSampler's outer_steps input
+        raise NestedDiffusionError(f"{error} (outer_steps: the {outer_steps} outer steps of the connected sigmas, "
+                                   f"{len(sigmas)} values)") from None
 
 
 class PacedPlan:

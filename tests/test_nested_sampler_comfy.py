@@ -94,6 +94,20 @@ def test_a_long_bad_schedule_gets_a_short_error_naming_where(family, pack):
     assert len(str(error.value)) < 300 and "3001 values" in str(error.value)
 
 
+def test_an_error_about_outer_steps_says_they_come_from_the_sigmas(family, pack):
+    """NestedSampler has no outer_steps input: an error naming it says where its count came from (found by the fuzzer:
+    "step_schedule lists 1 inner step counts but outer_steps is 9999")."""
+    from comfy_extras.nodes_custom_sampler import BasicScheduler
+    from comfyui_nested_diffusion.nested_core import NestedDiffusionError
+    from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec
+
+    _, model, cond, _ = family
+    sigmas = BasicScheduler.execute(model, "normal", 30, 1.0).args[0]
+    inner = InnerSolverSpec(sampler_name="euler", scheduler="normal", steps=5, step_schedule="5,5")
+    with pytest.raises(NestedDiffusionError, match=r"outer_steps is 29.*the 29 outer steps of the connected sigmas, 31 values"):
+        custom_advanced(model, cond, empty_latent(1), 2, nested_sampler(inner), sigmas)
+
+
 def test_basic_and_dual_cfg_guiders_drive_the_nested_sampler(family, pack):
     from comfy_extras.nodes_custom_sampler import BasicGuider, BasicScheduler, DualCFGGuider, RandomNoise, SamplerCustomAdvanced
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import manifold_distance
