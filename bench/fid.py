@@ -88,9 +88,10 @@ def ksampler_with_x0(model, solver: str, steps: int, scheduler: str, positive, n
 
 
 def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: str, positive, negative, count: int,
-                         cfg: float, seed: int = SEED, outer_step: str = "auto"):
+                         cfg: float, seed: int = SEED, outer_step: str = "auto", outer_eta: float = 0.0):
     """NestedKSampler's sampler on the same noise: final images, the FID of its anytime image at every outer
-    boundary ({nfe: fid}, computed as the images arrive: outer_previews keeps a bounded subset) and its outer step."""
+    boundary ({nfe: fid}, computed as the images arrive: outer_previews keeps a bounded subset) and its outer step.
+    ``outer_step`` and ``outer_eta``: the node's inputs (the hand-set rows of the report)."""
     import comfy.sample
     from comfyui_nested_diffusion.demo_models.digits.metrics import fid
     from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings
@@ -104,7 +105,7 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     def keep_x0(step, x0, x, total):
         fid_by_nfe[inner * (step + 1)] = fid(model.model.process_latent_out(x0.detach().cpu()))
 
-    sampler = NestedKSAMPLER(NestedSettings(spec, outer_step=outer_step), plan)
+    sampler = NestedKSAMPLER(NestedSettings(spec, outer_eta=outer_eta, outer_step=outer_step), plan)
     latent = empty_latent(count)["samples"]
     noise = comfy.sample.prepare_noise(latent, seed)
     out = comfy.sample.sample_custom(model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent,

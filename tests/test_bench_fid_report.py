@@ -75,6 +75,10 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.5 | 10: 73.6/151.5," in printed  # by hand
     assert "| eps | 2 | euler_ancestral | 100 | 10x10 | ddim, outer_eta 0.75 | 10: 73.6/151.5, 20: 55.9/67.5," in printed
     assert "| 52.89 / 51.73 | 0.943 / 0.935 |" in printed  # session 8, by hand: meets the final and accuracy targets
+    # session 9, by hand: the paper's step with outer_eta 1 after euler_ancestral on the flow model, CFG 1
+    assert "| flow | 1 | euler_ancestral | 40 | 4x10 | ddim, outer_eta 1 | 10: 5.7/20.5, 20: 4.5/5.6, 30: 4.3/4.9," in printed
+    assert "| 4.27 / 4.86 | 0.956 / 0.973 |" in printed  # meets all four targets for that run (auto: 0.919 accuracy)
+    assert "| flow | 2 | euler_ancestral | 40 | 4x10 | ddim, outer_eta 1 | 10: 51.4/74.9," in printed
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
     assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 8 runs; in 8 of them" in printed
     assert "| eps | 2 | euler | 100 | 10x10 | renoise | 10: 58.5/108.1, 20: 63.2/83.9," in printed  # session 8
