@@ -116,9 +116,8 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             finally:
                 self.sampler_function = None  # its closure holds the run's state
             rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
-        self.last_result = results[0]
+        self.last_result = without_latents(results[0]) if self.cached_output else results[0]
         if self.cached_output:
-            self.last_result = without_latents(results[0])
             reporter.previewer = None  # a TAESD previewer is a model
         return samples
 
