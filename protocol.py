@@ -11,3 +11,7 @@ PICKED_EVENT = "nested_diffusion.picked"  # a run dropped all batch items but th
 FINISH_ROUTE = "/nested_diffusion/finish"  # POST {prompt_id, node_id, client_id}: end after this inner diffusion
 RUNNING_ROUTE = "/nested_diffusion/running"  # GET ?client_id=: the runs that client can finish or pick in
 PICK_ROUTE = "/nested_diffusion/pick"  # POST {prompt_id, node, index, client_id}: keep only that batch item
+
+# Added by the server's prompt handler to each NestedKSampler / NestedKSamplerAdvanced node's inputs (seen in
+# /history's prompt): whether any node takes its outer_previews output (nodes/previews_wanted.py).
+OUTER_PREVIEWS_MARK = "nested_outer_previews_taken"

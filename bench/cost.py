@@ -13,7 +13,7 @@ and repeatable (see ``measure.py``), its ratio is that of the medians.
 from __future__ import annotations
 
 import torch
-from comfyui_nested_diffusion.tools.models import counting_clone
+from comfyui_nested_diffusion.tools.models import counting_clone, node_with_hidden
 
 from .measure import (
     CPU_MEMORY_METHOD,
@@ -64,14 +64,15 @@ def _workloads(device: torch.device, quick: bool) -> list[dict]:
 
 
 def _nested_call(model, positive, negative, latent, item):
-    from comfy_api.latest import io
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+    from comfyui_nested_diffusion.nodes.previews_wanted import mark_outer_previews
 
-    # The graph KSampler runs in: the sampler's samples go on, its outer_previews output is not connected
-    # (connecting it keeps one more latent per outer step: the previews themselves).
-    graph = {"bench-nested": {"class_type": "NestedKSampler", "inputs": {}},
-             "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["bench-nested", 0]}}}
-    node = NestedKSampler.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "bench-nested", io.Hidden.prompt: graph})
+    # The graph KSampler runs in: the sampler's samples go on, its outer_previews output is taken by no node, and the
+    # server's prompt handler marks it so (the run then keeps no copies of its inner results for that output).
+    graph = mark_outer_previews({"prompt": {
+        "bench-nested": {"class_type": "NestedKSampler", "inputs": {}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["bench-nested", 0]}}}})["prompt"]
+    node = node_with_hidden(NestedKSampler, unique_id="bench-nested", prompt=graph)
 
     def run():
         return node.execute(model=model, seed=SEED, outer_steps=item["outer"], inner_steps=item["inner"], cfg=item["cfg"],

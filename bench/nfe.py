@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 
 import torch
-from comfyui_nested_diffusion.tools.models import counting_clone
+from comfyui_nested_diffusion.tools.models import counting_clone, node_with_hidden
 
 from .measure import ServerLikeProgressHook, comfy_session
 from .models import PREDICTIONS, exact_model, scheduler_for
@@ -20,14 +20,13 @@ OUTER, INNER, SEED = 3, 4, 2
 
 
 def _nested(model, cond, prediction, sampler_name, hook: ServerLikeProgressHook):
-    from comfy_api.latest import io
     from comfyui_nested_diffusion.nested_core import ADAPTIVE_SOLVERS, total_nfe
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     counted, calls = counting_clone(model)
     at_boundary: list[int] = []
     hook.on_preview = lambda: at_boundary.append(calls["n"])
-    node = NestedKSampler.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "bench"})
+    node = node_with_hidden(NestedKSampler, unique_id="bench")
     latent = {"samples": torch.zeros(1, 3, 32, 32)}
     output = node.execute(model=counted, seed=SEED, outer_steps=OUTER, inner_steps=INNER, cfg=1.0,
                           sampler_name=sampler_name, scheduler=scheduler_for(prediction), positive=cond, negative=cond,

@@ -312,7 +312,9 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
             if on_pick is not None:
                 on_pick(index, position, items[0])
         x = _next_outer_state(x, x0, sigma, sigma_next, rule, tap, lambda: noise_fn(index + index_offset, x, items))
-        latest = x0
+        # Held through the next inner diffusion only where a max_nfe cut may end the run with it: one latent less
+        # at the peak otherwise (the run's result takes the last one).
+        latest = x0 if max_calls > 0 or index + 2 >= len(outer_sigmas) else None
         del x0, tap
     return NestedResult(x, None, latest, counted.calls, kept)
 

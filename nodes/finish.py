@@ -26,6 +26,7 @@ import threading
 from typing import Iterator, Optional
 
 from ..protocol import FINISH_ROUTE, PICK_ROUTE, RUNNING_ROUTE
+from .previews_wanted import register_prompt_handler
 
 
 class RunControl:
@@ -250,7 +251,8 @@ def parse_pick_request(body: object) -> tuple[Optional[tuple], Optional[str]]:
 
 
 def register_routes() -> None:
-    """Add the routes to ComfyUI's server, when one is running (not in plain in-process use)."""
+    """Add the routes (and the outer_previews prompt handler) to ComfyUI's server, when one is running (not in plain
+    in-process use)."""
     try:
         from aiohttp import web
         from server import PromptServer
@@ -282,3 +284,4 @@ def register_routes() -> None:
         return web.json_response({"running": running_runs(client_id)})
 
     logging.info("nested diffusion: finish-now and pick routes registered")
+    register_prompt_handler(server)

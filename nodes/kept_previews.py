@@ -20,7 +20,7 @@ MAX_PREVIEW_IMAGES = 64
 @dataclass
 class KeptStep:
     index: int  # 0-based outer step of this run
-    latent: torch.Tensor
+    latent: Optional[torch.Tensor]  # None once moved into the outer_previews output
     nfe: int
     sigma: float
     number: int  # 1-based outer step in the whole schedule

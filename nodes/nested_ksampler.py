@@ -9,6 +9,7 @@ from . import rerun
 from .inner_solver import InnerSolver
 from .nested_run import NestedKSAMPLER, NestedSettings, RunLimits, sample_latent
 from .planning import OUTER_STEP_MODES, InnerSolverSpec, plan_nested_run
+from .previews_wanted import outer_previews_wanted
 
 OUTPUTS = [
     io.Latent.Output(display_name="samples"),
@@ -100,16 +101,21 @@ class NestedKSampler(io.ComfyNode):
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
                                    outer_step, update_seconds)
         plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise)
-        # outer_previews is always filled (a bounded selection): whether it is connected is not part of ComfyUI's
-        # cache key, so a run cached without it must still serve a preview node connected later.
         sampler = NestedKSAMPLER(settings, plan, own_progress=True, rerun_key=key)
-        return io.NodeOutput(*sample_latent(model, sampler, seed, cfg, positive, negative, latent_image))
+        return io.NodeOutput(*sample_latent(model, sampler, seed, cfg, positive, negative, latent_image,
+                                            keep_previews=previews_wanted(cls)))
 
 
 def nested_settings(sampler_name: str, scheduler: str, inner_steps: int, inner_solver, outer_eta: float, max_nfe: int,
                     max_seconds: float, outer_step: str, update_seconds: float = 0.0) -> NestedSettings:
     return NestedSettings(solver_spec(sampler_name, scheduler, inner_steps, inner_solver), outer_eta, outer_step,
                           RunLimits(max_nfe, max_seconds), update_seconds)
+
+
+def previews_wanted(cls) -> bool:
+    """Whether this run keeps its inner results for outer_previews: unless the prompt marks it as taken by no node
+    (previews_wanted.py: the mark is part of ComfyUI's cache key)."""
+    return outer_previews_wanted(cls.hidden.prompt, cls.hidden.unique_id)
 
 
 def rerun_key(cls, node_class: str, arguments: dict):
@@ -167,6 +173,6 @@ class NestedKSamplerAdvanced(io.ComfyNode):
                                    outer_step, update_seconds)
         plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler)
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
-        sampler = NestedKSAMPLER(settings, stage, own_progress=True, rerun_key=key)  # outer_previews: see NestedKSampler
+        sampler = NestedKSAMPLER(settings, stage, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, noise_seed, cfg, positive, negative, latent_image,
-                                            add_noise=add_noise == "enable"))
+                                            add_noise=add_noise == "enable", keep_previews=previews_wanted(cls)))

@@ -208,9 +208,9 @@ def fitted_latent_image(model: Any, latent: dict) -> torch.Tensor:
 
 
 def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, positive, negative, latent: dict,
-                  add_noise: bool = True) -> tuple[dict, dict]:
+                  add_noise: bool = True, keep_previews: bool = True) -> tuple[dict, dict]:
     """Sample like ``nodes.common_ksampler`` with a NestedKSAMPLER holding its plan; returns (samples,
-    outer_previews)."""
+    outer_previews: empty where ``keep_previews`` is False)."""
     check_number("cfg", cfg, 0.0, 100.0)
     latent_image = fitted_latent_image(model, latent)
     check_latent(model, latent_image)
@@ -220,7 +220,7 @@ def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, po
         noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
     sampler.batch_indices = latent.get("batch_index")
     sampler.reports_through_callback = True
-    sampler.keep_previews = True
+    sampler.keep_previews = keep_previews
     samples = comfy.sample.sample_custom(
         model, noise, cfg, sampler, sampler.plan.outer_sigmas, positive, negative, latent_image,
         noise_mask=latent.get("noise_mask"), callback=sampler.report_outer_step,

@@ -200,16 +200,17 @@ def data_url(preview) -> Optional[str]:
 
 
 def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
-    """All inner results, outer-major, with what a downstream node needs to label them."""
+    """All inner results, outer-major, with what a downstream node needs to label them. The kept latents are moved
+    into the output (the reporter keeps none of them afterwards)."""
     kept = reporter.kept.steps
     batch = kept[0].latent.shape[0] if kept else 0
-    samples = torch.cat([model.model.process_latent_out(step.latent) for step in kept]) if kept else torch.zeros(0)
+    sizes = [step.latent.shape[0] for step in kept]
     return {
-        "samples": samples,
+        "samples": moved_into_one_latent(kept, model),
         "nested_outer_steps": reporter.outer_steps,
         "nested_outer_step_numbers": [s.number for s in kept],
         "nested_batch_size": batch,
-        "nested_step_batch_sizes": [s.latent.shape[0] for s in kept],  # a pick leaves 1 after it
+        "nested_step_batch_sizes": sizes,  # a pick leaves 1 after it
         "nested_batch_indices": [item for s in kept for item in s.items],
         "nested_nfe": [s.nfe for s in kept],
         "nested_nfe_total": reporter.nfe_before + reporter.nfe_total,
@@ -217,3 +218,18 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
         "nested_outer_step_mode": reporter.outer_step_mode,
         "nested_picked": reporter.picked,  # the batch position a pick kept (its images after the pick), or None
     }
+
+
+def moved_into_one_latent(kept: list, model: Any) -> torch.Tensor:
+    """The kept steps' latents, converted out of the model's latent space, in one tensor filled step by step; each
+    step's latent is let go once copied. Peak memory: the result plus one step, where converting them all and
+    concatenating held three copies at once (the cost benchmark's peak on small latents)."""
+    samples, start, total = torch.zeros(0), 0, sum(step.latent.shape[0] for step in kept)
+    for step in kept:
+        converted = model.model.process_latent_out(step.latent)
+        if start == 0:
+            samples = converted.new_empty((total, *converted.shape[1:]))
+        samples[start:start + converted.shape[0]] = converted
+        start += converted.shape[0]
+        step.latent = None
+    return samples

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
-from comfyui_nested_diffusion.tools.models import counting_clone, exemplar_model  # noqa: F401  (counting_clone: the
+from comfyui_nested_diffusion.tools.models import counting_clone, exemplar_model, node_with_hidden  # noqa: F401
 
-# tests' NFE counter, defined with the models because the benchmark counts NFEs too)
+# (counting_clone: the tests' NFE counter, and node_with_hidden, are defined with the models because the benchmark
+# uses them too)
 
 SPREAD = 0.05
 IMAGE_SIZE = 32
@@ -59,20 +60,6 @@ def run_plan(model, plan, spec, seed, cond, latent, cfg=1.0, outer_eta=0.0, oute
 
     settings = NestedSettings(spec, outer_eta, outer_step, RunLimits(max_nfe=max_nfe))
     return sample_latent(model, NestedKSAMPLER(settings, plan, own_progress=True), seed, cfg, cond, cond, latent)
-
-
-def node_with_hidden(node_cls, **hidden):
-    """The class ComfyUI's executor runs for a V3 node: a clone holding its hidden inputs (``unique_id="7"``,
-    ``prompt={...}``). The one adapter the tests keep for what differs between ComfyUI releases:
-    ``PREPARE_CLASS_CLONE`` took the hidden values themselves up to 0.3.x and ``{"hidden_inputs": ...}`` from 0.4.0."""
-    import inspect
-
-    from comfy_api.latest import io
-
-    values = {getattr(io.Hidden, name): value for name, value in hidden.items()}
-    if "v3_data" in inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters:
-        return node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": values})
-    return node_cls.PREPARE_CLASS_CLONE(values)
 
 
 def run_node(node_cls, unique_id: str = "test", **inputs):

@@ -251,3 +251,17 @@ def counting_clone(model, seconds_per_call: float = 0.0, on_call=None):
     clone = model.clone()
     clone.set_model_unet_function_wrapper(wrapper)
     return clone, calls
+
+
+def node_with_hidden(node_cls, **hidden):
+    """The class ComfyUI's executor runs for a V3 node: a clone holding its hidden inputs (``unique_id="7"``,
+    ``prompt={...}``). The one adapter the tests and the benchmark keep for what differs between ComfyUI releases:
+    ``PREPARE_CLASS_CLONE`` took the hidden values themselves up to 0.3.x and ``{"hidden_inputs": ...}`` from 0.4.0."""
+    import inspect
+
+    from comfy_api.latest import io
+
+    values = {getattr(io.Hidden, name): value for name, value in hidden.items()}
+    if "v3_data" in inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters:
+        return node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": values})
+    return node_cls.PREPARE_CLASS_CLONE(values)

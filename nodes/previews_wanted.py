@@ -1,0 +1,64 @@
+"""Whether a nested sampler's ``outer_previews`` output is taken by any node of the queued prompt.
+
+A run keeps a copy of its inner results for that output (up to 64 images, see kept_previews). Where nothing takes
+the output, those copies are memory for nothing: on small latents they were the whole of the pack's peak-memory
+excess over KSampler. But whether an output is connected is not part of ComfyUI's cache key (a node's key is its
+class, its inputs and its ancestors), so a run cached without previews could be served to a later prompt that
+connects a preview node. So the server's prompt handler (``PromptServer.add_on_prompt_handler``, run on every
+``POST /prompt``) writes the answer into each nested sampler node's inputs as ``MARK``: ComfyUI validates and passes
+only the inputs a node declares, but its cache key holds all of them, so connecting the output changes the key.
+A node skips the copies only where the mark says False; a prompt queued another way (in-process, a node expanded
+by another node) keeps them as before.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from ..protocol import OUTER_PREVIEWS_MARK
+
+MARK = OUTER_PREVIEWS_MARK
+OUTER_PREVIEWS_OUTPUT = 1  # NestedKSampler's and NestedKSamplerAdvanced's second output
+MARKED_CLASSES = ("NestedKSampler", "NestedKSamplerAdvanced")
+
+
+def taken_outputs(prompt: dict) -> set[tuple[str, int]]:
+    """Every (node id, output index) some node of an API-format prompt links to."""
+    taken = set()
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        for value in (inputs.values() if isinstance(inputs, dict) else ()):
+            if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int):
+                taken.add((str(value[0]), value[1]))
+    return taken
+
+
+def mark_outer_previews(json_data: Any) -> Any:
+    """The prompt handler: each nested sampler node gets ``MARK``, whether any node takes its outer_previews."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if not isinstance(prompt, dict):
+        return json_data
+    taken = taken_outputs(prompt)
+    for node_id, node in prompt.items():
+        if isinstance(node, dict) and node.get("class_type") in MARKED_CLASSES and isinstance(node.get("inputs"), dict):
+            node["inputs"][MARK] = (str(node_id), OUTER_PREVIEWS_OUTPUT) in taken
+    return json_data
+
+
+def outer_previews_wanted(prompt: Optional[dict], node_id: Optional[str]) -> bool:
+    """False only where the queued prompt marks this node's outer_previews as taken by no node."""
+    node = prompt.get(str(node_id)) if isinstance(prompt, dict) and node_id is not None else None
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    return not (isinstance(inputs, dict) and inputs.get(MARK) is False)
+
+
+_registered: list = []  # the servers the handler is on
+
+
+def register_prompt_handler(server: Any) -> None:
+    """Install ``mark_outer_previews`` on ComfyUI's server (once per server)."""
+    if any(known is server for known in _registered):
+        return
+    server.add_on_prompt_handler(mark_outer_previews)
+    _registered.append(server)
+    logging.info("nested diffusion: outer_previews prompt handler registered")

@@ -1,0 +1,65 @@
+"""A nested sampler keeps copies of its inner results for outer_previews only where a node takes that output
+(nodes/previews_wanted.py): the server's prompt handler marks it, the mark is part of ComfyUI's cache key, so a run
+cached without previews is never served to a prompt that takes them."""
+from __future__ import annotations
+
+import pytest
+from comfyui_nested_diffusion.protocol import OUTER_PREVIEWS_MARK as MARK
+from comfyui_nested_diffusion.tools.api_graphs import PREVIEW, SAMPLER, exemplar_graph
+
+OUTER, INNER = 4, 3
+
+
+def sampler_inputs(seed: int) -> dict:
+    return {"seed": seed, "outer_steps": OUTER, "inner_steps": INNER, "cfg": 1.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0}
+
+
+def test_the_handler_marks_whether_any_node_takes_outer_previews(pack):
+    from comfyui_nested_diffusion.nodes.previews_wanted import mark_outer_previews, outer_previews_wanted
+
+    graph = exemplar_graph("NestedKSampler", sampler_inputs(1), outer_step_preview=True)
+    graph["9"] = {"class_type": "NestedKSamplerAdvanced", "inputs": {"latent_image": [SAMPLER, 0]}}  # its own: not taken
+    marked = mark_outer_previews({"prompt": graph, "client_id": "x"})
+    assert marked["client_id"] == "x"
+    assert graph[SAMPLER]["inputs"][MARK] is True and graph["9"]["inputs"][MARK] is False
+    assert MARK not in graph[PREVIEW]["inputs"]  # only the nested sampler nodes
+    assert outer_previews_wanted(graph, SAMPLER) and not outer_previews_wanted(graph, "9")
+    # No mark (a prompt queued another way, a node expanded by another node): keep them, as before.
+    assert outer_previews_wanted({SAMPLER: {"inputs": {}}}, SAMPLER) and outer_previews_wanted(None, None)
+    assert mark_outer_previews({"prompt": "not a prompt"}) == {"prompt": "not a prompt"}
+
+
+def test_an_unmarked_in_process_run_keeps_its_previews_and_a_marked_one_none(pack):
+    from comfy_helpers import empty_latent, exemplar_setup, run_node
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+    from comfyui_nested_diffusion.nodes.previews_wanted import mark_outer_previews
+    from comfyui_nested_diffusion.tools.models import node_with_hidden
+
+    model, cond, _ = exemplar_setup(pack, "eps")
+    inputs = dict(model=model, positive=cond, negative=cond, latent_image=empty_latent(2), **sampler_inputs(5))
+    samples, previews = run_node(NestedKSampler, **inputs)
+    assert previews["samples"].shape[0] == OUTER * 2
+    graph = mark_outer_previews({"prompt": {"7": {"class_type": "NestedKSampler", "inputs": {}}}})["prompt"]
+    unmarked_samples = samples["samples"]
+    samples, previews = node_with_hidden(NestedKSampler, unique_id="7", prompt=graph).execute(**inputs).args
+    assert previews["samples"].numel() == 0
+    assert samples["samples"].equal(unmarked_samples)  # the same images: only the copies are skipped
+
+
+@pytest.mark.parametrize("first_with_preview", [False, True])
+def test_connecting_outer_previews_later_is_never_served_a_run_cached_without_them(client, exemplar_defaults,
+                                                                                  first_with_preview):
+    seed = 4100 + first_with_preview
+    prompts = [exemplar_graph("NestedKSampler", sampler_inputs(seed), size=16, batch=2, exemplar_defaults=exemplar_defaults,
+                              prefix="previews_wanted", outer_step_preview=with_preview)
+               for with_preview in (first_with_preview, not first_with_preview)]
+    for prompt in prompts:
+        prompt_id, events = client.run(prompt, timeout=120)
+        history = client.history(prompt_id)
+        taken = PREVIEW in prompt
+        assert history["prompt"][2][SAMPLER]["inputs"][MARK] is taken  # as the server queued it
+        if taken:  # every outer step's images reach the preview node, whichever prompt ran first
+            assert len(history["outputs"][PREVIEW]["images"]) == OUTER * 2
+    executed = [event["data"]["node"] for event in events if event["type"] == "executing" and event["data"].get("node")]
+    assert SAMPLER in executed  # the second prompt sampled again: its key differs by the mark
