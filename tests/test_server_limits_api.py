@@ -188,19 +188,28 @@ def test_an_early_finish_through_nested_sampler_makes_samplercustom_sample_again
 
 # -- item 3: connecting outer_previews after a run -----------------------------------------------------------------
 def test_connecting_outer_previews_after_a_cached_run_works(comfy_server, client, exemplar_defaults):
-    """Queue the graph without OuterStepPreview, then with it: the sampler is served from the cache (as it should be)
-    and its outer_previews must hold the images even though nothing was connected when it ran."""
+    """Queue the graph without OuterStepPreview, then with it: the second prompt must show every outer step's images.
+    Since session 10 a run keeps them only where a node takes outer_previews; the server's prompt handler marks that
+    in the sampler's inputs, which are ComfyUI's cache key, so the sampler samples again (before the handler, the
+    cached run without them was served: the case that failed in issue 13). The same prompt again is cached."""
+    from comfyui_nested_diffusion.protocol import OUTER_PREVIEWS_MARK
+
     seed = fresh_seed()
     without = attempt(client, lean_prompt(exemplar_defaults, outer=4, inner=3, batch=2, seed=seed))
     assert without.kind == "ok" and ran(without, SAMPLER), without.describe()
-    connected = attempt(client, lean_prompt(exemplar_defaults, outer=4, inner=3, batch=2, seed=seed, preview=True))
-    assert connected.kind == "ok", connected.describe()
-    assert not ran(connected, SAMPLER)  # from the cache: the case that failed
-    labels = client.history(connected.prompt_id)["outputs"][PREVIEW]["nested_labels"]
-    assert len(labels) == 8 and labels[0].startswith("outer 1/4") and labels[-1].startswith("outer 4/4")
+    assert client.history(without.prompt_id)["prompt"][2][SAMPLER]["inputs"][OUTER_PREVIEWS_MARK] is False
+    for attempt_number in range(2):
+        connected = attempt(client, lean_prompt(exemplar_defaults, outer=4, inner=3, batch=2, seed=seed, preview=True))
+        assert connected.kind == "ok", connected.describe()
+        assert ran(connected, SAMPLER) is (attempt_number == 0)  # a new cache key, then cached as usual
+        entry = client.history(connected.prompt_id)
+        assert entry["prompt"][2][SAMPLER]["inputs"][OUTER_PREVIEWS_MARK] is True
+        labels = entry["outputs"][PREVIEW]["nested_labels"]
+        assert len(labels) == 8 and labels[0].startswith("outer 1/4") and labels[-1].startswith("outer 4/4")
 
 
 def test_connecting_a_pick_after_a_cached_stage_works(comfy_server, client, exemplar_defaults):
+    """The same with NestedPickCandidate taking outer_previews: the stage samples again, and the pick has its images."""
     from test_reliability_api import pick_prompt
 
     stage = pick_prompt(exemplar_defaults, 1)
@@ -211,7 +220,7 @@ def test_connecting_a_pick_after_a_cached_stage_works(comfy_server, client, exem
     assert first.kind == "ok" and ran(first, SAMPLER), first.describe()
     stage["9"] = pick
     picked = attempt(client, stage)
-    assert picked.kind == "ok" and not ran(picked, SAMPLER), picked.describe()
+    assert picked.kind == "ok" and ran(picked, SAMPLER), picked.describe()
     assert len(client.history(picked.prompt_id)["outputs"]["9"]["images"]) == 2
 
 

@@ -1,9 +1,9 @@
 """A nested sampler keeps copies of its inner results for outer_previews only where a node takes that output
 (nodes/previews_wanted.py): the server's prompt handler marks it, the mark is part of ComfyUI's cache key, so a run
-cached without previews is never served to a prompt that takes them."""
+cached without previews is never served to a prompt that takes them (through a real server:
+test_server_limits_api.py, test_connecting_outer_previews_after_a_cached_run_works and the pick after a stage)."""
 from __future__ import annotations
 
-import pytest
 from comfyui_nested_diffusion.protocol import OUTER_PREVIEWS_MARK as MARK
 from comfyui_nested_diffusion.tools.api_graphs import PREVIEW, SAMPLER, exemplar_graph
 
@@ -45,21 +45,3 @@ def test_an_unmarked_in_process_run_keeps_its_previews_and_a_marked_one_none(pac
     samples, previews = node_with_hidden(NestedKSampler, unique_id="7", prompt=graph).execute(**inputs).args
     assert previews["samples"].numel() == 0
     assert samples["samples"].equal(unmarked_samples)  # the same images: only the copies are skipped
-
-
-@pytest.mark.parametrize("first_with_preview", [False, True])
-def test_connecting_outer_previews_later_is_never_served_a_run_cached_without_them(client, exemplar_defaults,
-                                                                                  first_with_preview):
-    seed = 4100 + first_with_preview
-    prompts = [exemplar_graph("NestedKSampler", sampler_inputs(seed), size=16, batch=2, exemplar_defaults=exemplar_defaults,
-                              prefix="previews_wanted", outer_step_preview=with_preview)
-               for with_preview in (first_with_preview, not first_with_preview)]
-    for prompt in prompts:
-        prompt_id, events = client.run(prompt, timeout=120)
-        history = client.history(prompt_id)
-        taken = PREVIEW in prompt
-        assert history["prompt"][2][SAMPLER]["inputs"][MARK] is taken  # as the server queued it
-        if taken:  # every outer step's images reach the preview node, whichever prompt ran first
-            assert len(history["outputs"][PREVIEW]["images"]) == OUTER * 2
-    executed = [event["data"]["node"] for event in events if event["type"] == "executing" and event["data"].get("node")]
-    assert SAMPLER in executed  # the second prompt sampled again: its key differs by the mark
