@@ -79,6 +79,9 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     assert "| flow | 1 | euler_ancestral | 40 | 4x10 | ddim, outer_eta 1 | 10: 5.7/20.5, 20: 4.5/5.6, 30: 4.3/4.9," in printed
     assert "| 4.27 / 4.86 | 0.956 / 0.973 |" in printed  # meets all four targets for that run (auto: 0.919 accuracy)
     assert "| flow | 2 | euler_ancestral | 40 | 4x10 | ddim, outer_eta 1 | 10: 51.4/74.9," in printed
+    # session 10, by hand: the same with CFG 2 at 100 NFEs (worse final images than eta 0's 0.74x and 0.72x)
+    assert "| flow | 2 | euler_ancestral | 100 | 4x25 | ddim, outer_eta 1 | 25: 50.2/77.2," in printed
+    assert "| 40.84 / 51.82 | 0.996 / 0.999 |" in printed and "| 41.94 / 51.82 | 1.000 / 0.999 |" in printed
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
     assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 8 runs; in 8 of them" in printed
     assert "| eps | 2 | euler | 100 | 10x10 | renoise | 10: 58.5/108.1, 20: 63.2/83.9," in printed  # session 8
