@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from ..protocol import OUTER_PREVIEWS_MARK
+from ..protocol import OUTER_PREVIEWS_MARK as MARK
+from .rerun import is_link
 
-MARK = OUTER_PREVIEWS_MARK
 OUTER_PREVIEWS_OUTPUT = 1  # NestedKSampler's and NestedKSamplerAdvanced's second output
 MARKED_CLASSES = ("NestedKSampler", "NestedKSamplerAdvanced")
 
@@ -28,7 +28,7 @@ def taken_outputs(prompt: dict) -> set[tuple[str, int]]:
     for node in prompt.values():
         inputs = node.get("inputs") if isinstance(node, dict) else None
         for value in (inputs.values() if isinstance(inputs, dict) else ()):
-            if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int):
+            if is_link(value):
                 taken.add((str(value[0]), value[1]))
     return taken
 
@@ -52,13 +52,7 @@ def outer_previews_wanted(prompt: Optional[dict], node_id: Optional[str]) -> boo
     return not (isinstance(inputs, dict) and inputs.get(MARK) is False)
 
 
-_registered: list = []  # the servers the handler is on
-
-
 def register_prompt_handler(server: Any) -> None:
-    """Install ``mark_outer_previews`` on ComfyUI's server (once per server)."""
-    if any(known is server for known in _registered):
-        return
+    """Install ``mark_outer_previews`` on ComfyUI's server (marking twice would give the same mark)."""
     server.add_on_prompt_handler(mark_outer_previews)
-    _registered.append(server)
     logging.info("nested diffusion: outer_previews prompt handler registered")

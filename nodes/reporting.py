@@ -206,7 +206,7 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
     batch = kept[0].latent.shape[0] if kept else 0
     sizes = [step.latent.shape[0] for step in kept]
     return {
-        "samples": moved_into_one_latent(kept, model),
+        "samples": moved_into_one_latent(kept, sum(sizes), model),
         "nested_outer_steps": reporter.outer_steps,
         "nested_outer_step_numbers": [s.number for s in kept],
         "nested_batch_size": batch,
@@ -220,11 +220,11 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
     }
 
 
-def moved_into_one_latent(kept: list, model: Any) -> torch.Tensor:
+def moved_into_one_latent(kept: list, total: int, model: Any) -> torch.Tensor:
     """The kept steps' latents, converted out of the model's latent space, in one tensor filled step by step; each
     step's latent is let go once copied. Peak memory: the result plus one step, where converting them all and
-    concatenating held three copies at once (the cost benchmark's peak on small latents)."""
-    samples, start, total = torch.zeros(0), 0, sum(step.latent.shape[0] for step in kept)
+    concatenating held three copies at once (the cost benchmark's peak on small latents). ``total``: their images."""
+    samples, start = torch.zeros(0), 0
     for step in kept:
         converted = model.model.process_latent_out(step.latent)
         if start == 0:

@@ -26,13 +26,13 @@ _generations: "OrderedDict[tuple, int]" = OrderedDict()
 _current = threading.local()
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int)
 
 
 def constants_key(node_class: str, inputs: dict) -> tuple:
     """The node's constant inputs, as ``fingerprint_inputs`` sees them (links and absent values left out)."""
-    items = sorted((name, repr(value)) for name, value in inputs.items() if value is not None and not _is_link(value))
+    items = sorted((name, repr(value)) for name, value in inputs.items() if value is not None and not is_link(value))
     return (node_class, tuple(items))
 
 

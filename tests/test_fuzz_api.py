@@ -17,7 +17,15 @@ import time
 
 import requests
 from comfyui_nested_diffusion.protocol import RUNNING_ROUTE
-from comfyui_nested_diffusion.tools.api_graphs import custom_sampler_graph, exemplar_graph
+from comfyui_nested_diffusion.tools.api_graphs import (
+    GUIDER,
+    INNER_SOLVER,
+    NESTED_SAMPLER,
+    SAMPLER,
+    SIGMAS,
+    custom_sampler_graph,
+    exemplar_graph,
+)
 from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionError, ExecutionInterrupted, PromptValidationError
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -97,7 +105,7 @@ def fuzz_prompts(draw, exemplar_defaults: dict) -> dict:
 
 def sampler_widgets(prompt: dict) -> dict:
     """The sampling nodes' widget values (NestedSampler's, its sigmas' and guider's too), for the trace."""
-    nodes = [prompt[node]["inputs"] for node in ("3", "9", "10", "11") if node in prompt]
+    nodes = [prompt[node]["inputs"] for node in (SAMPLER, NESTED_SAMPLER, SIGMAS, GUIDER) if node in prompt]
     return {name: value for inputs in nodes for name, value in inputs.items() if not isinstance(value, list)}
 
 
@@ -152,8 +160,8 @@ def test_random_inputs_run_or_stop_clearly_in_bounded_time(comfy_server, client,
         assert run_bounded(comfy_server, client, prompt)[0] in ("ok", "error")
     for prediction, scheduler in itertools.product(["eps", "v_prediction", "flow"], ["kl_optimal", "linear_quadratic"]):
         prompt = warmup_prompt(exemplar_defaults, prediction, scheduler, "euler")  # the largest plans: the allocator's
-        prompt["3"]["inputs"].update(outer_steps=1000, inner_steps=10000)       # high-water mark (they fail cleanly)
-        del prompt["3"]["inputs"]["inner_solver"], prompt["8"]
+        prompt[SAMPLER]["inputs"].update(outer_steps=1000, inner_steps=10000)       # high-water mark (they fail cleanly)
+        del prompt[SAMPLER]["inputs"]["inner_solver"], prompt[INNER_SOLVER]
         assert run_bounded(comfy_server, client, prompt)[0] in ("ok", "error", "cancelled")
     warmup = max(1, min(10, EXAMPLES // 5))  # ... and the baseline after the first fuzzed prompts too
     baseline: list[int] = []
