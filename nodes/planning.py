@@ -25,6 +25,7 @@ from ..nested_core import (
     nfe_for_inner_process,
     outer_schedule,
     paced_outer_sigmas,
+    renoise_step,
     truncated_schedule,
 )
 from . import schedule_cache
@@ -73,6 +74,31 @@ def inner_solver_function(spec: InnerSolverSpec) -> tuple[Callable[..., torch.Te
 
 def is_flow_model(model_sampling: Any) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def outer_noise_matches_model(model_sampling: Any, flow: bool) -> bool:
+    """Whether the model puts a latent at sigma ``s`` where nested outer steps put it: ``x0 + s * noise`` (flow:
+    ``(1 - s) x0 + s * noise``), asked of ComfyUI's own ``noise_scaling``. Image-to-image models start from the
+    image instead (ComfyUI's IMG_TO_IMG_FLOW sampling ignores the noise): a fresh outer step means nothing to them."""
+    noise_scale = float(getattr(model_sampling, "noise_scale", 1.0))
+    x0 = torch.full((1, 1, 2, 2), 0.25)
+    noise = torch.tensor([1.0, -2.0, 0.5, 3.0]).view(1, 1, 2, 2)
+    for sigma in (0.3, 0.7):  # below 1 for flow models; either is a valid sigma for every model family
+        try:
+            placed = model_sampling.noise_scaling(torch.tensor(sigma), noise.clone(), x0.clone(), max_denoise=False)
+        except Exception:  # a third-party model sampling that can't answer on CPU: trust it as before
+            return True
+        expected = renoise_step(x0, sigma, noise, flow, noise_scale)
+        if not torch.allclose(torch.as_tensor(placed, dtype=expected.dtype), expected, rtol=1e-4, atol=1e-5):
+            return False
+    return True
+
+
+def check_outer_steps_fit_model(model_sampling: Any, flow: bool, outer_steps: int) -> None:
+    if outer_steps > 1 and not outer_noise_matches_model(model_sampling, flow):
+        raise NestedDiffusionError(
+            f"outer_steps {outer_steps}: this model ({type(model_sampling).__name__}) does not start from noise, so "
+            f"nested outer steps cannot re-noise its images; outer_steps must be 1 for it (sampling as KSampler does)")
 
 
 @dataclass
@@ -234,6 +260,7 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
     solver, inpaint_options = inner_solver_function(spec)
     flow = is_flow_model(model_sampling)
+    check_outer_steps_fit_model(model_sampling, flow, len(outer_sigmas) - 1)
     # Measured by running the bound solver on a counting stand-in (solver_cost); the name table only where it can't run.
     costs = measure_inner_costs(solver, inner_sigmas, flow, model_sampling,
                                 fallbacks=[nfe_for_inner_process(spec.sampler_name, count) for count in steps])

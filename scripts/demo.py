@@ -434,7 +434,7 @@ def fetch_outputs(client: ComfyAPIClient, history: dict, prompt: dict, pair: Pai
         metadata = output.get("nested_previews") or []
         saved = []
         for index, item in enumerate(images):
-            data = client.fetch_image(item["filename"], item.get("subfolder", ""), item.get("type", "output"))
+            data = client.fetch_output(item)
             preview = metadata[index] if index < len(metadata) else None
             if class_type == "OuterStepPreview":
                 name = f"outer{preview['outer_step']}_item{preview['batch_index']}.png" if preview else f"image{index + 1}.png"

@@ -159,12 +159,14 @@ def test_prompt_streams_outer_steps_previews_and_progress(client, exemplar_defau
 
     finals = []
     for item in saved:
-        image = decode(client.fetch_image(item["filename"], item["subfolder"], item["type"]))
+        image = decode(client.fetch_output(item))
         assert image.format == "PNG" and image.size == (SIZE, SIZE)
         finals.append(image.convert("RGB"))
-    labelled = decode(client.fetch_image(shown["images"][0]["filename"], shown["images"][0]["subfolder"],
-                                         shown["images"][0]["type"]))
+    labelled = decode(client.fetch_output(shown["images"][0]))
     assert labelled.format == "PNG" and labelled.width >= SIZE
+    # ComfyUI 0.38 adds its own keys to each entry ("metadata"; "id", "preview_id" with assets): same file
+    assert client.fetch_output({**saved[0], "metadata": {"width": SIZE}, "id": "a1", "preview_id": "a2"}) == \
+        client.fetch_output(saved[0])
 
     # The last preview is the last inner result, i.e. the returned sample (batch item 0). The preview is
     # upscaled (bilinear) and JPEG-encoded: sample it at the source pixel centres. Measured: 1-2 against

@@ -50,7 +50,7 @@ def api_prompt(name: str) -> dict:
 
 
 def images_of(client: ComfyAPIClient, output: dict) -> list:
-    return [Image.open(io.BytesIO(client.fetch_image(item["filename"], item["subfolder"], item["type"]))).convert("RGB")
+    return [Image.open(io.BytesIO(client.fetch_output(item))).convert("RGB")
             for item in output["images"]]
 
 

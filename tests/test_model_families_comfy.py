@@ -310,6 +310,42 @@ def test_shift_patch_changes_the_nested_run(flow):
     assert not torch.allclose(samples["samples"], plain["samples"], atol=1e-3)
 
 
+def image_to_image_patched(flow: Family):
+    """The flow model with an image-to-image model sampling patched in, as ComfyUI's ModelSamplingSD3 node patches
+    its own: ComfyUI's IMG_TO_IMG_FLOW (0.33.0: WAN21_FlowRVS starts from the video, not from noise) where it exists,
+    else a CONST sampling that ignores the noise as IMG_TO_IMG_FLOW does (ComfyUI 0.3.75 has none)."""
+    import comfy.model_sampling as sampling_types
+
+    class StartsFromTheImage(sampling_types.CONST):
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return latent_image
+
+    image_to_image = getattr(sampling_types, "IMG_TO_IMG_FLOW", StartsFromTheImage)
+
+    class ImageToImageSampling(sampling_types.ModelSamplingDiscreteFlow, image_to_image):
+        pass
+
+    sampling = ImageToImageSampling(flow.model.model.model_config)
+    sampling.set_parameters(shift=3.0)
+    patched = flow.model.clone()
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+def test_a_model_that_starts_from_the_image_takes_one_outer_step_only(flow):
+    from comfyui_nested_diffusion.nested_core import NestedDiffusionError
+    from comfyui_nested_diffusion.nodes.planning import outer_noise_matches_model
+
+    patched = image_to_image_patched(flow)
+    assert outer_noise_matches_model(flow.model.get_model_object("model_sampling"), flow=True)
+    assert outer_noise_matches_model(shift_patched(flow).get_model_object("model_sampling"), flow=True)
+    assert not outer_noise_matches_model(patched.get_model_object("model_sampling"), flow=True)
+    with pytest.raises(NestedDiffusionError, match=r"outer_steps 3: .*does not start from noise.*outer_steps must be 1"):
+        nested_ksampler(flow, model=patched, seed=14, outer_steps=3)
+    one, _ = nested_ksampler(flow, model=patched, seed=14, outer_steps=1, inner_steps=4)
+    assert_same(one["samples"], ksampler(flow, model=patched, seed=14, steps=4))
+
+
 @pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m"])
 def test_one_outer_step_is_ksampler_on_the_shifted_model(flow, sampler_name):
     patched = shift_patched(flow)

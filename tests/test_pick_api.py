@@ -229,7 +229,7 @@ def test_sampler_keeps_only_the_picked_item(comfy_server, client, exemplar_defau
 
     # the full batch, unpicked: where item 2 ends
     full_id, full_events = client.run(prompt("nested_pick_full"), timeout=180)
-    full = [decode(client.fetch_image(**image)) for image in client.history(full_id)["outputs"][SAVE]["images"]]
+    full = [decode(client.fetch_output(image)) for image in client.history(full_id)["outputs"][SAVE]["images"]]
     assert len(full) == batch
     full_candidates = of_type(full_events, CANDIDATES_EVENT, SAMPLER)
     assert len(full_candidates) == outer
@@ -282,7 +282,7 @@ def test_sampler_keeps_only_the_picked_item(comfy_server, client, exemplar_defau
             assert data["batch_indices"] == [index] and data["picked"] == index, data["outer_step"]
     saved = client.history(prompt_id)["outputs"][SAVE]["images"]
     assert len(saved) == 1
-    kept = decode(client.fetch_image(**saved[0]))
+    kept = decode(client.fetch_output(saved[0]))
     # the kept item continues as it would have in the full batch (euler inner solver, outer eta 0: no noise drawn
     # after the start)
     assert mean_abs_difference(kept.convert("RGB"), full[index].convert("RGB")) < 1.0

@@ -350,7 +350,7 @@ def test_degenerate_conditioning_is_treated_like_ksampler(comfy_server, client, 
 # -- Cancel ----------------------------------------------------------------------------------------------------
 def saved_pixels(client, prompt_id: str, node: str = SAVE) -> list[bytes]:
     images = client.history(prompt_id)["outputs"][node]["images"]
-    return [decode(client.fetch_image(i["filename"], i["subfolder"], i["type"])).convert("RGB").tobytes() for i in images]
+    return [decode(client.fetch_output(i)).convert("RGB").tobytes() for i in images]
 
 
 def last_preview_per_outer_step(events: list[dict], outer: int) -> list[bytes]:

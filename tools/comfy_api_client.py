@@ -14,7 +14,7 @@ Copy this file wherever you need to drive ComfyUI from Python. Typical use::
                 open("preview.jpg", "wb").write(event["data"]["image"])
         outputs = client.history(prompt_id)["outputs"]
         for image in outputs["9"]["images"]:
-            png_bytes = client.fetch_image(image["filename"], image["subfolder"], image["type"])
+            png_bytes = client.fetch_output(image)
 
 Events. ``stream`` yields one dict per websocket message, always ``{"type": str, "data": ...}``:
 
@@ -47,7 +47,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import requests
 import websocket
@@ -287,6 +287,13 @@ class ComfyAPIClient:
     def fetch_image(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:  # noqa: A002
         """``GET /view``: the bytes of a saved image (``type`` is "output", "temp" or "input")."""
         return self._get("/view", filename=filename, subfolder=subfolder, type=type).content
+
+    def fetch_output(self, item: Mapping[str, Any]) -> bytes:
+        """The bytes of one image entry of an output (``/history`` or the ``executed`` event) as ComfyUI lists it.
+
+        Only its ``filename``, ``subfolder`` and ``type`` name the file: newer ComfyUI adds keys of its own to each
+        entry (``metadata``; ``id`` and ``preview_id`` with its assets system), which ``/view`` does not take."""
+        return self.fetch_image(item["filename"], item.get("subfolder", ""), item.get("type", "output"))
 
     def interrupt(self, prompt_id: Optional[str] = None) -> None:
         """``POST /interrupt``: stop the running prompt (only that one when ``prompt_id`` is given)."""

@@ -1013,7 +1013,7 @@ def run_and_collect(workflows: list[Workflow]) -> dict:
             prompt_id, _ = client.run(workflow.api(), timeout=300)
             outputs = client.history(prompt_id)["outputs"]
             results[workflow.name] = {
-                node_id: [Image.open(io.BytesIO(client.fetch_image(item["filename"], item["subfolder"], item["type"])))
+                node_id: [Image.open(io.BytesIO(client.fetch_output(item)))
                           for item in output.get("images", [])]
                 for node_id, output in outputs.items()
             }
