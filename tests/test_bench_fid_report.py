@@ -82,6 +82,10 @@ def test_saved_1000_sample_result_reports_what_the_docs_say(capsys):
     # session 10, by hand: the same with CFG 2 at 100 NFEs (worse final images than eta 0's 0.74x and 0.72x)
     assert "| flow | 2 | euler_ancestral | 100 | 4x25 | ddim, outer_eta 1 | 25: 50.2/77.2," in printed
     assert "| 40.84 / 51.82 | 0.996 / 0.999 |" in printed and "| 41.94 / 51.82 | 1.000 / 0.999 |" in printed
+    # session 11, by hand: the paper's step and the trajectory after euler with CFG 2 on the eps model (neither passes
+    # NFE 20, where KSampler's guided x0 scores 49.2)
+    assert "| eps | 2 | euler | 40 | 4x10 | ddim | 10: 58.5/77.2, 20: 62.6/49.2, 30: 69.1/55.2, 40: 74.3/60.3 |" in printed
+    assert "| eps | 2 | euler | 40 | 4x10 | trajectory | 10: 58.5/77.2, 20: 58.8/49.2, 30: 59.2/55.2," in printed
     assert printed.count("PASS  ") == 6 and printed.count("FAIL  ") == 10
     assert "CFG 2]: nested at the first boundary <= 1/3 of KSampler x0's: worst ratio 1.290 over 8 runs; in 8 of them" in printed
     assert "| eps | 2 | euler | 100 | 10x10 | renoise | 10: 58.5/108.1, 20: 63.2/83.9," in printed  # session 8
