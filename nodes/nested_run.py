@@ -135,26 +135,35 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                 return paced.replan(index, nfe_done, seconds)
 
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            completed = [0]  # inner diffusions run to the end and reported
+
             def on_inner_result(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
                 if not self.reports_through_callback:
                     reporter.on_outer_step(index, x0)
                 if callback is not None:
                     sigma = sigmas[index] if paced is None else torch.tensor(paced.outer_sigmas[index])
                     callback({"x": state, "i": index, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
+                completed[0] += 1
 
             def on_pick(index: int, position: int, batch_index: int) -> None:
                 narrow_inpainting(model_k, position)
                 reporter.on_pick(index, position, batch_index)
                 control.set_batch_size(1)
 
-            result = run_nested(
-                model_k, x, sigmas, inner_sigmas, plan.solver, extra_args, rule=rule,
-                on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
-                stop_rule=StopRule(nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
-                take_pick=control.take_pick, on_pick=on_pick, index_offset=plan.first_outer_index,
-                max_calls=limits.max_nfe, batch_indices=self.batch_indices,
-                replan=replan if paced is not None else None,
-            )
+            try:
+                result = run_nested(
+                    model_k, x, sigmas, inner_sigmas, plan.solver, extra_args, rule=rule,
+                    on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
+                    stop_rule=StopRule(nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
+                    take_pick=control.take_pick, on_pick=on_pick, index_offset=plan.first_outer_index,
+                    max_calls=limits.max_nfe, batch_indices=self.batch_indices,
+                    replan=replan if paced is not None else None,
+                )
+            except Exception as error:
+                restart_error = failure_after_a_restart(error, completed[0])
+                if restart_error is None:
+                    raise
+                raise restart_error from error
             results.append(result)
             return result.x
 
@@ -163,6 +172,23 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
     def report_outer_step(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
         """The sample_custom callback of the NestedKSampler nodes: the running reporter's outer step."""
         self.reporter.on_outer_step(step, x0)
+
+
+def failure_after_a_restart(error: Exception, completed: int) -> Optional[NestedDiffusionError]:
+    """The error to show for a failure in a later inner diffusion (``completed`` ran to the end before it), or None
+    to let ``error`` through unchanged (a failure in the first one, as KSampler would meet it; out of memory, which
+    ComfyUI handles itself). Every inner diffusion restarts from a higher sigma than the last one ended at: a model
+    patch that keeps state across a run's steps and expects its sigmas only to fall fails there (ComfyUI's LazyCache,
+    measured in 0.3.75 and 0.33.0), with a message of its own that does not say so."""
+    out_of_memory = comfy.model_management.OOM_EXCEPTION
+    if completed == 0 or isinstance(error, NestedDiffusionError) or (
+            out_of_memory is not Exception and isinstance(error, out_of_memory)):
+        return None
+    return NestedDiffusionError(
+        f"inner diffusion {completed + 1} failed after {completed} ran to the end ({type(error).__name__}: {error}). "
+        f"Each inner diffusion restarts from a higher sigma than the last one ended at; a model patch that expects "
+        f"one run's sigmas only to fall (ComfyUI's LazyCache does) fails there: remove it, or set outer_steps to 1 "
+        f"(sampling as KSampler does)")
 
 
 def without_latents(result: NestedResult) -> NestedResult:

@@ -346,6 +346,51 @@ def test_a_model_that_starts_from_the_image_takes_one_outer_step_only(flow):
     assert_same(one["samples"], ksampler(flow, model=patched, seed=14, steps=4))
 
 
+def failing_at_call(model, failing_call: int, error: Exception):
+    """A clone of ``model`` whose model evaluation number ``failing_call`` (counted from 1) raises ``error``."""
+    calls = {"n": 0}
+
+    def wrapper(apply_model, args):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            raise error
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone
+
+
+def test_a_patch_that_fails_at_a_restart_gets_an_error_that_says_so(pack):
+    """ComfyUI's LazyCache keeps one state per run and expects its sigmas only to fall: once an inner diffusion
+    restarts above its start sigma, its wrapper raises a bare TypeError (0.3.75 and 0.33.0). The run names the inner
+    diffusion, the cause and the way out; with one outer step (KSampler) LazyCache works as in KSampler."""
+    from comfy_extras.nodes_easycache import LazyCacheNode
+    from comfyui_nested_diffusion.nested_core import NestedDiffusionError
+
+    flux = Family("flux")
+    cached = LazyCacheNode.execute(flux.model, 0.2, 0.15, 0.95, False).args[0]
+    with pytest.raises(NestedDiffusionError, match=r"inner diffusion \d+ failed after \d+ ran to the end \(TypeError: "
+                                                   r".*LazyCache.*set outer_steps to 1") as raised:
+        nested_ksampler(flux, model=cached, seed=15, outer_steps=10, inner_steps=2, cfg=1.0)
+    assert isinstance(raised.value.__cause__, TypeError)
+    one, _ = nested_ksampler(flux, model=cached, seed=15, outer_steps=1, inner_steps=20, cfg=1.0)
+    assert_same(one["samples"], ksampler(flux, model=cached, seed=15, steps=20, cfg=1.0))
+
+
+def test_other_failures_pass_through_unchanged(pack):
+    """A failure in the first inner diffusion is what KSampler would meet; out of memory is ComfyUI's to handle."""
+    import comfy.model_management
+
+    flux = Family("flux")
+    with pytest.raises(RuntimeError, match="^boom$"):
+        nested_ksampler(flux, model=failing_at_call(flux.model, 2, RuntimeError("boom")), outer_steps=3, cfg=1.0)
+    out_of_memory = comfy.model_management.OOM_EXCEPTION
+    assert out_of_memory is not Exception
+    with pytest.raises(out_of_memory, match="^no room$"):  # in the second inner diffusion (4 calls each)
+        nested_ksampler(flux, model=failing_at_call(flux.model, 6, out_of_memory("no room")), outer_steps=3, cfg=1.0)
+
+
 @pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m"])
 def test_one_outer_step_is_ksampler_on_the_shifted_model(flow, sampler_name):
     patched = shift_patched(flow)
