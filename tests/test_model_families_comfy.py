@@ -379,10 +379,14 @@ def test_a_patch_that_fails_at_a_restart_gets_an_error_that_says_so(pack):
 
 
 def test_other_failures_pass_through_unchanged(pack):
-    """A failure in the first inner diffusion is what KSampler would meet; out of memory is ComfyUI's to handle."""
+    """A failure in the first inner diffusion is what KSampler would meet; Cancel and out of memory are ComfyUI's to
+    handle (Cancel's exception is an Exception in 0.3.75, a BaseException in 0.33.0)."""
     import comfy.model_management
 
     flux = Family("flux")
+    cancel = comfy.model_management.InterruptProcessingException
+    with pytest.raises(cancel):  # in the second inner diffusion
+        nested_ksampler(flux, model=failing_at_call(flux.model, 6, cancel()), outer_steps=3, cfg=1.0)
     with pytest.raises(RuntimeError, match="^boom$"):
         nested_ksampler(flux, model=failing_at_call(flux.model, 2, RuntimeError("boom")), outer_steps=3, cfg=1.0)
     out_of_memory = comfy.model_management.OOM_EXCEPTION
