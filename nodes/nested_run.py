@@ -176,13 +176,16 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
 
 def failure_after_a_restart(error: Exception, completed: int) -> Optional[NestedDiffusionError]:
     """The error to show for a failure in a later inner diffusion (``completed`` ran to the end before it), or None
-    to let ``error`` through unchanged (a failure in the first one, as KSampler would meet it; Cancel and out of
-    memory, which ComfyUI handles itself: Cancel's exception is an Exception up to 0.3.x). Every inner diffusion restarts from a higher sigma than the last one ended at: a model
-    patch that keeps state across a run's steps and expects its sigmas only to fall fails there (ComfyUI's LazyCache,
-    measured in 0.3.75 and 0.33.0), with a message of its own that does not say so."""
+    to let ``error`` through unchanged: a failure in the first one (as KSampler would meet it), Cancel and out of
+    memory (ComfyUI handles them; Cancel's exception is an Exception up to 0.3.x).
+
+    Every inner diffusion restarts from a higher sigma than the last one ended at: a model patch that keeps state
+    across a run's steps and expects its sigmas only to fall fails there (ComfyUI's LazyCache, measured in 0.3.75
+    and 0.33.0), with a message of its own that does not say so."""
     out_of_memory = comfy.model_management.OOM_EXCEPTION
     passed_on = (NestedDiffusionError, comfy.model_management.InterruptProcessingException)
-    if completed == 0 or isinstance(error, passed_on) or (out_of_memory is not Exception and isinstance(error, out_of_memory)):
+    if completed == 0 or isinstance(error, passed_on) or (
+            out_of_memory is not Exception and isinstance(error, out_of_memory)):
         return None
     return NestedDiffusionError(
         f"inner diffusion {completed + 1} failed after {completed} ran to the end ({type(error).__name__}: {error}). "
