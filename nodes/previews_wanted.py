@@ -16,7 +16,7 @@ import logging
 from typing import Any, Optional
 
 from ..protocol import OUTER_PREVIEWS_MARK as MARK
-from .rerun import is_link
+from .rerun import is_link, queued_inputs
 
 OUTER_PREVIEWS_OUTPUT = 1  # NestedKSampler's and NestedKSamplerAdvanced's second output
 MARKED_CLASSES = ("NestedKSampler", "NestedKSamplerAdvanced")
@@ -47,9 +47,8 @@ def mark_outer_previews(json_data: Any) -> Any:
 
 def outer_previews_wanted(prompt: Optional[dict], node_id: Optional[str]) -> bool:
     """False only where the queued prompt marks this node's outer_previews as taken by no node."""
-    node = prompt.get(str(node_id)) if isinstance(prompt, dict) and node_id is not None else None
-    inputs = node.get("inputs") if isinstance(node, dict) else None
-    return not (isinstance(inputs, dict) and inputs.get(MARK) is False)
+    inputs = queued_inputs(prompt, node_id)
+    return not (inputs is not None and inputs.get(MARK) is False)
 
 
 def register_prompt_handler(server: Any) -> None:

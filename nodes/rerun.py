@@ -47,13 +47,17 @@ def fingerprint(node_class: str, inputs: dict) -> tuple:
     return ("nested-diffusion-generation", generation(key))
 
 
+def queued_inputs(prompt: Optional[dict], node_id: Optional[str]) -> Optional[dict]:
+    """A node's inputs in the queued (API-format) prompt; None outside a server or where the node is not in it."""
+    node = prompt.get(str(node_id)) if isinstance(prompt, dict) and node_id is not None else None
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    return inputs if isinstance(inputs, dict) else None
+
+
 def key_from_prompt(node_class: str, prompt: Optional[dict], node_id: Optional[str], names) -> Optional[tuple]:
     """The same key, built from the queued (API-format) prompt while the node runs; None outside a server."""
-    if not isinstance(prompt, dict) or node_id is None:
-        return None
-    node = prompt.get(str(node_id))
-    inputs = node.get("inputs") if isinstance(node, dict) else None
-    if not isinstance(inputs, dict):
+    inputs = queued_inputs(prompt, node_id)
+    if inputs is None:
         return None
     return constants_key(node_class, {name: inputs[name] for name in names if name in inputs})
 

@@ -348,17 +348,13 @@ def test_a_model_that_starts_from_the_image_takes_one_outer_step_only(flow):
 
 def failing_at_call(model, failing_call: int, error: Exception):
     """A clone of ``model`` whose model evaluation number ``failing_call`` (counted from 1) raises ``error``."""
-    calls = {"n": 0}
+    from comfy_helpers import counting_clone
 
-    def wrapper(apply_model, args):
-        calls["n"] += 1
+    def fail_there(calls):
         if calls["n"] == failing_call:
             raise error
-        return apply_model(args["input"], args["timestep"], **args["c"])
 
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone
+    return counting_clone(model, on_call=fail_there)[0]
 
 
 def test_a_patch_that_fails_at_a_restart_gets_an_error_that_says_so(pack):
