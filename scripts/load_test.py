@@ -21,7 +21,7 @@ It runs in two phases: ``--warmup`` prompts (default 20), then the rest. Checks,
 * memory: the server's resident memory (its process and children, measured with psutil) after the run is within
   ``--memory-tolerance`` (default 5%) of its value after the warm-up phase.
 
-``--mixed`` (issue 13) makes the workload a mix per client: good nested and vanilla prompts, bad inputs (a clear
+``--mixed`` makes the workload a mix per client: good nested and vanilla prompts, bad inputs (a clear
 ``NestedDiffusionError`` expected), prompts the client cancels (``POST /interrupt`` with its prompt_id) at a random
 moment after they start, and prompts it ends with Finish now (its own client_id) after a random outer step, also
 asking to finish another client's run (which must be refused). Checks on top: every prompt ends (nothing lost) with
@@ -470,7 +470,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per phase")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument("--mixed", action="store_true", help="good prompts, bad inputs, Cancels and Finish-nows "
-                                                             "(issue 13); see the module docstring")
+                                                             "(see the module docstring)")
     args = parser.parse_args(argv)
 
     server = None

@@ -131,9 +131,9 @@ def test_max_seconds_keeps_the_latest_image(family, pack):
 
 
 def test_early_finish_in_a_stage_with_leftover_noise_hands_on_a_state_the_next_stage_continues(family, pack):
-    """Issue 12: a stage with leftover noise that ended early (max_nfe, Finish now) handed the next stage its clean
-    inner result as if it were the noisy state at the stage's last sigma, and the next stage lost contrast. It
-    now hands on that inner result diffused afresh to the last sigma: noise of exactly that sigma around it."""
+    """A stage with leftover noise that ends early (max_nfe, Finish now) hands on its latest inner result diffused
+    afresh to the stage's last sigma (noise of exactly that sigma around it), not the clean image, which would make
+    the next stage lose contrast; the next stage continues from it onto the data."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
@@ -177,8 +177,8 @@ def test_step_presets_keep_the_total_nfes(family, pack, preset):
 
 
 def test_outer_previews_do_not_depend_on_what_is_connected(family, pack):
-    """ComfyUI's cache key does not include the hidden prompt: a run cached while outer_previews was unconnected must
-    serve a preview node connected later (issue 13, item 3). So outer_previews is always filled (bounded)."""
+    """Without the server's prompt handler's mark in its inputs (in-process use, as here), a run fills outer_previews
+    whatever the hidden prompt shows connected, and gives the same samples either way."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
 
     _, model, cond, _ = family

@@ -130,7 +130,7 @@ def test_the_editor_runs_the_frontend_under_test(page):
 
 
 def test_finish_now_notices_use_the_frontends_current_toast_api(page):
-    """Issue 12: the extension adds its button from its own nodeCreated hook, and its notices use toast.info /
+    """The extension adds its button from its own nodeCreated hook, and its notices use toast.info /
     success / warning where the frontend has them (toast.add is deprecated there), toast.add on older ones. Finish
     now on a node that is not sampling says so in a toast."""
     result = page.evaluate("""async () => {

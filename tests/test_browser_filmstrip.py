@@ -10,8 +10,7 @@ The same conventions as tests/test_browser_steering.py (whose page fixture and h
 * ``test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item`` runs the demo for real on the exact
   exemplar model: K x B images arrive during a 4 x 4 run. Then a long run of the digits demo (the learned model,
   whose calls take as long as a small real model's): a real click on "keep only this" as soon as it is offered
-  makes the run continue with that item only, and "Finish now" ends it. It needs the sampler side of issue 14
-  (the candidates event, honouring the pick).
+  makes the run continue with that item only, and "Finish now" ends it.
 
 Screenshots go to test-artifacts/{filmstrip_events,filmstrip,filmstrip_pick}.png; with NESTED_UPDATE_DOCS=1
 filmstrip.png (the 4 x 4 run) also goes to docs/steering/.
@@ -228,7 +227,7 @@ def load_nested_half(page, path, model_title: str, name: str) -> tuple:  # noqa:
 
 
 def test_filmstrip_fills_during_a_run_and_keep_only_this_continues_one_item(page, comfy_server):  # noqa: F811
-    """Needs the sampler side of issue 14. A 4 x 4 run of batch 4 fills the strip with 16 labelled images; a long
+    """A 4 x 4 run of batch 4 fills the strip with 16 labelled images; a long
     run of the digits demo, "keep only this" clicked on batch item 2 as soon as it is offered: the run continues only
     that item (picked event, one-image candidates), then Finish now ends it and Save shows the one kept image."""
     sampler, save, latent, model = load_nested_half(page, DEMO, "Exemplar Mixture Model (testing)", "filmstrip")

@@ -1,4 +1,4 @@
-"""What newer ComfyUI releases added and a sampler pack must honour (issue 12), on the exact exemplar model:
+"""What newer ComfyUI releases added and a sampler pack must honour, on the exact exemplar model:
 inner processes see their own schedule in ``transformer_options["sample_sigmas"]`` (ComfyUI's context windows,
 hook keyframes and some video models look the current sigma up there), the flow outer step with ``outer_eta``
 honours ``model_sampling.noise_scale`` where the version has it, previews of a NestedTensor ``x0`` (multi-latent
@@ -83,8 +83,8 @@ def context_windows_model(model, context_length, overlap, dim):
 
 
 def test_context_windows_run_inside_every_inner_diffusion(pack):
-    """Issue 12: ComfyUI's context windows look the current sigma up in sample_sigmas and raised "No sample_sigmas
-    matched current timestep" inside nested runs, whose inner sigmas are not in the outer schedule. Windows of 16
+    """ComfyUI's context windows look the current sigma up in sample_sigmas ("No sample_sigmas matched current
+    timestep" where it is missing): every inner diffusion must see its own schedule there. Windows of 16
     over the 32-wide latent of the tiny SD1.5 UNet (a convolutional model runs on any window)."""
     from comfyui_nested_diffusion.tools import models as tiny_models
 
@@ -111,7 +111,7 @@ def test_context_windows_run_inside_every_inner_diffusion(pack):
 
 @pytest.mark.parametrize("outer_step, outer_eta", [("ddim", 1.0), ("ddim", 0.5), ("renoise", 0.0), ("trajectory", 0.0)])
 def test_flow_outer_steps_honour_the_models_noise_scale(pack, outer_step, outer_eta):
-    """Issue 12: ComfyUI 0.21.1 added ``model_sampling.noise_scale`` (flow models whose noise is scaled, e.g.
+    """ComfyUI 0.21.1 added ``model_sampling.noise_scale`` (flow models whose noise is scaled, e.g.
     HiDream-O1's 8): ``x = (1 - s) x0 + s * noise_scale * eps``. The outer state at every outer sigma must have
     that much noise around the previous inner result, so the fresh noise of ancestral and renoise steps is scaled."""
     import copy
@@ -191,9 +191,9 @@ def comfy_version() -> tuple[int, ...]:
 
 
 def test_multi_latent_models_show_their_first_latent_in_previews_and_outer_previews(pack, previews_on):
-    """Issue 12: since ComfyUI 0.30.0 a multi-latent model (video with audio) samples a NestedTensor latent, packed
-    flat for the sampler and handed to callbacks as a NestedTensor ``x0`` (which stopped NestedKSampler). Its live
-    previews and outer_previews now show the first latent, as ComfyUI's own previews do. The exact exemplar model
+    """Since ComfyUI 0.30.0 a multi-latent model (video with audio) samples a NestedTensor latent, packed flat for
+    the sampler and handed to callbacks as a NestedTensor ``x0``. Its live previews and outer_previews show the first
+    latent, as ComfyUI's own previews do. The exact exemplar model
     stands in for such a model: two image latents, packed by ComfyUI, unpacked around every model evaluation."""
     nested_tensor = pytest.importorskip("comfy.nested_tensor", reason="this ComfyUI has no multi-latent models")
     if comfy_version() < (0, 30, 0):

@@ -44,7 +44,7 @@ def assert_differs(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads and spin-wait on a busy 2-core machine."""
+    """Tiny models gain nothing from intra-op threads and spin-wait on a machine with few, shared cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -126,7 +126,7 @@ def _stale_reports(solver):
 @pytest.mark.parametrize("flow", [False, True])
 def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
     """N(0, 1) data, an exact ODE inside (50 Euler steps): the paper's step widens the spread at every outer step,
-    the renoise step keeps it (issue 10's defect, without ComfyUI)."""
+    the renoise step keeps it (without ComfyUI)."""
     outer = torch.tensor([0.95, 0.8, 0.5, 0.25, 0.0]) if flow else torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
     model = _gaussian_posterior_mean(flow)
 
@@ -212,7 +212,7 @@ def test_projected_costs_follow_what_inner_processes_really_spent():
 
 
 def test_stop_rule_budget_uses_what_was_really_spent():
-    """Issue 12: an adaptive solver that spends more than measured must not take the run past max_nfe."""
+    """An adaptive solver that spends more than measured must not take the run past max_nfe."""
     rule = StopRule(nfe_per_outer=[10, 10, 10, 10], max_nfe=40)
     assert rule(0, 14) is None  # 14 spent: the next is projected at 14 too, 28 fits
     assert rule(1, 28) == "max_nfe"  # a third at 14 would end at 42
@@ -295,7 +295,7 @@ def test_outer_noise_of_an_item_does_not_depend_on_its_batch():
 @pytest.mark.parametrize("renoise, eta, trajectory", [(True, 0.0, False), (False, 0.5, False), (False, 0.0, False),
                                                       (False, 0.0, True)])
 def test_a_pick_continues_the_kept_item_as_the_full_batch_would(renoise, eta, trajectory):
-    """Issue 14: keeping batch position 1 after outer step 1 runs the rest on that item alone (1/B of the model
+    """Keeping batch position 1 after outer step 1 runs the rest on that item alone (1/B of the model
     work) and gives what the full batch gives that item: the pack's outer noise is drawn per item."""
     sigmas = torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
     inner = [sigma * torch.linspace(1, 0, 6) for sigma in sigmas[:-1]]

@@ -1,8 +1,8 @@
-"""Nested samples keep the data's distribution (issue 10), measured on data wider than the smallest sigma.
+"""Nested samples keep the data's distribution, measured on data wider than the smallest sigma.
 
 The exact denoiser with one exemplar and spread 1.0 in latent units is N(0, I) data: the final samples'
-standard deviation must be the data's (1.0), not only near a mode. Before the fix the eta-0 outer step after a
-deterministic inner solver gave 1.4 (euler) to 1.7-2.0 (dpmpp_2m): reproduced below with outer_step "ddim".
+standard deviation must be the data's (1.0), not only near a mode. The paper's eta-0 outer step after a
+deterministic inner solver gives 1.4 (euler) to 1.7-2.0 (dpmpp_2m): reproduced below with outer_step "ddim".
 The measuring code is the benchmark's (bench/spread.py), so the test and the report cannot drift apart.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property-based fuzzing through the API (issue 13, item 8): random NestedKSampler / NestedKSamplerAdvanced /
+"""Property-based fuzzing through the API: random NestedKSampler / NestedKSamplerAdvanced /
 NestedSampler in SamplerCustomAdvanced / InnerSolverSelect / OuterStepPreview inputs, within and at the edges of the node limits, queued on the session's real
 ComfyUI server. Every prompt either runs or stops with a clear error within a bounded time (a prompt still running
 after RUN_SECONDS is cancelled, and the Cancel must be honoured within CANCEL_SECONDS), the server stays up with an
@@ -36,7 +36,7 @@ EXAMPLES = int(os.environ.get("NESTED_FUZZ_EXAMPLES", "25"))
 RUN_SECONDS = 4.0  # then Cancel
 CANCEL_SECONDS = 3.0  # a Cancel must end the prompt within this long
 # No shrinking: every example costs up to RUN_SECONDS + CANCEL_SECONDS, and Hypothesis's shrinking of one failure
-# runs hundreds of them (it kept the suite busy past CI's limit at the end of session 9); the failing prompt is
+# runs hundreds of them (enough to take the suite past CI's time limit); the failing prompt is
 # reported as generated.
 NO_SHRINKING = [Phase.explicit, Phase.generate]
 BASIC_SCHEDULER_LIMIT = 20000  # sigmas BasicScheduler may compute for a fuzzed SAMPLER-path prompt (about 0.6 s)

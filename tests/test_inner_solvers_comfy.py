@@ -102,8 +102,8 @@ def run_with_budget(pack, model, cond, sampler_name, scheduler, outer, inner, ma
 
 @pytest.mark.parametrize("sampler_name", all_sampler_names())
 def test_max_nfe_is_never_exceeded_and_fits_the_outer_steps_it_can(eps_family, pack, sampler_name):
-    """Issue 12: costs come from running the bound solver, not a hand-kept table (0.33.0's exp_heun_2_x0 planned
-    24 NFEs and counted 45; max_nfe 24 spent 30)."""
+    """Costs come from running the bound solver, so a solver that spends more calls per step than its name suggests
+    (0.33.0's exp_heun_2_x0: 2) is planned right and max_nfe holds."""
     model, cond, _ = eps_family
     outer, inner = 4, 6
     plan = plan_nested_run_for(model, sampler_name, "karras", outer, inner)
@@ -129,7 +129,7 @@ def plan_nested_run_for(model, sampler_name, scheduler, outer, inner):
 
 @pytest.mark.parametrize("max_nfe", [30, 37, 44, 51, 58, 65, 80, 100])
 def test_dpm_adaptive_never_exceeds_max_nfe(any_family, pack, max_nfe):
-    """Issue 12's reproduction on 0.3.75: dpm_adaptive with max_nfe 30 spent 42. It picks its own steps, so the
+    """dpm_adaptive with max_nfe 30 must spend at most 30. It picks its own steps, so the
     budget goes by what each inner diffusion really spent, and a hard limit cuts one that would overrun."""
     model, cond, _ = any_family
     try:

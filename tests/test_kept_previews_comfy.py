@@ -1,4 +1,4 @@
-"""outer_previews keeps a bounded, evenly spread selection of outer steps (issue 13, item 6): the rule in
+"""outer_previews keeps a bounded, evenly spread selection of outer steps: the rule in
 nodes/kept_previews.py and docs/reliability.md."""
 import pytest
 import torch

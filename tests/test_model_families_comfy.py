@@ -58,8 +58,8 @@ class Family:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """These models are too small to gain from intra-op threads, and on a busy 2-core machine the
-    threads' spin-waiting multiplied this file's CPU time by ten; restored for the other test files."""
+    """These models are too small to gain from intra-op threads, and on a machine with few, shared cores
+    the threads' spin-waiting multiplies this file's CPU time; restored for the other test files."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

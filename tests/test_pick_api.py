@@ -9,7 +9,7 @@ Three groups:
   another client's pick (403), an unknown prompt or node (404), and stale picks after the run ended (404/409).
 * The sampler honouring a pick (``test_sampler_keeps_only_the_picked_item``): the ``nested_diffusion.candidates``
   events, the ``nested_diffusion.picked`` event, the batch shrinking to the kept item, and the kept item ending
-  where it would have in the full batch. This part needs the sampler side of issue 14.
+  where it would have in the full batch.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_pick_refuses_other_clients_unknown_and_stale_runs(comfy_server, client,
     assert [r["prompt_id"] for r in stale[0].answer["running"]] == [second]
 
 
-# -- the sampler honouring the pick (needs the sampler side of issue 14) -------------------------------------------
+# -- the sampler honouring the pick ---------------------------------------------------------------------------------
 def decode_data_url(url: str):
     head, _, data = url.partition(",")
     assert head == "data:image/jpeg;base64", head
@@ -290,7 +290,7 @@ def test_sampler_keeps_only_the_picked_item(comfy_server, client, exemplar_defau
 
 
 def test_candidates_event_images_are_small_jpeg_previews(client, exemplar_defaults):
-    """Every outer step sends one preview per batch item (needs the sampler side of issue 14)."""
+    """Every outer step sends one preview per batch item."""
     prompt_id, events = client.run(nested_prompt(seed=94, prefix="nested_candidates",
                                                  exemplar_defaults=exemplar_defaults), timeout=120)
     candidates = of_type(events, CANDIDATES_EVENT, SAMPLER)

@@ -1,4 +1,4 @@
-"""Keep one candidate mid-run (issue 14), inside a real ComfyUI: the run continues with the kept batch item only.
+"""Keep one candidate mid-run, inside a real ComfyUI: the run continues with the kept batch item only.
 
 The pick goes through the registry the HTTP route ``/nested_diffusion/pick`` uses (``nodes/finish.py``), requested
 while the first inner diffusion runs, so it is applied at the first outer boundary. The measuring code is the
