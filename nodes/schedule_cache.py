@@ -109,8 +109,8 @@ FAST_TWINS: dict[str, Callable[[Any, int], torch.Tensor]] = {
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run torch on one intra-op thread for a while, then restore the setting. Planning runs thousands of small
-    tensor operations; on a busy 2-core machine each multi-threaded one waits for the other core (measured: 15 ms
-    instead of 0.05 ms for an operation on 5000 sigmas)."""
+    tensor operations; where the cores are busy with other work each multi-threaded one waits for the others
+    (measured: 15 ms instead of 0.05 ms for an operation on 5000 sigmas)."""
     before = torch.get_num_threads()
     if before > 1:
         torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""A class-conditional diffusion model of handwritten digits, trained in this repository (issue 10).
+"""A class-conditional diffusion model of handwritten digits, trained in this repository.
 
 - ``data``: scikit-learn's digits as 16x16 RGB images in [-1, 1], the fixed train / held-out split and the
   conditioning encoding (pure torch);
