@@ -54,12 +54,14 @@ def optional_inputs() -> list:
                                "(at the speed measured so far) and return the latest image."),
         io.Combo.Input("outer_step", options=list(OUTER_STEP_MODES), default="auto", optional=True,
                        tooltip="How the outer state moves on after each inner diffusion. ddim: the paper's step "
-                               "(exact when the inner solver returns a posterior sample: ancestral/SDE solvers). "
+                               "(exact when the inner solver returns a sample of the posterior, as dpmpp_sde or seeds_2 do; "
+                               "ancestral solvers come close). "
                                "renoise: the inner result diffused afresh (exact for any solver, needed for "
                                "deterministic ones like euler or dpmpp_2m, whose images otherwise get too much "
                                "contrast). trajectory: continue from the inner solver's own state at the next outer "
                                "sigma (keeps the solver's own KSampler distribution; solvers that report no path "
-                               "re-noise). auto: measures the inner solver and picks ddim or renoise."),
+                               "re-noise). auto: measures the inner solver and picks ddim (posterior samplers; "
+                               "ancestral solvers on flow models) or renoise (the rest)."),
         io.Float.Input("update_seconds", default=0.0, min=0.0, max=3600.0, step=0.5, optional=True,
                        tooltip="0: off. Otherwise a new image about every this many seconds: outer_steps x inner_steps "
                                "becomes the step budget, the first inner diffusion runs inner_steps steps, and each "
