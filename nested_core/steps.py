@@ -9,6 +9,8 @@ from .schedules import MAX_TOTAL_STEPS
 
 # Solvers that evaluate the model twice per step, except on the step that ends at sigma 0 (plain Euler, or
 # for sa_solver_pece no corrector evaluation there). Checked against counted model calls in the tests.
+# Planning measures every solver's cost (nodes/solver_cost.py); these names only give an estimate where the
+# measurement cannot run, and scale the measured cost onto the later steps of an update_seconds re-plan.
 TWO_STAGE_SOLVERS = frozenset({
     "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
     "dpmpp_sde", "dpmpp_sde_gpu", "seeds_2", "sa_solver_pece",

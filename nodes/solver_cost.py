@@ -1,11 +1,12 @@
-"""What an inner diffusion costs, measured by running the bound solver, not looked up in a list of names.
+"""What an inner diffusion costs, measured by running the bound solver rather than looked up by its name.
 
 Before a run, the bound solver (ComfyUI's, a third-party one, any eta) runs over every inner schedule on the
 counting stand-in denoiser of ``solver_probe``: its model calls are the plan's NFEs, for every sampler of every
 ComfyUI release (``exp_heun_2_x0`` spends 2 calls per step in 0.33.0; a name table kept by hand missed it).
 It runs on two different inputs: a solver whose calls differ between them (``dpm_adaptive``) picks its steps from
 the model's answers, so its plan is an estimate, and the budget rule then goes by what each inner diffusion really
-spent (``nested_core.budget.projected_costs``). Results are cached per solver, options and schedule.
+spent (``nested_core.budget.projected_costs``). Results are cached per solver, options and schedule. The name
+table in ``nested_core.steps`` is only an estimate where the stand-in cannot drive a solver (``fallback``).
 """
 from __future__ import annotations
 
