@@ -115,7 +115,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                                          latent_image, denoise_mask, disable_pbar)
             finally:
                 self.sampler_function = None  # its closure holds the run's state
-            rerun.stopped_early(results[0].stop_reason)  # a stop not given by the inputs defeats ComfyUI's cache
+            rerun.run_ended(results[0])  # a stop or pick not given by the inputs defeats ComfyUI's cache
         self.last_result = without_latents(results[0]) if self.cached_output else results[0]
         if self.cached_output:
             reporter.previewer = None  # a TAESD previewer is a model

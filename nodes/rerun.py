@@ -1,13 +1,14 @@
-"""Honest caching: a nested sampler whose run ended early for a reason that is not one of its inputs samples again.
+"""Honest caching: a nested sampler whose result depends on something that is not one of its inputs samples again.
 
 ComfyUI serves a node from its cache when the node's inputs and its ``fingerprint_inputs`` (V1: ``IS_CHANGED``)
-are unchanged. A run ended by Finish now or by ``max_seconds`` is not what those inputs give (the same prompt,
-left alone, runs further), so the next identical prompt must sample again. A ``max_nfe`` stop is a function of the
+are unchanged. A run ended by Finish now or by ``max_seconds``, or narrowed to one batch item by a pick (``POST
+/nested_diffusion/pick``), is not what those inputs give (the same prompt, left alone, runs further with its whole
+batch), so the next identical prompt, from any client, must sample again. A ``max_nfe`` stop is a function of the
 inputs (the same outer steps every time) and stays cacheable, like a cancelled run's absence from the cache.
 
 The nested sampler nodes' ``fingerprint_inputs`` returns a generation number for their constant inputs (linked
-inputs reach ``fingerprint_inputs`` as None); a run that ends early bumps the generation of the inputs it ran with,
-read from the queued prompt. Two nodes with the same constants share a generation: an early finish of one makes the
+inputs reach ``fingerprint_inputs`` as None); a run whose result depends on more than its inputs bumps the generation
+of the inputs it ran with, read from the queued prompt. Two nodes with the same constants share a generation: an early finish of one makes the
 other sample once more too, which costs time but never serves a wrong image.
 """
 from __future__ import annotations
@@ -86,5 +87,18 @@ def running_node(key: Optional[tuple]) -> Iterator[None]:
 def stopped_early(reason: Optional[str]) -> None:
     """Called when a nested run ends: a stop that is not a function of the inputs invalidates the running node."""
     if reason in NOT_FROM_INPUTS:
+        invalidate(getattr(_current, "key", None))
+
+
+def depends_on_more_than_inputs(result: Any) -> bool:
+    """Whether a nested run's result (a ``NestedResult``) is not what its inputs alone give: a stop for a reason
+    outside them, or a pick (``kept``: the batch position a client's pick kept)."""
+    return getattr(result, "stop_reason", None) in NOT_FROM_INPUTS or getattr(result, "kept", None) is not None
+
+
+def run_ended(result: Any) -> None:
+    """Called when a nested run ends: a result that depends on more than the inputs invalidates the running node,
+    so that the next identical prompt samples again instead of being served this one."""
+    if depends_on_more_than_inputs(result):
         invalidate(getattr(_current, "key", None))
 

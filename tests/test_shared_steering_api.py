@@ -1,0 +1,77 @@
+"""Steering on a shared server, tried as a careless or hostile client would: a pick must not poison ComfyUI's cache,
+steering needs the run's own client id, and a run's planning and websocket traffic stay bounded.
+
+Every test drives the session's real ComfyUI server (the comfy_server fixture) over HTTP and the websocket with the
+pack's exact exemplar model, with clients of their own (their own client ids).
+"""
+from __future__ import annotations
+
+import itertools
+
+import requests
+from api_helpers import SAMPLER, SAVE, nested_prompt, of_type
+from comfyui_nested_diffusion.protocol import CANDIDATES_EVENT, FINISH_ROUTE, PICK_ROUTE, PICKED_EVENT, RUNNING_ROUTE
+from comfyui_nested_diffusion.tools.api_graphs import custom_sampler_graph
+from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient
+from test_reliability_api import attempt, ran
+
+_SEEDS = itertools.count(25_000_001)  # seeds no other test file uses
+
+
+def fresh_seed() -> int:
+    return next(_SEEDS)
+
+
+def batch_prompt(ex: dict, *, batch: int = 4, outer: int = 12, inner: int = 4, seed: int | None = None) -> dict:
+    """NestedKSampler at ``batch``, its images saved; no OuterStepPreview."""
+    prompt = nested_prompt(fresh_seed() if seed is None else seed, outer_steps=outer, inner_steps=inner,
+                           prefix="steering", exemplar_defaults=ex)
+    prompt["2"]["inputs"]["batch_size"] = batch
+    del prompt["7"]
+    return prompt
+
+
+def saved_images(client, prompt_id: str) -> list:
+    return client.history(prompt_id)["outputs"][SAVE]["images"]
+
+
+def run_with_a_pick(client, prompt: dict, index: int, node: str = SAMPLER) -> tuple[str, list]:
+    """Queue ``prompt`` and pick batch item ``index`` as soon as the first candidates arrive."""
+    prompt_id = client.queue_prompt(prompt)
+    events = []
+    for event in client.stream(prompt_id, timeout=180):
+        events.append(event)
+        if event["type"] == CANDIDATES_EVENT and event["data"]["outer_step"] == 1:
+            assert client.pick(prompt_id, node, index)["picking"] is True
+    assert len(of_type(events, PICKED_EVENT)) == 1, "the pick was not applied"
+    return prompt_id, events
+
+
+# -- a pick must not poison the cache ------------------------------------------------------------------------------
+def test_the_identical_prompt_after_a_picked_run_samples_again(comfy_server, exemplar_defaults):
+    """Client A picks batch item 2 of a batch of 4 and gets one image. Client C then queues the identical prompt: it
+    was served A's single picked image from ComfyUI's cache without sampling. Now it samples and gets all four; the
+    same prompt once more (a full run before it) is cached as usual."""
+    prompt = batch_prompt(exemplar_defaults)
+    with ComfyAPIClient(comfy_server.url) as a, ComfyAPIClient(comfy_server.url) as c:
+        picked_id, _ = run_with_a_pick(a, prompt, 2)
+        assert len(saved_images(a, picked_id)) == 1
+        again = attempt(c, prompt)
+        assert again.kind == "ok", again.describe()
+        assert ran(again, SAMPLER), "the picked run's image was served from the cache to another client"
+        assert len(saved_images(c, again.prompt_id)) == 4
+        third = attempt(c, prompt)
+        assert third.kind == "ok" and not ran(third, SAMPLER), "a full run must still be served from the cache"
+        assert len(saved_images(c, third.prompt_id)) == 4
+
+
+def test_a_picked_run_through_nested_sampler_makes_samplercustomadvanced_sample_again(comfy_server, exemplar_defaults):
+    prompt = custom_sampler_graph({}, steps=13, scheduler="normal", denoise=1.0, cfg=1.0, noise_seed=fresh_seed(),
+                                  batch=4, size=32, exemplar_defaults=exemplar_defaults, prefix="steering_custom")
+    with ComfyAPIClient(comfy_server.url) as a, ComfyAPIClient(comfy_server.url) as c:
+        picked_id, _ = run_with_a_pick(a, prompt, 1)
+        assert len(saved_images(a, picked_id)) == 1
+        again = attempt(c, prompt)
+        assert again.kind == "ok", again.describe()
+        assert ran(again, SAMPLER), "SamplerCustomAdvanced served the picked run's image from the cache"
+        assert len(saved_images(c, again.prompt_id)) == 4
