@@ -7,6 +7,7 @@ eps, v and flow models: ``x_next = x0 + sigma_next * (x - x0) / sigma``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -19,25 +20,31 @@ from .errors import NestedDiffusionError
 InnerSolver = Callable[..., torch.Tensor]  # k-diffusion signature: (model, x, sigmas, extra_args=, callback=, disable=)
 OuterNoiseFn = Callable[[int, torch.Tensor, Sequence[int]], torch.Tensor]  # (outer index, x, batch indices) -> N(0, I) like x
 
-_SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads derived seeds far apart; any odd 64-bit constant works
+def derive_seed(seed: Optional[int], stream: int, index: int, item: Optional[int] = None) -> Optional[int]:
+    """A deterministic seed for noise stream ``stream`` at outer step ``index`` (and batch item ``item``).
 
-
-def derive_seed(seed: Optional[int], stream: int, index: int) -> Optional[int]:
-    """A deterministic seed for noise stream ``stream`` at outer step ``index``; stream 0 step 0 is ``seed`` itself."""
+    A hash of the whole tuple, never a sum: with a sum, (step k, item i) and (step k - 1, item i + 1) would get
+    the same seed, and every re-noised outer step of a batch would reuse its neighbours' noise, so that batch items
+    collapse onto each other. Stream 0 step 0 without an item is ``seed`` itself: one outer step samples exactly as
+    KSampler with that seed."""
     if seed is None:
         return None
-    return (int(seed) + (stream * 1_000_003 + index) * _SEED_STRIDE) % (2**63)
+    if stream == 0 and index == 0 and item is None:
+        return int(seed)
+    key = f"nested-diffusion/{int(seed)}/{int(stream)}/{int(index)}/{'-' if item is None else int(item)}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def seeded_outer_noise(seed: Optional[int], stream: int = 1) -> OuterNoiseFn:
     """Noise for re-noised and ancestral outer steps, reproducible from the node's seed (a stream of its own; stream 2:
-    the noise a stage that ends early hands on with its state). Drawn per batch item from the item's own seed, so an
-    item gets the same outer noise whatever the batch around it: the noise function is given the items' indices in
-    the original batch (ComfyUI's ``batch_index`` of a LatentFromBatch latent; 0, 1, ... by default)."""
+    the noise a stage that ends early hands on with its state). Drawn per batch item from a seed of its own, a hash of
+    (seed, stream, outer step, item), so an item gets the same outer noise whatever the batch around it: the noise
+    function is given the items' indices in the original batch (ComfyUI's ``batch_index`` of a LatentFromBatch
+    latent; 0, 1, ... by default)."""
 
-    def item_noise(step_seed: Optional[int], item: int, shape: tuple) -> torch.Tensor:
+    def item_noise(index: int, item: int, shape: tuple) -> torch.Tensor:
         generator = torch.Generator(device="cpu")
-        derived = derive_seed(step_seed, 3, item)
+        derived = derive_seed(seed, stream, index, item)
         if derived is None:
             generator.seed()
         else:
@@ -45,8 +52,7 @@ def seeded_outer_noise(seed: Optional[int], stream: int = 1) -> OuterNoiseFn:
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     def noise(index: int, x: torch.Tensor, items: Sequence[int]) -> torch.Tensor:
-        step_seed = derive_seed(seed, stream, index)
-        drawn = torch.stack([item_noise(step_seed, int(item), tuple(x.shape[1:])) for item in items])
+        drawn = torch.stack([item_noise(index, int(item), tuple(x.shape[1:])) for item in items])
         return drawn.to(device=x.device, dtype=x.dtype)
 
     return noise
