@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's benchmark command (not part of the test run): NestedKSampler vs ComfyUI's KSampler at equal NFEs,
+# The benchmark (docs/maintainers.md; not part of the test run): NestedKSampler vs ComfyUI's KSampler at equal NFEs,
 # inside a real ComfyUI process. Builds the environment if needed (venv + real ComfyUI), then runs
 # bench/run_benchmark.py; results (JSON, PNG, summary.md) land in bench/results/. Exits 1 if a target fails.
 # Arguments go to the benchmark, e.g. scripts/bench.sh --quick, scripts/bench.sh --parts quality

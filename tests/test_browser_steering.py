@@ -15,7 +15,7 @@ dismissed first. Three ways to steer a run, each run for real on the exact exemp
   stage 1 samples the broad prompt, every final image is what the stage 2 prompt names.
 
 Screenshots go to test-artifacts/{finish_now,pick_candidate,prompt_refine}.png; with NESTED_UPDATE_DOCS=1 they
-also replace the README's pictures in docs/steering/.
+also replace the pictures in docs/steering/ (shown in docs/steering.md).
 """
 from __future__ import annotations
 

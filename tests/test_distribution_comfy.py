@@ -56,7 +56,7 @@ def test_eta0_outer_step_after_an_ode_widens_the_spread(pack, prediction, shift,
 def test_every_inner_solver_keeps_the_spread_or_its_own_accuracy(pack, prediction, shift):
     """Every sampler a user can pick, at the node's defaults (normal, 4 x 10, auto): within 10% of the data's
     spread, or no further off than the same solver's own KSampler run of 10 steps (one inner process: nested
-    cannot be more exact than that) or 40 steps. Exceptions are listed in bench/spread.py and the README."""
+    cannot be more exact than that) or 40 steps. Exceptions are listed in bench/spread.py and docs/results.md."""
     import comfy.samplers
 
     model = gaussian_model(prediction, shift)

@@ -1,7 +1,7 @@
 """Reliability through the API: bad input, Cancel, many prompts, same seed same image, and where files go.
 
 Everything runs on the session's real ComfyUI server (the `comfy_server` fixture) with the pack's exact exemplar
-model, so no weights are needed and each prompt takes a fraction of a second. The README's "Reliability" section has the table of
+model, so no weights are needed and each prompt takes a fraction of a second. docs/reliability.md has the table of
 the bad inputs tried here and what each one gets.
 
 ComfyUI caches node outputs: a prompt identical to the previous one is served from the cache without sampling.
