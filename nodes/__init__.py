@@ -9,13 +9,15 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from ..demo_models.digits.nodes import NestedDigitsModel, NestedDigitsPrompt
     from ..demo_models.exemplar.nodes import NestedExemplarModel, NestedExemplarPrompt
     from .inner_solver import InnerSolverSelect
+    from .measurement import NestedDegradeImage, NestedInverseProblem
     from .nested_ksampler import NestedKSampler, NestedKSamplerAdvanced
     from .nested_sampler import NestedSampler
     from .outer_preview import OuterStepPreview
     from .pick_candidate import NestedPickCandidate
 
     return [NestedKSampler, NestedKSamplerAdvanced, NestedSampler, InnerSolverSelect, OuterStepPreview,
-            NestedPickCandidate, NestedExemplarModel, NestedExemplarPrompt, NestedDigitsModel, NestedDigitsPrompt]
+            NestedPickCandidate, NestedExemplarModel, NestedExemplarPrompt, NestedDigitsModel, NestedDigitsPrompt,
+            NestedInverseProblem, NestedDegradeImage]
 
 
 class NestedDiffusionExtension(ComfyExtension):
