@@ -33,7 +33,7 @@ def _shown(version: tuple[int, int, int]) -> str:
 
 def version_message(found: Optional[str]) -> tuple[int, str]:
     """(logging level, message) for the ComfyUI version ``found``."""
-    tested = f"tested on {_shown(TESTED_OLDEST)} to {_shown(TESTED_NEWEST)}"
+    tested = f"tested on {_shown(TESTED_OLDEST)} and {_shown(TESTED_NEWEST)}"  # those two only, not the releases between
     version = parse_version(found)
     if version is None:
         return logging.WARNING, (f"nested diffusion: could not tell which ComfyUI this is (version {found!r}); {tested}. "

@@ -149,7 +149,7 @@ def test_the_pack_logs_the_comfyui_version_at_load_and_warns_outside_the_tested_
     assert version_check.TESTED_OLDEST <= version_check.parse_version(found) <= version_check.TESTED_NEWEST
     with caplog.at_level("INFO"):
         message = version_check.log_comfyui_version()
-    assert f"ComfyUI {found} (tested on 0.3.75 to 0.33.0)" in message
+    assert f"ComfyUI {found} (tested on 0.3.75 and 0.33.0)" in message
     assert [r.levelname for r in caplog.records if "nested diffusion: ComfyUI" in r.getMessage()] == ["INFO"]
     for version, warned in [("0.3.60", "older"), ("0.34.1", "newer"), ("1.2.0", "newer"), ("unknown", "could not tell"),
                             ("0.3.75", None), ("0.12.3", None), ("0.33.4", None)]:
@@ -163,7 +163,7 @@ def test_the_running_server_logged_its_comfyui_version(comfy_server):
     import comfyui_version
 
     log = comfy_server.log_path.read_text(encoding="utf-8", errors="replace")
-    assert f"nested diffusion: ComfyUI {comfyui_version.__version__} (tested on 0.3.75 to 0.33.0)" in log
+    assert f"nested diffusion: ComfyUI {comfyui_version.__version__} (tested on 0.3.75 and 0.33.0)" in log
 
 
 @pytest.fixture
