@@ -1,14 +1,14 @@
 """Whether a nested sampler's ``outer_previews`` output is taken by any node of the queued prompt.
 
 A run keeps a copy of its inner results for that output (up to 64 images, see kept_previews). Where nothing takes
-the output, those copies are memory for nothing: on small latents they were the whole of the pack's peak-memory
-excess over KSampler. But whether an output is connected is not part of ComfyUI's cache key (a node's key is its
+the output, those copies are memory for nothing (on small latents, without the mark, they are the whole of the
+measured peak-memory excess over KSampler). But whether an output is connected is not part of ComfyUI's cache key (a node's key is its
 class, its inputs and its ancestors), so a run cached without previews could be served to a later prompt that
 connects a preview node. So the server's prompt handler (``PromptServer.add_on_prompt_handler``, run on every
 ``POST /prompt``) writes the answer into each nested sampler node's inputs as ``MARK``: ComfyUI validates and passes
 only the inputs a node declares, but its cache key holds all of them, so connecting the output changes the key.
 A node skips the copies only where the mark says False; a prompt queued another way (in-process, a node expanded
-by another node) keeps them as before.
+by another node) keeps them.
 """
 from __future__ import annotations
 
