@@ -11,12 +11,16 @@ Routes (``protocol.py`` names them):
 * ``POST /nested_diffusion/pick`` with ``{"prompt_id", "node" (or "node_id"), "index", "client_id"}`` asks that
   run to keep only batch item ``index`` (its position in the batch) from its next outer boundary on; one pick
   per run.
-* ``GET /nested_diffusion/running?client_id=...`` lists the runs that client can finish or pick in (without
-  ``client_id``: every run, without their client ids), with their ``batch_size``.
+* ``GET /nested_diffusion/running?client_id=...`` lists the runs that client can finish or pick in, with their
+  ``batch_size`` (without ``client_id``: only the runs of prompts queued without one).
 
-With a ``client_id`` that is not the run's, both POST routes refuse (403): a client steers only its own runs
-(the web extension always sends its tab's). 400: a malformed request or an index out of range; 404: no such run
-(the answer lists the client's runs); 409: nothing runs, or (pick) the run cannot take a pick now.
+A request steers a run only with the ``client_id`` the run's prompt was queued with: another client's id, or none
+for a run queued with one, is refused (403) and changes nothing (the web extension always sends its tab's). A prompt
+queued without a ``client_id`` can be steered by requests that name none. ComfyUI itself has no authentication: the
+client ids are not secrets (``GET /queue`` shows them) and ``POST /interrupt`` stops anyone's run, so this keeps
+clients from steering each other's runs by mistake or by guessing, not from an attacker who reads the queue.
+400: a malformed request or an index out of range; 404: no such run (the answer lists the client's runs); 409:
+nothing runs, or (pick) the run cannot take a pick now.
 """
 from __future__ import annotations
 
@@ -153,14 +157,18 @@ def _entry(key: tuple[str, str], control: RunControl) -> dict:
     return {"prompt_id": key[0], "node_id": key[1], "batch_size": control.batch_size, "picked": control.picked}
 
 
+def _may_steer(key: tuple[str, str], client_id: Optional[str]) -> bool:
+    """Only the client whose id the run's prompt was queued with (None: a prompt queued without one)."""
+    return _clients.get(key) == client_id
+
+
 def _visible(client_id: Optional[str]) -> list[dict]:
-    return [_entry(key, control) for key, control in _running.items()
-            if client_id is None or _clients.get(key) == client_id]
+    return [_entry(key, control) for key, control in _running.items() if _may_steer(key, client_id)]
 
 
 def running_runs(client_id: Optional[str] = None) -> list[dict]:
-    """The runs that can be steered now (``prompt_id``, ``node_id``, ``batch_size``: None until the sampler reports
-    it, ``picked``: the kept batch position or None); only ``client_id``'s when given."""
+    """The runs ``client_id`` can steer now (``prompt_id``, ``node_id``, ``batch_size``: None until the sampler reports
+    it, ``picked``: the kept batch position or None); ``client_id`` None: the runs queued without a client id."""
     with _lock:
         return _visible(client_id)
 
@@ -174,13 +182,16 @@ def _find(prompt_id: str, node_id: str, client_id: Optional[str], verb: str) -> 
     if control is None:
         return None, 404, {"error": f"no running nested sampler for prompt_id {prompt_id!r} and node_id {node_id!r}",
                            "running": _visible(client_id)}
-    if client_id is not None and _clients.get((prompt_id, node_id)) != client_id:
+    if not _may_steer((prompt_id, node_id), client_id):
+        if client_id is None:
+            return None, 403, {"error": f"that run was queued with a client_id: send it as client_id to {verb} it (a "
+                                        f"client can {verb} only its own runs)"}
         return None, 403, {"error": f"that run was queued by another client: a client can {verb} only its own runs"}
     return control, 0, {}
 
 
 def request_finish(prompt_id: str, node_id: str, client_id: Optional[str] = None) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for a finish request; with ``client_id``, only for a run that client queued."""
+    """(HTTP status, JSON body) for a finish request: only for a run queued with ``client_id`` (None: without one)."""
     with _lock:
         control, status, answer = _find(prompt_id, node_id, client_id, "finish")
         if control is None:
@@ -191,7 +202,7 @@ def request_finish(prompt_id: str, node_id: str, client_id: Optional[str] = None
 
 def request_pick(prompt_id: str, node_id: str, index: int, client_id: Optional[str] = None) -> tuple[int, dict]:
     """(HTTP status, JSON body) for a pick: keep only batch item ``index`` from the run's next outer boundary on.
-    With ``client_id``, only for a run that client queued."""
+    Only for a run queued with ``client_id`` (None: without one)."""
     with _lock:
         control, status, answer = _find(prompt_id, node_id, client_id, "pick in")
         if control is None:

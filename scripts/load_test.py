@@ -186,20 +186,23 @@ class LoadClient:
             return 0
 
     def poke_foreign_runs(self, stop: threading.Event) -> None:
-        """Every ~0.2 s, try to finish any run that is not this client's, naming this client: must be refused."""
+        """Every ~0.2 s, try to finish any running prompt that is not this client's (found in ComfyUI's ``GET
+        /queue``, which shows every prompt), naming this client and naming none: both must be refused."""
         import requests
 
         while not stop.wait(0.2):
             try:
-                running = requests.get(f"{self.url}{RUNNING_ROUTE}", timeout=10).json()["running"]
+                running = requests.get(f"{self.url}/queue", timeout=10).json()["queue_running"]
+                if requests.get(f"{self.url}{RUNNING_ROUTE}", timeout=10).json()["running"]:
+                    self.violation("the anonymous listing of running nested samplers shows clients' runs")
             except Exception:
                 continue
-            for run in running:
-                if run["prompt_id"] not in self.own:
-                    status = self.post(FINISH_ROUTE, {**run, "client_id": self.api.client_id})
+            for prompt_id in {entry[1] for entry in running if len(entry) > 1} - set(self.own):
+                for body in ({"client_id": self.api.client_id}, {}):
+                    status = self.post(FINISH_ROUTE, {"prompt_id": prompt_id, "node_id": SAMPLER, **body})
                     self.foreign_answers[status] += 1
                     if status == 200:
-                        self.violation(f"finished another client's run {run}")
+                        self.violation(f"finished another client's run {prompt_id} with {body or 'no client_id'}")
 
     def violation(self, text: str) -> None:
         if len(self.violations) < 50:

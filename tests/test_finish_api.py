@@ -20,10 +20,12 @@ def test_finish_now_returns_the_latest_inner_result_and_the_graph_goes_on(comfy_
     for event in client.stream(prompt_id, timeout=120):
         events.append(event)
         if event["type"] == OUTER_STEP_EVENT and event["data"]["outer_step"] == 2:
-            listing = requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", timeout=10).json()["running"]
+            listing = requests.get(f"{comfy_server.url}{RUNNING_ROUTE}", params={"client_id": client.client_id},
+                                   timeout=10).json()["running"]
             answers.append((any(entry["prompt_id"] == prompt_id and entry["node_id"] == SAMPLER
                                     for entry in listing), None))
-            answers.append((None, post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER})))
+            answers.append((None, post_finish(comfy_server, {"prompt_id": prompt_id, "node_id": SAMPLER,
+                                                             "client_id": client.client_id})))
     assert answers[0][0] is True
     response = answers[1][1]
     assert response.status_code == 200 and response.json()["finishing"] is True

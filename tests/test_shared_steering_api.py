@@ -7,6 +7,7 @@ pack's exact exemplar model, with clients of their own (their own client ids).
 from __future__ import annotations
 
 import itertools
+import time
 
 import requests
 from api_helpers import SAMPLER, SAVE, nested_prompt, of_type
@@ -75,3 +76,62 @@ def test_a_picked_run_through_nested_sampler_makes_samplercustomadvanced_sample_
         assert again.kind == "ok", again.describe()
         assert ran(again, SAMPLER), "SamplerCustomAdvanced served the picked run's image from the cache"
         assert len(saved_images(c, again.prompt_id)) == 4
+
+
+# -- no steering without the run's client id --------------------------------------------------------------------
+def test_steering_without_the_runs_client_id_is_refused_and_changes_nothing(comfy_server, client, exemplar_defaults):
+    """A client that sends no client_id listed every run (its prompt and node) and then picked in or finished
+    another client's run (200: the victim's batch of 4 became 1 image). Now the listing without a client id shows
+    nothing of other clients', pick and finish without it are 403, and the run ends untouched."""
+    url, outer = comfy_server.url, 30
+    prompt_id = client.queue_prompt(batch_prompt(exemplar_defaults, outer=outer, inner=3))
+    answers: dict = {}
+    steps = []
+    for event in client.stream(prompt_id, timeout=180):
+        if event["type"] == CANDIDATES_EVENT and event["data"]["outer_step"] == 1:
+            answers["anonymous listing"] = requests.get(f"{url}{RUNNING_ROUTE}", timeout=10).json()["running"]
+            answers["empty client id listing"] = requests.get(f"{url}{RUNNING_ROUTE}?client_id=", timeout=10).json()
+            answers["own listing"] = client.running()
+            body = {"prompt_id": prompt_id, "node": SAMPLER, "node_id": SAMPLER, "index": 1}
+            answers["pick"] = requests.post(f"{url}{PICK_ROUTE}", json=body, timeout=10)
+            answers["finish"] = requests.post(f"{url}{FINISH_ROUTE}", json=body, timeout=10)
+            answers["null client id"] = requests.post(f"{url}{PICK_ROUTE}", json={**body, "client_id": None}, timeout=10)
+        elif event["type"] == "nested_diffusion.outer_step":
+            steps.append(event["data"]["outer_step"])
+    assert all(run["prompt_id"] != prompt_id for run in answers["anonymous listing"]), answers["anonymous listing"]
+    assert answers["empty client id listing"] == {"running": []}
+    assert [(run["prompt_id"], run["node_id"]) for run in answers["own listing"]] == [(prompt_id, SAMPLER)]
+    for name in ("pick", "finish", "null client id"):
+        assert answers[name].status_code == 403, (name, answers[name].status_code, answers[name].text)
+        assert "client_id" in answers[name].json()["error"]
+    assert steps == list(range(1, outer + 1)), "the run was steered by a request without its client id"
+    assert len(saved_images(client, prompt_id)) == 4
+    assert client.running() == []
+
+
+def test_a_prompt_queued_without_a_client_id_is_steered_without_one(comfy_server, exemplar_defaults):
+    """A script that queues without a client_id (ComfyUI allows it) can still list and finish its run."""
+    url, outer = comfy_server.url, 200
+    prompt = batch_prompt(exemplar_defaults, batch=1, outer=outer, inner=3)
+    prompt_id = requests.post(f"{url}/prompt", json={"prompt": prompt}, timeout=30).json()["prompt_id"]
+    with ComfyAPIClient(url) as watcher:
+        listing, answer, other = None, None, None
+        for _ in range(600):
+            listing = requests.get(f"{url}{RUNNING_ROUTE}", timeout=10).json()["running"]
+            if listing:
+                other = requests.post(f"{url}{FINISH_ROUTE}", json={"prompt_id": prompt_id, "node_id": SAMPLER,
+                                                                     "client_id": watcher.client_id}, timeout=10)
+                answer = requests.post(f"{url}{FINISH_ROUTE}", json={"prompt_id": prompt_id, "node_id": SAMPLER},
+                                       timeout=10)
+                break
+            time.sleep(0.05)
+        assert [(run["prompt_id"], run["node_id"]) for run in listing] == [(prompt_id, SAMPLER)]
+        assert other.status_code == 403
+        assert answer.status_code == 200 and answer.json()["finishing"] is True
+        for _ in range(600):
+            entry = watcher.history(prompt_id)
+            if entry.get("status", {}).get("completed"):
+                break
+            time.sleep(0.1)
+        assert entry["status"]["status_str"] == "success"
+        assert len(entry["outputs"][SAVE]["images"]) == 1
