@@ -101,8 +101,8 @@ SLOW_BEFORE = [(50, 200, "normal", 1.0), (20, 2000, "normal", 1.0), (100, 1000, 
 
 
 def test_the_schedules_of_the_slow_inputs_take_well_under_a_second(pack, cache_module):
-    """Measured before the fix (2 cores): 50 x 200 normal 7.7 s, 100 x 1000 normal 139 s, 4 x 250 normal at denoise
-    0.01 110 s. Only the schedules are timed here (build_inner_sigmas / build_outer_sigmas), on a fresh model
+    """Inputs whose schedules take minutes when each length is built one sigma at a time and searched one by one
+    (50 x 200 normal, 100 x 1000 normal, 4 x 250 normal at denoise 0.01). Only the schedules are timed here (build_inner_sigmas / build_outer_sigmas), on a fresh model
     sampling each, so no cache helps; the whole plan through the API is timed in test_server_limits_api.py."""
     from comfyui_nested_diffusion.nested_core import NestedDiffusionError, denoise_start_sigma
     from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, build_inner_sigmas, build_outer_sigmas

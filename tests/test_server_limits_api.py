@@ -111,8 +111,8 @@ def planning_seconds(comfy_server, client, prompt: dict) -> tuple[float, str]:
     return ended - started, outcome
 
 
-# (outer, inner, scheduler, denoise, what the user gets); measured before over the API on 2 cores: 42.8 s, 139 s,
-# ~110 s and 7.7 s before the first model call.
+# (outer, inner, scheduler, denoise, what the user gets): inputs that take minutes to plan without the bounds in
+# docs/reliability.md ("Planning is bounded").
 SLOW_PLANS = [(20, 2000, "normal", 1.0, "at most 1501 inner steps"), (100, 1000, "normal", 1.0, "at most 901 inner steps"),
               (4, 250, "normal", 0.01, "at most 101 inner steps"), (50, 200, "normal", 1.0, "runs")]
 
