@@ -1,8 +1,8 @@
-"""Part: keep one candidate mid-run (issue 14), counted inside a real ComfyUI.
+"""Part: keep one candidate mid-run, counted inside a real ComfyUI.
 
-A batch of 4 on the exact exemplar model, 4 outer x 10 inner steps; a pick of batch position 1 requested while the
-first inner diffusion runs (it is applied at the first outer boundary, as a click on the filmstrip after outer step
-1 is). ComfyUI's unet wrapper counts the batch items the model evaluates; the picked run must evaluate at most 45%
+A batch of 4 on the exact exemplar model, 4 outer x 10 inner steps; a pick of batch position 1 requested at the last
+model call of the first inner diffusion (it is taken at the next model call, the first of outer step 2, as a click
+on the filmstrip after outer step 1 is). ComfyUI's unet wrapper counts the batch items the model evaluates; the picked run must evaluate at most 45%
 of the unpicked run's, and its final image must be the kept item's final image in the unpicked run: to 1e-5 where the
 pack draws all noise per item (a deterministic inner solver; ``auto`` re-noises per item), not for solvers whose own
 noise ComfyUI draws for the whole batch (ancestral / SDE inner solvers), where it is another sample of the same item.
@@ -33,12 +33,12 @@ def nested_run(model, sampler_name: str, prompt_id: str, pick: bool) -> tuple[di
 
     answers = []
 
-    def pick_at_the_first_call(calls: dict) -> None:
-        if pick and calls["n"] == 1:
+    def pick_as_outer_step_1_ends(calls: dict) -> None:
+        if pick and calls["n"] == INNER:
             answers.append(request_pick(prompt_id, "1", KEEP, None))
 
     model, counter = counting_clone(build_exemplar_model(default_exemplars(32), 0.05, "eps"),
-                                    on_call=pick_at_the_first_call)
+                                    on_call=pick_as_outer_step_1_ends)
     settings = nested_settings(sampler_name, "normal", INNER, None, 0.0, 0, 0.0, "auto")
     plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, OUTER, "normal")
     cond = empty_conditioning()

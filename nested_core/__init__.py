@@ -5,6 +5,7 @@ from .nested import (
     CountedModel,
     NestedResult,
     OuterStepRule,
+    RunHooks,
     derive_seed,
     outer_step,
     renoise_step,
@@ -34,7 +35,7 @@ from .steps import (
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
+    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "RunHooks", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
     "outer_schedule", "outer_step", "renoise_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
     "truncated_schedule", "projected_costs", "spent_per_inner_process",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -153,23 +153,47 @@ class ModelCallLimitReached(Exception):
     """An inner diffusion asked for one model evaluation more than the run's ``max_calls`` allows."""
 
 
+class FinishedAtModelCall(Exception):
+    """Finish now, asked for while an inner diffusion ran: it is dropped at its next model evaluation."""
+
+
 class CountedModel:
     """Wraps the sampler's model to count evaluations (NFEs); every other attribute passes through.
-    With ``limit`` > 0 it refuses the evaluation that would exceed it (``ModelCallLimitReached``)."""
+    With ``limit`` > 0 it refuses the evaluation that would exceed it (``ModelCallLimitReached``). ``before_call(x)``
+    runs before every evaluation (steering: it may raise to end the run, or set ``keep``). With ``keep`` set to a
+    batch position, only that item is evaluated: the other items' estimate is their own state, so the solver leaves
+    them where they are until the inner diffusion ends and the batch is narrowed to the kept item."""
 
-    def __init__(self, model: Any, on_call: Optional[Callable[[int], None]] = None, limit: int = 0):
+    def __init__(self, model: Any, on_call: Optional[Callable[[int], None]] = None, limit: int = 0,
+                 before_call: Optional[Callable[[torch.Tensor], None]] = None):
         self.model = model
         self.calls = 0
         self.on_call = on_call
         self.limit = limit
+        self.before_call = before_call
+        self.keep: Optional[int] = None
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, x, sigma, *args, **kwargs):
         if self.limit and self.calls >= self.limit:
             raise ModelCallLimitReached(self.calls)
-        out = self.model(*args, **kwargs)
+        if self.before_call is not None:
+            self.before_call(x)
+        if self.keep is not None and x.shape[0] > 1:
+            out = self._kept_item_only(x, sigma, args, kwargs)
+        else:
+            out = self.model(x, sigma, *args, **kwargs)
         self.calls += 1
         if self.on_call is not None:
             self.on_call(self.calls)
+        return out
+
+    def _kept_item_only(self, x: torch.Tensor, sigma: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        position, batch = self.keep, x.shape[0]
+        if torch.is_tensor(sigma) and sigma.ndim > 0 and sigma.shape[0] == batch:
+            sigma = sigma[position:position + 1]
+        kept = self.model(x[position:position + 1], sigma, *args, **narrow_batch(kwargs, position, batch))
+        out = x.clone()
+        out[position:position + 1] = kept
         return out
 
     def __getattr__(self, name: str):
@@ -230,9 +254,32 @@ class NestedResult:
 StopRuleFn = Callable[[int, int], Optional[str]]  # (outer index, NFEs so far) -> why to stop now, or None
 InnerResultFn = Callable[[int, torch.Tensor, torch.Tensor], None]  # (outer index, state x, inner result x0)
 PickFn = Callable[[int], Optional[int]]  # (batch size) -> the batch position to keep from now on, or None
-OnPickFn = Callable[[int, int, int], None]  # (outer index, batch position kept, its batch index)
+OnPickFn = Callable[[int, int, int], None]  # (last outer index ended, batch position kept, its batch index)
 # (outer index, NFEs so far, seconds the inner process just ended took) -> the outer sigmas after this one, or None
 ReplanFn = Callable[[int, int, float], Optional[Sequence[float]]]
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """How a nested run reports to its caller and is steered by it; every hook is optional.
+
+    ``on_inner_result(k, x, x0)`` sees every inner result, the anytime image; ``on_model_call(n)`` every model
+    evaluation. ``stop_rule(k, nfe_done)``, asked after every inner diffusion, naming a reason ends the run with
+    that inner result. ``finish_now()``, asked before every model evaluation once an inner diffusion has ended, True
+    ends the run at once with the latest inner result (the running inner diffusion is dropped). ``take_pick(batch)``,
+    asked before every model evaluation, naming a batch position keeps only that item from then on: the running
+    inner diffusion goes on evaluating that item alone; ``on_pick(k, position, batch_index)`` is told at once
+    (``k``: the last outer step that ended, -1 before the first). ``replan(k, nfe_done, seconds)``, asked after every
+    inner diffusion but the last, may give new outer sigmas after step k (see ``run_nested``).
+    """
+
+    on_inner_result: Optional[InnerResultFn] = None
+    on_model_call: Optional[Callable[[int], None]] = None
+    stop_rule: Optional[StopRuleFn] = None
+    finish_now: Optional[Callable[[], bool]] = None
+    take_pick: Optional[PickFn] = None
+    on_pick: Optional[OnPickFn] = None
+    replan: Optional[ReplanFn] = None
 
 
 def narrow_batch(extra_args: dict, position: int, batch: int) -> dict:
@@ -245,43 +292,58 @@ def narrow_batch(extra_args: dict, position: int, batch: int) -> dict:
 @torch.no_grad()
 def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: Sequence[torch.Tensor],
                inner_solver: InnerSolver, extra_args: Optional[dict] = None, *, rule: OuterStepRule = OuterStepRule(),
-               on_inner_result: Optional[InnerResultFn] = None, on_model_call: Optional[Callable[[int], None]] = None,
-               stop_rule: Optional[StopRuleFn] = None, take_pick: Optional[PickFn] = None,
-               on_pick: Optional[OnPickFn] = None, index_offset: int = 0, max_calls: int = 0,
-               outer_noise: Optional[OuterNoiseFn] = None, batch_indices: Optional[Sequence[int]] = None,
-               replan: Optional[ReplanFn] = None) -> NestedResult:
+               hooks: RunHooks = RunHooks(), index_offset: int = 0, max_calls: int = 0,
+               outer_noise: Optional[OuterNoiseFn] = None, batch_indices: Optional[Sequence[int]] = None) -> NestedResult:
     """Nested diffusion over the outer ``sigmas``: at outer step k, a complete inner diffusion over
     ``inner_sigmas[k]`` (from that sigma down to 0) with ``inner_solver`` (k-diffusion signature), whose result
-    moves the outer state on by ``rule``.
+    moves the outer state on by ``rule``. ``hooks`` report and steer it (``RunHooks``).
 
-    ``on_inner_result(k, x, x0)`` sees every inner result, the anytime image; ``on_model_call(n)`` every model
-    evaluation. ``stop_rule(k, nfe_done)`` naming a reason ends the run with that inner result; where ``sigmas``
-    ends above 0 (a stage with leftover noise), with that result diffused afresh to the last sigma, so that the next
-    stage continues from a true state there. ``take_pick(batch)`` naming a batch position, asked at every outer
-    boundary, keeps only that item from then on (``on_pick`` is told). ``index_offset``: where ``sigmas`` starts in
-    the whole outer schedule (a later stage). ``batch_indices``: the items' indices in the original batch (their
-    outer noise follows them). ``max_calls`` > 0: a hard limit on model evaluations; an inner diffusion that would
-    need more is cut and the run ends with the previous inner result; cut in the first outer step it is an error.
-    ``replan(k, nfe_done, seconds)``, asked after every inner diffusion but the last (before ``on_inner_result``),
-    may give new outer sigmas after step k (ending with the same last sigma; ``inner_sigmas`` must then hold their
-    inner schedules: a sequence the caller keeps up to date): ``update_seconds`` chooses the inner lengths this way.
+    A run that ends early (a stop rule, Finish now, ``max_calls``) where ``sigmas`` ends above 0 (a stage with
+    leftover noise) ends with its latest inner result diffused afresh to the last sigma, so that the next stage
+    continues from a true state there. ``index_offset``: where ``sigmas`` starts in the whole outer schedule (a later
+    stage). ``batch_indices``: the items' indices in the original batch (their outer noise follows them).
+    ``max_calls`` > 0: a hard limit on model evaluations; an inner diffusion that would need more is cut and the run
+    ends with the previous inner result; cut in the first outer step it is an error. ``hooks.replan`` may give new
+    outer sigmas after step k (ending with the same last sigma; ``inner_sigmas`` must then hold their inner
+    schedules: a sequence the caller keeps up to date): ``update_seconds`` chooses the inner lengths this way.
     """
     extra_args = {} if extra_args is None else extra_args
-    counted = CountedModel(model, on_model_call, limit=max_calls)
     noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"))
     items = list(batch_indices) if batch_indices is not None and len(batch_indices) == x.shape[0] else list(range(x.shape[0]))
     outer_sigmas = [float(s) for s in sigmas]
-    latest: Optional[torch.Tensor] = None  # the latest inner result (a cut inner diffusion ends with it)
+    latest: Optional[torch.Tensor] = None  # the latest inner result (an early end returns it)
     kept: Optional[int] = None
-
-    def ended(x0: torch.Tensor, index: int, reason: str) -> NestedResult:
-        if outer_sigmas[-1] == 0:
-            return NestedResult(x0, reason, x0, counted.calls, kept)
-        handover = seeded_outer_noise(extra_args.get("seed"), stream=2)(index + index_offset, x0, items)
-        return NestedResult(renoise_step(x0, outer_sigmas[-1], handover, rule.flow, rule.noise_scale), reason, x0,
-                            counted.calls, kept)
-
     index = -1
+    # Held through the next inner diffusion where a max_nfe cut or Finish now may end the run with it (otherwise the
+    # run's result takes the last one: one latent less at the peak).
+    holds_latest = max_calls > 0 or hooks.finish_now is not None
+
+    def steer(state: torch.Tensor) -> None:
+        """Before every model evaluation: Finish now, or a pick of one batch item."""
+        if latest is not None and hooks.finish_now is not None and hooks.finish_now():
+            raise FinishedAtModelCall
+        if hooks.take_pick is None or kept is not None or counted.keep is not None or state.shape[0] < 2 \
+                or getattr(state, "is_nested", False) or state.shape[0] != len(items):
+            return
+        position = hooks.take_pick(state.shape[0])
+        if position is not None and 0 <= position < state.shape[0]:
+            counted.keep = position
+            if hooks.on_pick is not None:
+                hooks.on_pick(index - 1, position, items[position])
+
+    counted = CountedModel(model, hooks.on_model_call, limit=max_calls, before_call=steer)
+
+    def ended(x0: torch.Tensor, at: int, reason: str) -> NestedResult:
+        position = counted.keep if kept is None else None  # a pick during the dropped inner diffusion
+        end_items = items
+        if position is not None and x0.shape[0] > 1:
+            x0, end_items = x0[position:position + 1], [items[position]]
+        if outer_sigmas[-1] == 0:
+            return NestedResult(x0, reason, x0, counted.calls, kept if position is None else position)
+        handover = seeded_outer_noise(extra_args.get("seed"), stream=2)(at + index_offset, x0, end_items)
+        return NestedResult(renoise_step(x0, outer_sigmas[-1], handover, rule.flow, rule.noise_scale), reason, x0,
+                            counted.calls, kept if position is None else position)
+
     while index + 2 < len(outer_sigmas):
         index += 1
         sigma, sigma_next = outer_sigmas[index], outer_sigmas[index + 1]
@@ -299,28 +361,26 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
                     f"more model evaluations on this model than measured): raise max_nfe, or use fewer inner steps"
                 ) from None
             return ended(latest, index - 1, "max_nfe")
-        if replan is not None and sigma_next > 0:
-            following = replan(index, counted.calls, time.monotonic() - started)
-            if following is not None:
-                outer_sigmas = outer_sigmas[:index + 1] + _checked_tail(sigma, following, outer_sigmas[-1])
-                sigma_next = outer_sigmas[index + 1]
-        if on_inner_result is not None:
-            on_inner_result(index, x, x0)
-        reason = stop_rule(index, counted.calls) if stop_rule is not None else None
-        if reason is not None:
-            return ended(x0, index, reason)
-        position = take_pick(x.shape[0]) if take_pick is not None and kept is None and x.shape[0] > 1 and sigma_next > 0 else None
-        if position is not None and 0 <= position < x.shape[0]:
+        except FinishedAtModelCall:
+            return ended(latest, index - 1, "finish requested")
+        if counted.keep is not None:  # a pick during this inner diffusion: only the kept item was evaluated
+            position, counted.keep = counted.keep, None
             x, x0, extra_args = x[position:position + 1], x0[position:position + 1], narrow_batch(extra_args, position, x.shape[0])
             kept, items = position, [items[position]]
             if tap is not None:
                 tap.narrow(position)
-            if on_pick is not None:
-                on_pick(index, position, items[0])
+        if hooks.replan is not None and sigma_next > 0:
+            following = hooks.replan(index, counted.calls, time.monotonic() - started)
+            if following is not None:
+                outer_sigmas = outer_sigmas[:index + 1] + _checked_tail(sigma, following, outer_sigmas[-1])
+                sigma_next = outer_sigmas[index + 1]
+        if hooks.on_inner_result is not None:
+            hooks.on_inner_result(index, x, x0)
+        reason = hooks.stop_rule(index, counted.calls) if hooks.stop_rule is not None else None
+        if reason is not None:
+            return ended(x0, index, reason)
         x = _next_outer_state(x, x0, sigma, sigma_next, rule, tap, lambda: noise_fn(index + index_offset, x, items))
-        # Held through the next inner diffusion only where a max_nfe cut may end the run with it: one latent less
-        # at the peak otherwise (the run's result takes the last one).
-        latest = x0 if max_calls > 0 or index + 2 >= len(outer_sigmas) else None
+        latest = x0 if holds_latest or index + 2 >= len(outer_sigmas) else None
         del x0, tap
     return NestedResult(x, None, latest, counted.calls, kept)
 
@@ -353,4 +413,7 @@ def sample_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     def report(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
         callback({"x": state, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
 
-    return run_nested(model, x, sigmas, extra_args=extra_args, on_inner_result=report if callback else None, **options).x
+    hooks = options.pop("hooks", RunHooks())
+    if callback is not None:
+        hooks = replace(hooks, on_inner_result=report)
+    return run_nested(model, x, sigmas, extra_args=extra_args, hooks=hooks, **options).x

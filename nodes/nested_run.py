@@ -21,6 +21,7 @@ from ..nested_core import (
     NestedDiffusionError,
     NestedResult,
     OuterStepRule,
+    RunHooks,
     StopRule,
     check_number,
     check_update_seconds,
@@ -134,6 +135,10 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
             with schedule_cache.single_threaded():
                 return paced.replan(index, nfe_done, seconds)
 
+        # Finish now acts at the next model call of a run a client can reach (one with a prompt and node id), which then
+        # holds its latest image through the running inner diffusion
+        steerable = reporter.prompt_id is not None and reporter.node_id is not None
+
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
             completed = [0]  # inner diffusions run to the end and reported
 
@@ -146,18 +151,20 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                 completed[0] += 1
 
             def on_pick(index: int, position: int, batch_index: int) -> None:
+                # at the model call that takes the pick: from then on ComfyUI's inpainting wrapper sees that item only
                 narrow_inpainting(model_k, position)
                 reporter.on_pick(index, position, batch_index)
                 control.set_batch_size(1)
 
             try:
                 result = run_nested(
-                    model_k, x, sigmas, inner_sigmas, plan.solver, extra_args, rule=rule,
-                    on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
-                    stop_rule=StopRule(nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
-                    take_pick=control.take_pick, on_pick=on_pick, index_offset=plan.first_outer_index,
-                    max_calls=limits.max_nfe, batch_indices=self.batch_indices,
-                    replan=replan if paced is not None else None,
+                    model_k, x, sigmas, inner_sigmas, plan.solver, extra_args, rule=rule, hooks=RunHooks(
+                        on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
+                        stop_rule=StopRule(nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
+                        finish_now=control.finish_requested if steerable else None,
+                        take_pick=control.take_pick, on_pick=on_pick,
+                        replan=replan if paced is not None else None),
+                    index_offset=plan.first_outer_index, max_calls=limits.max_nfe, batch_indices=self.batch_indices,
                 )
             except Exception as error:
                 restart_error = failure_after_a_restart(error, completed[0])

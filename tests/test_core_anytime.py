@@ -4,6 +4,7 @@ import torch
 from comfyui_nested_diffusion.nested_core import (
     NestedDiffusionError,
     OuterStepRule,
+    RunHooks,
     StopRule,
     inner_steps_per_outer,
     preset_step_schedule,
@@ -63,9 +64,7 @@ def test_sample_nested_stops_with_the_latest_inner_result_and_counts_nfes():
     calls, seen = [], []
     sigmas = torch.tensor([10.0, 5.0, 2.0, 0.0])
     result = run_nested(toy_denoiser(target), torch.randn(1, 2) * 10, sigmas,
-                        [torch.tensor([s, s / 2, 0.0]) for s in sigmas[:-1].tolist()], euler,
-                        on_model_call=calls.append, on_inner_result=lambda index, x, x0: seen.append(index),
-                        stop_rule=lambda index, nfe: "enough" if index == 1 else None)
+                        [torch.tensor([s, s / 2, 0.0]) for s in sigmas[:-1].tolist()], euler, hooks=RunHooks(on_model_call=calls.append, on_inner_result=lambda index, x, x0: seen.append(index), stop_rule=lambda index, nfe: "enough" if index == 1 else None))
     assert torch.allclose(result.x, target) and torch.equal(result.latest, result.x)
     assert result.stop_reason == "enough" and result.nfe == 4
     assert seen == [0, 1] and calls[-1] == 4
@@ -146,11 +145,11 @@ def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
     assert abs(std["trajectory"] - 1.0) < 0.05
 
 
-def _states_seen(solver, outer, inner, x, rule, **options):
+def _states_seen(solver, outer, inner, x, rule, replan=None):
     """The outer state at every outer step of a run on N(0, 1) data (eps)."""
     states = []
     run_nested(_gaussian_posterior_mean(False), x.clone(), outer, inner, solver, {"seed": 3}, rule=rule,
-               on_inner_result=lambda index, state, x0: states.append(state), **options)
+               hooks=RunHooks(on_inner_result=lambda index, state, x0: states.append(state), replan=replan))
     return states
 
 
@@ -249,8 +248,8 @@ def test_a_hard_call_limit_cuts_an_inner_diffusion_and_keeps_the_previous_result
     rule = StopRule(nfe_per_outer=[6, 6, 6], max_nfe=max_calls)
     x = torch.randn(1, 2)
     result = run_nested(toy_denoiser(torch.full((1, 2), 0.5)), x, torch.tensor([3.0, 2.0, 1.0, 0.0]),
-                        _to_zero([3.0, 2.0, 1.0]), solver, on_model_call=calls.append, stop_rule=rule,
-                        max_calls=max_calls, on_inner_result=lambda index, state, x0: seen.append(index))
+                        _to_zero([3.0, 2.0, 1.0]), solver,
+                        max_calls=max_calls, hooks=RunHooks(on_model_call=calls.append, stop_rule=rule, on_inner_result=lambda index, state, x0: seen.append(index)))
     assert calls[-1] == spent <= max_calls
     assert result.stop_reason == reason
     assert torch.allclose(result.x, torch.full((1, 2), 0.5))
@@ -295,8 +294,8 @@ def test_outer_noise_of_an_item_does_not_depend_on_its_batch():
 @pytest.mark.parametrize("renoise, eta, trajectory", [(True, 0.0, False), (False, 0.5, False), (False, 0.0, False),
                                                       (False, 0.0, True)])
 def test_a_pick_continues_the_kept_item_as_the_full_batch_would(renoise, eta, trajectory):
-    """Keeping batch position 1 after outer step 1 runs the rest on that item alone (1/B of the model
-    work) and gives what the full batch gives that item: the pack's outer noise is drawn per item."""
+    """A pick posted once outer step 1 has ended is taken at the next model call: the rest runs on that item alone
+    (1/B of the model work) and gives what the full batch gives that item: the pack's outer noise is drawn per item."""
     sigmas = torch.tensor([14.6, 4.0, 1.6, 0.7, 0.0])
     inner = [sigma * torch.linspace(1, 0, 6) for sigma in sigmas[:-1]]
     model = _gaussian_posterior_mean(flow=False)
@@ -305,15 +304,55 @@ def test_a_pick_continues_the_kept_item_as_the_full_batch_would(renoise, eta, tr
                   batch_indices=[4, 7, 9])
     full = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common)
     seen, picked, calls = [], [], []
-    result = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common,
-                        on_inner_result=lambda index, state, x0: seen.append(x0.shape[0]),
-                        take_pick=lambda batch: 1, on_pick=lambda *args: picked.append(args), on_model_call=calls.append)
+    hooks = RunHooks(on_inner_result=lambda index, state, x0: seen.append(x0.shape[0]),
+                     take_pick=lambda batch: 1 if seen else None, on_pick=lambda *args: picked.append(args),
+                     on_model_call=calls.append)
+    result = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, **common, hooks=hooks)
     assert result.kept == 1 and picked == [(0, 1, 7)]
     assert seen == [3, 1, 1, 1] and result.x.shape == (1, 2)
     assert torch.allclose(result.x, full.x[1:2], atol=1e-5)
 
 
-def test_a_pick_is_taken_once_and_never_after_the_last_outer_step():
+def test_a_pick_during_an_inner_diffusion_evaluates_only_the_kept_item_from_the_next_call():
+    """The running inner diffusion goes on with the kept item alone: each later call evaluates one item, and the
+    kept item ends where the full batch would have taken it."""
+    sigmas = torch.tensor([14.6, 4.0, 0.0])
+    inner = [sigma * torch.linspace(1, 0, 6) for sigma in sigmas[:-1]]
+    model = _gaussian_posterior_mean(flow=False)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(2)) * sigmas[0]
+    full = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, {"seed": 1}, rule=OuterStepRule(renoise=True))
+    evaluated, seen, picked = [], [], []
+
+    def counting(x, sigma, **kwargs):
+        evaluated.append(x.shape[0])
+        return model(x, sigma, **kwargs)
+
+    hooks = RunHooks(take_pick=lambda batch: 2 if len(evaluated) >= 2 else None, on_pick=lambda *args: picked.append(args),
+                     on_inner_result=lambda index, state, x0: seen.append(x0.shape[0]))
+    result = run_nested(counting, x.clone(), sigmas, inner, _deterministic_euler, {"seed": 1},
+                        rule=OuterStepRule(renoise=True), hooks=hooks)
+    assert evaluated == [4, 4] + [1] * 8 and picked == [(-1, 2, 2)] and seen == [1, 1]
+    assert result.kept == 2 and torch.allclose(result.x, full.x[2:3], atol=1e-5)
+
+
+def test_finish_now_ends_the_run_at_the_next_model_call_with_the_latest_image():
+    """Finish now during an inner diffusion drops it at its next model call and returns the latest finished image;
+    during the first one (no image yet) that inner diffusion ends first."""
+    sigmas = torch.tensor([14.6, 4.0, 1.6, 0.0])
+    inner = [sigma * torch.linspace(1, 0, 6) for sigma in sigmas[:-1]]
+    model = _gaussian_posterior_mean(flow=False)
+    x = torch.randn(2, 2, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    for asked_at, calls_run, images in [(7, 7, 1), (2, 5, 1), (12, 12, 2)]:
+        calls, results = [], []
+        hooks = RunHooks(on_model_call=calls.append, finish_now=lambda: len(calls) >= asked_at,
+                         stop_rule=lambda index, nfe: "finish requested" if len(calls) >= asked_at else None,
+                         on_inner_result=lambda index, state, x0: results.append(x0.clone()))
+        result = run_nested(model, x.clone(), sigmas, inner, _deterministic_euler, {"seed": 1}, hooks=hooks)
+        assert result.stop_reason == "finish requested" and result.nfe == calls_run == len(calls), (asked_at, result)
+        assert len(results) == images and torch.equal(result.x, results[-1]) and torch.equal(result.latest, results[-1])
+
+
+def test_a_pick_is_taken_once_at_the_next_model_call():
     sigmas = torch.tensor([3.0, 2.0, 0.0])
     asked = []
 
@@ -322,8 +361,8 @@ def test_a_pick_is_taken_once_and_never_after_the_last_outer_step():
         return 0
 
     result = run_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(2, 2), sigmas, _to_zero([3.0, 2.0]), euler,
-                        take_pick=take_pick)
+                        hooks=RunHooks(take_pick=take_pick))
     assert asked == [2] and result.kept == 0 and result.x.shape == (1, 2)
     out_of_range = run_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(2, 2), sigmas, _to_zero([3.0, 2.0]), euler,
-                              take_pick=lambda batch: 5)
+                              hooks=RunHooks(take_pick=lambda batch: 5))
     assert out_of_range.kept is None and out_of_range.x.shape == (2, 2)

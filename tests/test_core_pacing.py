@@ -5,6 +5,7 @@ import torch
 from comfyui_nested_diffusion.nested_core import (
     IntervalPacer,
     NestedDiffusionError,
+    RunHooks,
     check_schedule,
     check_update_seconds,
     outer_schedule,
@@ -140,8 +141,7 @@ def test_run_nested_follows_a_replan():
             return tail.tolist()
         return None
 
-    result = run_nested(toy_denoiser(target), torch.randn(1, 1, 2, 2) * 14.6, planned, inner, euler,
-                        on_inner_result=lambda k, x, x0: seen.append(k), replan=replan)
+    result = run_nested(toy_denoiser(target), torch.randn(1, 1, 2, 2) * 14.6, planned, inner, euler, hooks=RunHooks(on_inner_result=lambda k, x, x0: seen.append(k), replan=replan))
     assert seen == [0, 1, 2, 3, 4] and result.nfe == 4 + 4 * 1
     assert torch.allclose(result.x, target)
 
@@ -152,7 +152,7 @@ def test_run_nested_without_replan_or_keeping_the_plan_is_unchanged():
     inner = [truncated_schedule(karras, 4, float(s)) for s in planned[:-1]]
     x = torch.randn(2, 1, 2, 2) * 14.6
     plain = run_nested(toy_denoiser(target), x, planned, inner, euler)
-    kept = run_nested(toy_denoiser(target), x, planned, inner, euler, replan=lambda *_: None)
+    kept = run_nested(toy_denoiser(target), x, planned, inner, euler, hooks=RunHooks(replan=lambda *_: None))
     assert torch.equal(plain.x, kept.x) and plain.nfe == kept.nfe == 12
 
 
@@ -161,8 +161,7 @@ def test_a_bad_replan_is_refused():
     inner = [truncated_schedule(karras, 4, float(s)) for s in planned[:-1]]
     for bad in ([float(planned[0]) + 1, 0.0], [1.0, 2.0, 0.0], [1.0, 0.5], []):
         with pytest.raises(NestedDiffusionError, match="re-planned"):
-            run_nested(toy_denoiser(torch.zeros(1, 1, 2, 2)), torch.randn(1, 1, 2, 2), planned, inner, euler,
-                       replan=lambda *_: bad)
+            run_nested(toy_denoiser(torch.zeros(1, 1, 2, 2)), torch.randn(1, 1, 2, 2), planned, inner, euler, hooks=RunHooks(replan=lambda *_: bad))
 
 
 def test_a_pick_and_a_replan_go_together():
@@ -180,8 +179,6 @@ def test_a_pick_and_a_replan_go_together():
         return None
 
     result = run_nested(lambda x, sigma, **kw: targets[:x.shape[0]] if x.shape[0] == 3 else targets[1:2].expand_as(x),
-                        torch.randn(3, 1, 2, 2) * 14.6, planned, inner, euler, replan=replan,
-                        take_pick=lambda batch: picks.pop() if picks else None,
-                        on_inner_result=lambda k, x, x0: seen.append((k, x.shape[0])))
+                        torch.randn(3, 1, 2, 2) * 14.6, planned, inner, euler, hooks=RunHooks(replan=replan, take_pick=lambda batch: picks.pop() if picks and seen else None, on_inner_result=lambda k, x, x0: seen.append((k, x.shape[0]))))
     assert seen == [(0, 3), (1, 1), (2, 1), (3, 1)] and result.kept == 1
     assert result.nfe == 3 + 3 * 2 and torch.allclose(result.x, targets[1:2])
