@@ -7,8 +7,10 @@ class, its inputs and its ancestors), so a run cached without previews could be 
 connects a preview node. So the server's prompt handler (``PromptServer.add_on_prompt_handler``, run on every
 ``POST /prompt``) writes the answer into each nested sampler node's inputs as ``MARK``: ComfyUI validates and passes
 only the inputs a node declares, but its cache key holds all of them, so connecting the output changes the key.
-A node skips the copies only where the mark says False; a prompt queued another way (in-process, a node expanded
-by another node) keeps them.
+A node skips the copies only where the mark says False and the prompt it runs in (ComfyUI's hidden PROMPT, the
+prompt after every handler) links to the output nowhere either: a handler registered after the pack's may add a
+node that takes it. A prompt queued another way (in-process, a node expanded by another node) keeps them as before.
+A link names an output as ComfyUI reads it, by Python list indexing: ``["3", -1]`` is the last output.
 """
 from __future__ import annotations
 
@@ -18,12 +20,19 @@ from typing import Any, Optional
 from ..protocol import OUTER_PREVIEWS_MARK as MARK
 from .rerun import is_link, queued_inputs
 
-OUTER_PREVIEWS_OUTPUT = 1  # NestedKSampler's and NestedKSamplerAdvanced's second output
+OUTER_PREVIEWS_OUTPUT = 1  # NestedKSampler's and NestedKSamplerAdvanced's second output ...
+OUTPUT_COUNT = 2  # ... of two
 MARKED_CLASSES = ("NestedKSampler", "NestedKSamplerAdvanced")
 
 
+def output_position(index: int, count: int = OUTPUT_COUNT) -> Optional[int]:
+    """The output a link's index names, as ComfyUI reads it (``outputs[index]``: -1 is the last), None outside."""
+    position = index + count if index < 0 else index
+    return position if 0 <= position < count else None
+
+
 def taken_outputs(prompt: dict) -> set[tuple[str, int]]:
-    """Every (node id, output index) some node of an API-format prompt links to."""
+    """Every (node id, output index) some node of an API-format prompt links to, negative indices as given."""
     taken = set()
     for node in prompt.values():
         inputs = node.get("inputs") if isinstance(node, dict) else None
@@ -31,6 +40,12 @@ def taken_outputs(prompt: dict) -> set[tuple[str, int]]:
             if is_link(value):
                 taken.add((str(value[0]), value[1]))
     return taken
+
+
+def outer_previews_taken(taken: set[tuple[str, int]], node_id: Any) -> bool:
+    """Whether ``taken`` (``taken_outputs``) holds a link to node ``node_id``'s outer_previews, by any index."""
+    return any(str(linked) == str(node_id) and output_position(index) == OUTER_PREVIEWS_OUTPUT
+               for linked, index in taken)
 
 
 def mark_outer_previews(json_data: Any) -> Any:
@@ -41,14 +56,17 @@ def mark_outer_previews(json_data: Any) -> Any:
     taken = taken_outputs(prompt)
     for node_id, node in prompt.items():
         if isinstance(node, dict) and node.get("class_type") in MARKED_CLASSES and isinstance(node.get("inputs"), dict):
-            node["inputs"][MARK] = (str(node_id), OUTER_PREVIEWS_OUTPUT) in taken
+            node["inputs"][MARK] = outer_previews_taken(taken, node_id)
     return json_data
 
 
 def outer_previews_wanted(prompt: Optional[dict], node_id: Optional[str]) -> bool:
-    """False only where the queued prompt marks this node's outer_previews as taken by no node."""
+    """False only where the queued prompt marks this node's outer_previews as taken by no node and no node of that
+    prompt, as it runs, links to them (a later prompt handler may have added one after the mark)."""
     inputs = queued_inputs(prompt, node_id)
-    return not (inputs is not None and inputs.get(MARK) is False)
+    if inputs is None or inputs.get(MARK) is not False:
+        return True
+    return outer_previews_taken(taken_outputs(prompt), node_id)
 
 
 def register_prompt_handler(server: Any) -> None:

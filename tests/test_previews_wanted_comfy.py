@@ -45,3 +45,30 @@ def test_an_unmarked_in_process_run_keeps_its_previews_and_a_marked_one_none(pac
     samples, previews = node_with_hidden(NestedKSampler, unique_id="7", prompt=graph).execute(**inputs).args
     assert previews["samples"].numel() == 0
     assert samples["samples"].equal(unmarked_samples)  # the same images: only the copies are skipped
+
+
+def test_a_negative_output_index_counts_as_taking_outer_previews(pack):
+    """``["3", -1]`` is a valid link to a nested sampler's last output (outer_previews; ComfyUI indexes its outputs
+    as a list): the mark stayed False and OuterStepPreview failed with "it holds no images"."""
+    from comfyui_nested_diffusion.nodes.previews_wanted import mark_outer_previews, outer_previews_wanted
+
+    for index, taken in ((-1, True), (1, True), (-2, False), (0, False), (-3, False), (2, False)):
+        graph = exemplar_graph("NestedKSampler", sampler_inputs(1), outer_step_preview=True)
+        graph[PREVIEW]["inputs"]["previews"] = [SAMPLER, index]
+        mark_outer_previews({"prompt": graph})
+        assert graph[SAMPLER]["inputs"][MARK] is taken, index
+        assert outer_previews_wanted(graph, SAMPLER) is taken, index
+
+
+def test_a_node_added_after_the_handler_ran_still_gets_its_previews(pack):
+    """A prompt handler registered after the pack's may add a node that takes outer_previews: the mark, written
+    before, says False. The sampler decides from the prompt it actually runs in (ComfyUI's hidden PROMPT), so it
+    keeps them there."""
+    from comfyui_nested_diffusion.nodes.previews_wanted import mark_outer_previews, outer_previews_wanted
+
+    graph = exemplar_graph("NestedKSampler", sampler_inputs(1), outer_step_preview=False)
+    mark_outer_previews({"prompt": graph})
+    assert graph[SAMPLER]["inputs"][MARK] is False and not outer_previews_wanted(graph, SAMPLER)
+    graph[PREVIEW] = {"class_type": "OuterStepPreview", "inputs": {"previews": [SAMPLER, -1], "vae": ["4", 0]}}
+    assert graph[SAMPLER]["inputs"][MARK] is False  # the later handler did not mark again ...
+    assert outer_previews_wanted(graph, SAMPLER)  # ... but the prompt the node runs in takes the output

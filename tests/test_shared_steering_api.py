@@ -135,3 +135,19 @@ def test_a_prompt_queued_without_a_client_id_is_steered_without_one(comfy_server
             time.sleep(0.1)
         assert entry["status"]["status_str"] == "success"
         assert len(entry["outputs"][SAVE]["images"]) == 1
+
+
+# -- outer_previews taken through a negative output index -----------------------------------------------------------
+def test_outer_step_preview_linked_by_a_negative_index_shows_the_images(client, exemplar_defaults):
+    """``"previews": ["3", -1]``: the mark said nobody takes outer_previews, and OuterStepPreview failed with "it holds
+    no images" on both engines."""
+    from comfyui_nested_diffusion.protocol import OUTER_PREVIEWS_MARK
+
+    prompt = nested_prompt(fresh_seed(), outer_steps=3, inner_steps=2, prefix="steering_negative",
+                           exemplar_defaults=exemplar_defaults)
+    prompt["7"]["inputs"]["previews"] = [SAMPLER, -1]
+    outcome = attempt(client, prompt)
+    assert outcome.kind == "ok", outcome.describe()
+    entry = client.history(outcome.prompt_id)
+    assert entry["prompt"][2][SAMPLER]["inputs"][OUTER_PREVIEWS_MARK] is True
+    assert len(entry["outputs"]["7"]["nested_labels"]) == 3 * 2
