@@ -19,6 +19,9 @@ except ModuleNotFoundError as error:  # pytest run without scripts/test.sh
     raise pytest.UsageError(f"{error}: run the tests with scripts/test.sh (it makes this checkout importable as "
                             "comfyui_nested_diffusion: scripts/env.sh)") from error
 
+# Test-only custom nodes the test server loads beside the pack (a model that sleeps per call, and counts)
+TEST_SERVER_NODES = Path(__file__).resolve().parent / "server_nodes" / "nested_diffusion_test_nodes.py"
+
 __all__ = ["PACK_MODULE_NAME", "comfyui_path", "import_comfy", "import_pack"]
 
 
@@ -46,7 +49,8 @@ def comfy_server():
     from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
 
     frontend = frontend_root()  # NESTED_FRONTEND=1.58.1: another frontend than the engine's own
-    with ComfyServer(startup_timeout=120, extra_args=["--front-end-root", str(frontend)] if frontend else []) as server:
+    with ComfyServer(startup_timeout=120, extra_args=["--front-end-root", str(frontend)] if frontend else [],
+                     extra_custom_nodes=[TEST_SERVER_NODES]) as server:
         yield server
 
 

@@ -86,7 +86,8 @@ class ComfyServer:
     comfyui: the ComfyUI checkout, python: the interpreter (defaults: see the module docstring).
     env: extra environment variables for the server process.
     keep_base_dir: keep the temp base dir after ``stop`` (a given base_dir is never removed).
-    pack_dir: the node pack to install (default: this repository).
+    pack_dir: the node pack to install (default: this repository). extra_custom_nodes: more custom node files or
+        folders to link into ``custom_nodes`` (the tests' own test-only nodes).
 
     After ``start``: ``url`` ("http://127.0.0.1:P"), ``port``, ``base_dir`` (Path), ``log_path`` (Path),
     ``process`` (subprocess.Popen), ``command`` (list), ``startup_seconds``.
@@ -97,8 +98,9 @@ class ComfyServer:
                  extra_args: Sequence[str] = (), startup_timeout: float = 120.0,
                  comfyui: Union[str, Path, None] = None, python: Optional[str] = None,
                  env: Optional[dict] = None, keep_base_dir: bool = False,
-                 pack_dir: Union[str, Path, None] = None):
+                 pack_dir: Union[str, Path, None] = None, extra_custom_nodes: Sequence[Union[str, Path]] = ()):
         self.pack_dir = Path(pack_dir).resolve() if pack_dir else REPO_ROOT
+        self.extra_custom_nodes = [Path(path).resolve() for path in extra_custom_nodes]
         self.comfyui = Path(comfyui).resolve() if comfyui else comfyui_path()
         self.python = python or default_python()
         self.host = host
@@ -145,6 +147,10 @@ class ComfyServer:
                 raise ComfyServerError(f"{link} exists and is not a link to {self.pack_dir}: remove it or use another base_dir")
         else:
             link.symlink_to(self.pack_dir, target_is_directory=True)
+        for extra in self.extra_custom_nodes:
+            extra_link = self.base_dir / "custom_nodes" / extra.name
+            if not extra_link.is_symlink() and not extra_link.exists():
+                extra_link.symlink_to(extra, target_is_directory=extra.is_dir())
         return self.base_dir
 
     def build_command(self) -> list[str]:
