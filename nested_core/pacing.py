@@ -21,6 +21,7 @@ from .errors import NestedDiffusionError
 from .schedules import ScheduleFn, outer_schedule
 
 MAX_UPDATE_SECONDS = 3600.0
+MAX_OUTER_STEPS = 1000  # the nested sampler nodes' outer_steps maximum: no re-plan places more, however short the wait
 
 
 def check_update_seconds(value: float) -> float:
@@ -69,6 +70,7 @@ class IntervalPacer:
     update_seconds: float
     total_steps: int
     window: int = 3
+    max_outer_steps: int = MAX_OUTER_STEPS  # outer steps this pacer's run may have in all (the measured ones included)
     clock: Callable[[], float] = time.monotonic
     last_end: Optional[float] = None
     measured: list = field(default_factory=list)  # (steps, calls, inner seconds, overhead seconds) per inner process
@@ -91,4 +93,10 @@ class IntervalPacer:
         recent = later[-self.window:] if later else self.measured[:1]
         n = steps_for_interval(self.update_seconds, statistics.median(m[2] / m[1] for m in recent),
                                statistics.median(m[1] / m[0] for m in recent), statistics.median(m[3] for m in recent))
-        return split_steps(remaining, min(n, remaining))
+        return split_steps(remaining, min(max(n, self.fewest_steps(remaining)), remaining))
+
+    def fewest_steps(self, remaining: int) -> int:
+        """The shortest inner process that keeps the run within ``max_outer_steps``: the ``remaining`` steps over the
+        outer steps still allowed (at least one; ``split_steps`` makes at most ``remaining / steps`` of them)."""
+        allowed = max(self.max_outer_steps - len(self.measured), 1)
+        return -(-remaining // allowed)

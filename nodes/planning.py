@@ -28,6 +28,7 @@ from ..nested_core import (
     renoise_step,
     truncated_schedule,
 )
+from ..nested_core.pacing import MAX_OUTER_STEPS
 from . import schedule_cache
 from .solver_cost import measure_inner_costs, solver_key
 from .solver_probe import measured_posterior_ratio, outer_step_for_ratio
@@ -340,7 +341,9 @@ class PacedPlan:
         self.steps = list(plan.steps_per_outer)
         self.nfe = list(plan.nfe_per_outer)
         self.inner_sigmas = PacedInnerSchedules(self)
-        self.pacer = IntervalPacer(update_seconds, sum(self.steps))
+        # However short update_seconds, no more outer steps than the nodes allow (or the connected sigmas gave)
+        self.pacer = IntervalPacer(update_seconds, sum(self.steps), max_outer_steps=max(
+            MAX_OUTER_STEPS - plan.first_outer_index, len(self.steps)))
         self.outer_fn = schedule_function(model_sampling, plan.outer_scheduler or spec.scheduler)
         self.inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
         self.nfe_seen = 0

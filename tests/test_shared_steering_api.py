@@ -151,3 +151,35 @@ def test_outer_step_preview_linked_by_a_negative_index_shows_the_images(client, 
     entry = client.history(outcome.prompt_id)
     assert entry["prompt"][2][SAMPLER]["inputs"][OUTER_PREVIEWS_MARK] is True
     assert len(entry["outputs"]["7"]["nested_labels"]) == 3 * 2
+
+
+# -- update_seconds never places more outer steps than the nodes allow ------------------------------------------------
+def test_a_tiny_update_seconds_keeps_within_the_outer_step_maximum():
+    """1000 x 10 with update_seconds 1e-9 became 9991 outer steps (2322 ran in 90 s, 73 MB of previews). The pacer
+    now gives every inner process at least the steps that keep the whole run within 1000 outer steps."""
+    from comfyui_nested_diffusion.nested_core.pacing import MAX_OUTER_STEPS, IntervalPacer
+
+    total, done, outer = 1000 * 10, 10, 1
+    pacer = IntervalPacer(1e-9, total)
+    counts = pacer.update(done, 10, 10, 0.01)
+    while counts:
+        assert outer + len(counts) <= MAX_OUTER_STEPS and sum(counts) == total - done
+        done += counts[0]
+        outer += 1
+        counts = pacer.update(done, counts[0], counts[0], 0.01 * counts[0])
+    assert done == total and outer <= MAX_OUTER_STEPS
+    # a stage that may have fewer, or connected sigmas that gave more, keep their own bound
+    assert len(IntervalPacer(1e-9, 4000, max_outer_steps=200).update(10, 10, 10, 0.01)) <= 199
+
+
+def test_a_tiny_update_seconds_run_reports_at_most_1000_outer_steps(client, exemplar_defaults):
+    prompt = batch_prompt(exemplar_defaults, batch=1, outer=1000, inner=10)
+    prompt[SAMPLER]["inputs"]["update_seconds"] = 1e-9
+    prompt_id = client.queue_prompt(prompt)
+    totals = []
+    for event in client.stream(prompt_id, timeout=300):
+        if event["type"] == "nested_diffusion.outer_step":
+            totals.append(event["data"]["outer_steps"])
+            if len(totals) == 3:
+                client.finish(prompt_id, SAMPLER)
+    assert 3 <= len(totals) and max(totals) <= 1000, totals
