@@ -275,7 +275,7 @@ def test_finish_now_button_ends_the_run_early_and_the_graph_goes_on(page, comfy_
     clicked = time.monotonic() - started
     # The button's callback asked the server, and the extension says so.
     # by its text: frontends render toasts with different components (PrimeVue's .p-toast-message up to 1.4x)
-    toast = page.get_by_text("Finishing after the current inner diffusion").first
+    toast = page.get_by_text("Finishing now").first
     toast.wait_for(state="visible", timeout=10_000)
     page.wait_for_function("() => window.__steer.done || window.__steer.error !== null", timeout=60_000)
     log = page.evaluate("() => window.__steer")

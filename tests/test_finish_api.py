@@ -1,4 +1,4 @@
-"""'Finish now' through the API: a running nested prompt ends after its current inner diffusion, keeps that
+"""'Finish now' through the API: a running nested prompt ends at its next model call, keeps its latest
 image, and the graph goes on; malformed, unknown or stale requests get a clear 4xx answer."""
 from __future__ import annotations
 

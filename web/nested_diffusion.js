@@ -5,7 +5,7 @@
 // * The filmstrip: every batch item's image after every outer step (the nested_diffusion.candidates event), on the
 //   node that runs the nested sampler, labelled "outer k/K", NFEs and batch index; it stays after the run (the
 //   latest MAX_KEPT images per node); a click enlarges one. While the run runs, each candidate of the latest outer
-//   step has "keep only this": the run continues only that batch item from its next outer boundary on.
+//   step has "keep only this": the run continues only that batch item from its next model call on.
 // Both steer only runs queued by this browser tab: requests carry the tab's client id (the one the tab queues its
 // prompts with), and the server refuses other clients' runs. Works with the legacy frontend (api.clientId) and
 // the current one (api.clientId, api.initialClientId).
@@ -105,7 +105,7 @@ async function finishNow(node) {
     result = await requestFinish(run, clientId);
   }
   if (result.ok) {
-    notify("success", "Finishing after the current inner diffusion; its image will be the result.");
+    notify("success", "Finishing now: the latest finished image will be the result.");
   } else {
     notify("warn", result.answer.error ?? `Finish request refused (${result.status})`);
   }
