@@ -787,7 +787,9 @@ WORKFLOWS = [nested_vs_vanilla_exemplar, nested_vs_vanilla_digits, sd15_txt2img_
 
 
 def all_workflows() -> list[Workflow]:
-    return [build() for build in WORKFLOWS]
+    from comfyui_nested_diffusion.tools.inverse_workflows import inverse_workflows
+
+    return [build() for build in WORKFLOWS + inverse_workflows(Workflow, EXEMPLAR)]
 
 
 # -- files ------------------------------------------------------------------------------------------------------
@@ -955,6 +957,10 @@ def render_thumbnail(workflow: Workflow, images: dict):
                (170, 170, 180))
     elif workflow.name in ("exemplar_pick_candidate_nested", "exemplar_prompt_refine_nested"):
         _staged_thumbnail(workflow, images, card, draw)
+    elif workflow.name.startswith("exemplar_inverse_"):
+        from comfyui_nested_diffusion.tools.inverse_workflows import render_inverse_thumbnail
+
+        render_inverse_thumbnail(workflow, images, card, draw, _tile, _label, _crop_labelled)
     else:
         save = next(n for n in workflow.nodes if n.type == "SaveImage")
         finals = images[str(save.id)]
