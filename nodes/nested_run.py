@@ -110,6 +110,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
         results: list[NestedResult] = []
         with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:
             control.set_batch_size(int(noise.shape[0]))  # what a pick may name
+            reporter.run_batch_size = int(noise.shape[0])  # outer_previews tells Pick Candidate the stage's batch
             self.sampler_function = self.nested_function(plan, rule, reporter, control, results, paced)
             try:
                 samples = super().sample(model_wrap, plan.outer_sigmas.to(sigmas.device), extra_args, callback, noise,

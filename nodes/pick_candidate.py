@@ -2,8 +2,15 @@
 
 After a stage, every batch slot is a candidate. Picking one copies its outer state into every slot,
 so the next stage explores variations of it (with a stochastic inner solver or outer_eta > 0).
+
+A client may already have kept one item while the stage ran ("keep only this", ``POST /nested_diffusion/pick``):
+the stage's samples then hold that item alone. That pick is the later choice, so it wins over ``index``: the node
+shows and hands on the kept item, copied into the stage's whole batch again.
 """
 from __future__ import annotations
+
+import logging
+from typing import Optional
 
 import torch
 from comfy_api.latest import io, ui
@@ -23,13 +30,30 @@ def check_pick(samples: dict, index: int) -> int:
 
 
 def latest_candidates(previews: dict, batch: int) -> torch.Tensor:
-    """The last outer step's inner results (one per candidate) from a stage's outer_previews."""
+    """The last outer step's inner results (one per candidate) from a stage's outer_previews: as many as that step
+    held where the previews say (``nested_step_batch_sizes``), else ``batch``."""
     images = previews.get("samples") if isinstance(previews, dict) else None
+    sizes = previews.get("nested_step_batch_sizes") if isinstance(previews, dict) else None
+    if isinstance(images, torch.Tensor) and isinstance(sizes, list) and sizes and sum(sizes) == images.shape[0]:
+        return images[-int(sizes[-1]):]
     if not isinstance(images, torch.Tensor) or images.shape[0] < batch or images.shape[0] % batch:
         raise NestedDiffusionError(
             f"outer_previews must come from the same stage as samples ({batch} candidates per outer step)"
         )
     return images[-batch:]
+
+
+def client_pick(samples: dict, previews: dict) -> Optional[tuple[int, int]]:
+    """(the kept item's position among the last step's candidates, the stage's batch) where a client's pick narrowed
+    the stage to one item while it ran; None otherwise."""
+    if not isinstance(previews, dict) or int(samples["samples"].shape[0]) != 1:
+        return None
+    picked, batch = previews.get("nested_picked"), previews.get("nested_run_batch_size")
+    if not isinstance(picked, int) or isinstance(picked, bool) or not isinstance(batch, int) or batch < 2:
+        return None
+    sizes = previews.get("nested_step_batch_sizes") or []
+    last_step_held_all = bool(sizes) and sizes[-1] == batch  # the pick came after the last step's images
+    return (picked if last_step_held_all else 0), batch
 
 
 def repeat_slot(latent: dict, index: int, batch: int) -> dict:
@@ -75,13 +99,25 @@ class NestedPickCandidate(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, outer_previews, index, vae=None) -> io.NodeOutput:
-        batch = check_pick(samples, index)
-        candidates = latest_candidates(outer_previews, batch)
-        picked = {"samples": candidates[index:index + 1].clone()}
+        kept_by_client = client_pick(samples, outer_previews)
+        if kept_by_client is None:
+            batch = check_pick(samples, index)
+            candidates = latest_candidates(outer_previews, batch)
+            chosen, slot = index, index
+        else:
+            (chosen, batch), slot = kept_by_client, 0
+            candidates = latest_candidates(outer_previews, 1)
+            if index != chosen:
+                logging.info("nested diffusion: Pick Candidate keeps the item a client kept while the stage ran "
+                             "(index %d is ignored)", index)
+            index = outer_previews["nested_picked"]
+        picked = {"samples": candidates[chosen:chosen + 1].clone()}
         shown = None
         if vae is not None:
             images = vae.decode(candidates)
+            # after a client's pick the candidates may be the kept item alone: label it by its batch position
+            numbers = [outer_previews["nested_picked"]] if kept_by_client and len(images) == 1 else range(len(images))
             tiles = [framed(labelled_image(image, f"index {i}{' · picked' if i == index else ''}"), i == index)
-                     for i, image in enumerate(images)]
+                     for i, image in zip(numbers, images)]
             shown = ui.PreviewImage(to_image_batch(tiles), cls=cls)
-        return io.NodeOutput(repeat_slot(samples, index, batch), picked, ui=shown)
+        return io.NodeOutput(repeat_slot(samples, slot, batch), picked, ui=shown)

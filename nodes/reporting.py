@@ -101,6 +101,7 @@ class NestedRunReporter:
         self.kept = KeptPreviews(MAX_PREVIEW_IMAGES if keep_previews else 0)
         self.outer_step_mode: Optional[str] = None  # "ddim", "renoise" or "trajectory", once "auto" is resolved
         self.picked: Optional[int] = None  # the batch position a pick kept
+        self.run_batch_size: Optional[int] = None  # the batch the run started with (a pick leaves 1)
         self.paced: Optional[PacedPlan] = None  # update_seconds: the outer steps, their sigmas and NFEs follow it
 
     def follow(self, paced: PacedPlan) -> None:
@@ -217,6 +218,7 @@ def outer_previews_latent(reporter: NestedRunReporter, model: Any) -> dict:
         "nested_sigmas": [s.sigma for s in kept],
         "nested_outer_step_mode": reporter.outer_step_mode,
         "nested_picked": reporter.picked,  # the batch position a pick kept (its images after the pick), or None
+        "nested_run_batch_size": reporter.run_batch_size,  # the batch the run started with (before any pick)
     }
 
 

@@ -183,3 +183,60 @@ def test_a_tiny_update_seconds_run_reports_at_most_1000_outer_steps(client, exem
             if len(totals) == 3:
                 client.finish(prompt_id, SAMPLER)
     assert 3 <= len(totals) and max(totals) <= 1000, totals
+
+
+# -- a pick at a stage boundary ----------------------------------------------------------------------------------
+def picking_stages(ex: dict, *, batch: int = 4, inner: int = 120) -> dict:
+    """Stage 1 (outer step 1 of 3, leftover noise) -> Pick Candidate (index 0) -> stage 2 -> saved; the stage's
+    outer_previews and the picked_preview decoded and saved too."""
+    prompt = batch_prompt(ex, batch=batch, outer=3, inner=inner)
+    stage = {k: v for k, v in prompt[SAMPLER]["inputs"].items() if k not in ("seed", "denoise")}
+    prompt[SAMPLER] = {"class_type": "NestedKSamplerAdvanced", "inputs": {
+        **stage, "add_noise": "enable", "noise_seed": fresh_seed(), "start_at_outer_step": 0, "end_at_outer_step": 1,
+        "return_with_leftover_noise": "enable"}}
+    prompt["9"] = {"class_type": "NestedPickCandidate",
+                   "inputs": {"samples": [SAMPLER, 0], "outer_previews": [SAMPLER, 1], "index": 0, "vae": ["4", 0]}}
+    prompt["20"] = {"class_type": "NestedKSamplerAdvanced", "inputs": {
+        **stage, "latent_image": ["9", 0], "add_noise": "disable", "noise_seed": 0, "start_at_outer_step": 1,
+        "end_at_outer_step": 3, "return_with_leftover_noise": "disable"}}
+    prompt["5"]["inputs"]["samples"] = ["20", 0]
+    for node, link, prefix in (("21", [SAMPLER, 1], "steering_candidates"), ("23", ["9", 1], "steering_picked")):
+        prompt[node] = {"class_type": "VAEDecode", "inputs": {"samples": link, "vae": ["4", 0]}}
+        prompt[str(int(node) + 1)] = {"class_type": "SaveImage", "inputs": {"images": [node, 0], "filename_prefix": prefix}}
+    return prompt
+
+
+def test_a_pick_during_a_stage_shows_the_kept_image_and_the_next_stage_gets_the_whole_batch(client,
+                                                                                             exemplar_defaults):
+    """A client picks candidate 1 while stage 1's only outer step runs. Pick Candidate (index 0) must show the kept
+    candidate and hand it on in every slot of the stage's batch: it showed another candidate's image (the last of
+    the step) and the final output was 1 image instead of the batch of 4. The same prompt again (it samples again:
+    the pick made its result depend on more than its inputs) shows where each candidate ends without a pick."""
+    from api_helpers import decode, mean_abs_difference
+
+    batch, picked = 4, 1
+    prompt = picking_stages(exemplar_defaults, batch=batch)
+    prompt_id = client.queue_prompt(prompt)
+    events = []
+    for event in client.stream(prompt_id, timeout=300):
+        events.append(event)
+        data = event.get("data") or {}
+        if event["type"] == "progress" and data.get("node") == SAMPLER and not of_type(events, "steering_picked"):
+            events.append({"type": "steering_picked", "data": client.pick(prompt_id, SAMPLER, picked)})
+    applied = of_type(events, PICKED_EVENT, SAMPLER)
+    assert len(applied) == 1 and applied[0]["data"]["index"] == picked
+
+    def images(run_id: str, node: str) -> list:
+        return [decode(client.fetch_output(image)).convert("RGB")
+                for image in client.history(run_id)["outputs"][node]["images"]]
+
+    kept, shown = images(prompt_id, "22"), images(prompt_id, "24")
+    assert len(shown) == 1 and mean_abs_difference(shown[0], kept[-1]) < 0.5
+    assert len(client.history(prompt_id)["outputs"][SAVE]["images"]) == batch, "the next stage lost the batch"
+
+    unpicked = attempt(client, prompt)
+    assert unpicked.kind == "ok" and ran(unpicked, SAMPLER), unpicked.describe()
+    candidates = images(unpicked.prompt_id, "22")
+    assert len(candidates) == batch
+    distances = [mean_abs_difference(shown[0], candidate) for candidate in candidates]
+    assert distances.index(min(distances)) == picked and distances[picked] < 1.0, distances
