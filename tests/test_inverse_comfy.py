@@ -54,16 +54,17 @@ def consistency(nodes, operator, pixels, measured_image) -> torch.Tensor:
 @pytest.mark.parametrize("task", TASKS)
 def test_ksampler_and_every_nested_preview_agree_with_the_measurement(task, nodes, eps_setup, pack):
     model, cond, _ = eps_setup
-    truth = truth_images(model, cond, 2)
+    truth = truth_images(model, cond, 4)
     patched, latent, measured, operator = measure(nodes, model, truth, task)
-    assert latent["samples"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert latent["samples"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
     vanilla = ksampler(patched, cond, latent, seed=5, steps=12, sampler_name="euler_ancestral")
     assert consistency(nodes, operator, vanilla, measured).max() <= CONSISTENT
+    # the patch, not the model, does it: unpatched, some of the 4 samples land on another exemplar than the truth
     unpatched = ksampler(model, cond, latent, seed=5, steps=12, sampler_name="euler_ancestral")
-    assert consistency(nodes, operator, unpatched, measured).min() > 0.05  # the patch, not the model, does it
+    assert consistency(nodes, operator, unpatched, measured).max() > 0.05
     samples, previews = nested(pack, patched, cond, latent, seed=5, outer_steps=3, inner_steps=4,
                                sampler_name="euler_ancestral")
-    outer = previews["samples"].reshape(3, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    outer = previews["samples"].reshape(3, 4, 3, IMAGE_SIZE, IMAGE_SIZE)
     for step in range(3):
         assert consistency(nodes, operator, outer[step], measured).max() <= CONSISTENT, step
     assert consistency(nodes, operator, samples["samples"], measured).max() <= CONSISTENT
