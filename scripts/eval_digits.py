@@ -6,8 +6,10 @@
 For every digit 0..9, ``--per-class`` samples from the NestedDigitsPrompt conditioning of that digit, with the
 "any" prompt as the negative and classifier-free guidance ``--cfg`` (``nodes.common_ksampler``, the KSampler
 node's code path); then as many unconditional samples ("any", cfg 1). Reports the classifier's accuracy on the
-conditional samples and the FID-like score (demo_models/digits/metrics.py) of both sets against the real
-training split; optionally writes a grid (one row per digit, plus a row of "any") and a JSON summary.
+conditional samples and the FID-like score (demo_models/digits/metrics.py) of both sets against the held-out
+reference set (no network trained on it); optionally writes a grid (one row per digit, plus a row of "any") and a
+JSON summary with the command that wrote it. One seed, no interval: a look at the models, not evidence for a
+setting (bench/digits_quality.py is that).
 """
 from __future__ import annotations
 
@@ -122,7 +124,12 @@ def main(argv=None) -> int:
         print(f"grid: {args.grid} ({' | '.join(variants)}: rows 0..9 with cfg {args.cfg}"
               f"{'' if args.skip_unconditional else ', then any with cfg 1'})")
     if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in results], indent=2))
+        import shlex
+        import sys
+
+        command = "scripts/python.sh -m comfyui_nested_diffusion.scripts.eval_digits " + shlex.join(sys.argv[1:])
+        Path(args.json).write_text(json.dumps({"command": command, "results": [
+            {k: v for k, v in r.items() if k != "rows"} for r in results]}, indent=2))
     return 0
 
 
