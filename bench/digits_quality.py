@@ -47,7 +47,7 @@ FLOOR_SAMPLES = 1000
 RESTART_MAIN_STEPS, RESTART_COUNT, RESTART_STEPS = 20, 2, 10
 RESTART_SIGMA_MIN, RESTART_SIGMA_MAX = 0.1, 2.0  # VE units: x = x0 + sigma * noise
 DEFAULT_WORK = Path("/tmp/digits_quality")
-CHECK_SAMPLES, CHECK_SEEDS, CHECK_VARIANT, CHECK_SOLVER = 64, tuple(range(10)), "flow", "euler"
+CHECK_SAMPLES, CHECK_SEEDS, CHECK_VARIANT, CHECK_SOLVER = 64, tuple(range(6)), "flow", "euler"
 ANCESTRAL_ETA = 0.85  # the paper's inner DDIM eta, as bench/fid.py uses for euler_ancestral
 
 
@@ -270,8 +270,16 @@ def fid_of(feats: np.ndarray, ref: np.ndarray) -> float:
 
 
 def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """KID's polynomial kernel (x . y / d + 1)^3."""
+    """KID's polynomial kernel (x . y / d + 1)^3, in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def standardiser(ref: np.ndarray):
+    """Features scaled to the reference's per-feature mean 0 and std 1 (for KID: the cubic kernel of raw features,
+    whose squared norm is about 8 per dimension here, is dominated by a few large products)."""
+    mean, std = ref.astype(np.float64).mean(0), ref.astype(np.float64).std(0) + 1e-12
+    return lambda feats: (np.asarray(feats, dtype=np.float64) - mean) / std
 
 
 def kid_from_kernels(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
@@ -294,13 +302,17 @@ def reference_and_floor() -> tuple[np.ndarray, np.ndarray]:
     return reference, features(train[pick]).float().numpy()
 
 
-def interval(values) -> list[float]:
+def interval(point: float, values) -> list[float]:
+    """95% percentile interval of bootstrap ``values``, re-centred on ``point``: resampling with repeats inflates
+    FID (a set with duplicates has a narrower spread), which shifts every draw up; the shift (the draws' median
+    minus the estimate) is removed, the width kept."""
     values = np.asarray(values, dtype=np.float64)
-    return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
+    shift = float(np.median(values)) - point
+    return [round(float(np.percentile(values, 2.5)) - shift, 4), round(float(np.percentile(values, 97.5)) - shift, 4)]
 
 
 def summarise(point: float, draws) -> dict:
-    return {"value": round(float(point), 4), "ci95": interval(draws)}
+    return {"value": round(float(point), 4), "ci95": interval(float(point), draws)}
 
 
 def load_runs(work: Path, count: int) -> dict:
@@ -364,9 +376,11 @@ def accuracies(run: dict, rows=None) -> dict:
 
 def kid_summary(seeds: list[dict], ref: np.ndarray, names, draws: int, rng) -> dict:
     """KID (x 1000) of each final set, mean over seeds, with a bootstrap interval (same resampling scheme)."""
+    scale = standardiser(ref)
+    ref = scale(ref)
     kyy = kernel(ref, ref)
-    mats = [{name: (kernel(run[name], run[name]), kernel(run[name], ref)) for name in names if name in run}
-            for run in seeds]
+    mats = [{name: (kernel(scale(run[name]), scale(run[name])), kernel(scale(run[name]), ref)) for name in names
+             if name in run} for run in seeds]
     point = {name: 1000 * np.mean([kid_from_kernels(m[name][0], kyy, m[name][1]) for m in mats]) for name in mats[0]}
     samples = {name: [] for name in mats[0]}
     for _ in range(draws):
@@ -415,7 +429,8 @@ def floor_summary(ref: np.ndarray, real: np.ndarray, draws: int, rng) -> dict:
     point = fid_of(real, ref)
     values = [fid_of(real[rng.integers(0, len(real), len(real))], ref[rng.integers(0, len(ref), len(ref))])
               for _ in range(draws)]
-    kyy, kxx, kxy = kernel(ref, ref), kernel(real, real), kernel(real, ref)
+    scale = standardiser(ref)
+    kyy, kxx, kxy = kernel(scale(ref), scale(ref)), kernel(scale(real), scale(real)), kernel(scale(real), scale(ref))
     return {"fid": summarise(point, values), "kid_x1000": round(1000 * kid_from_kernels(kxx, kyy, kxy), 4),
             "samples": int(len(real)), "reference": int(len(ref))}
 
@@ -472,7 +487,8 @@ def protocol_description() -> dict:
         "reference_set": "scikit-learn digits, held-out split (359), seen by no network",
         "floor": f"{FLOOR_SAMPLES} real training-split digits against the reference",
         "bootstrap": "paired: generated indices shared by all samplers of a seed, reference resampled too; "
-                     "percentile 95% interval of the mean over seeds",
+                     "percentile 95% interval of the mean over seeds, re-centred on the estimate",
+        "kid": "polynomial kernel (x.y/d + 1)^3 on features standardised by the reference's mean and std; x1000",
         "nested": f"NestedKSampler's sampler, outer_step auto, outer_eta 0, {OUTER} x {INNER}, CFG 1",
         "ksampler": f"{BUDGET} steps, same solver and scheduler (eps: normal, flow: simple), same noise",
         "restart": f"Restart sampling: {RESTART_MAIN_STEPS}-step KSampler path, {RESTART_COUNT} restarts from VE "
@@ -505,6 +521,42 @@ def print_report(result: dict) -> int:
             failed += not target["pass"]
             print(f"  {'PASS' if target['pass'] else 'FAIL'}  {target['target']}: {target['detail']}")
     return int(failed > 0)
+
+
+def markdown(result: dict) -> list[str]:
+    """The docs' tables from a saved analysis: FID per boundary, finals with KID, the targets."""
+    floor = result["floor"]
+
+    def ci(entry, digits=1):
+        return f"{entry['value']:.{digits}f} [{entry['ci95'][0]:.{digits}f}, {entry['ci95'][1]:.{digits}f}]"
+
+    lines = [f"Real-vs-real floor: FID {ci(floor['fid'])}, KID x1000 {floor['kid_x1000']:.2f} ({floor['samples']} real "
+             f"training-split digits against the {floor['reference']} held-out ones).", "",
+             "| model, solver (auto's step) | seeds x samples | NFE 10 | NFE 20 | NFE 30 | NFE 40 (final) |",
+             "|---|---|---|---|---|---|"]
+    for name, config in result["configs"].items():
+        fid = config["fid"]
+        count = f"{len(config['seeds'])} x {config['samples']}"
+        step = "/".join(config["outer_step"])
+        lines.append(f"| {name} ({step}): nested | {count} | " + " | ".join(
+            ci(fid[f"nested_{INNER * k}"]) for k in range(1, OUTER + 1)) + " |")
+        lines.append(f"| {name}: KSampler x0 | {count} | " + " | ".join(
+            ci(fid[f"ksampler_x0_{INNER * k}"] if k < OUTER else fid["ksampler_final"]) for k in range(1, OUTER + 1))
+            + " |")
+    lines += ["", "| model, solver | final FID nested / KSampler (ratio) | restart baseline (nested / restart) | "
+              "KID x1000 nested / KSampler | accuracy nested / KSampler |", "|---|---|---|---|---|"]
+    for name, config in result["configs"].items():
+        fid, stats, kid, acc = config["fid"], config["stats"], config["kid_x1000"], config["accuracy"]
+        restart = (f"{ci(fid['restart_final'])} ({ci(stats['nested_over_restart'], 2)})"
+                   if "restart_final" in fid else "not run")
+        lines.append(f"| {name} | {fid['nested_final']['value']:.1f} / {fid['ksampler_final']['value']:.1f} "
+                     f"({ci(stats['t3_final_ratio'], 2)}) | {restart} | {ci(kid['nested_final'], 2)} / "
+                     f"{ci(kid['ksampler_final'], 2)} | {acc['nested']['value']:.3f} / {acc['ksampler']['value']:.3f} |")
+    lines += ["", "| model, solver | T1 anytime | T2 never worse | T3 final | T4 accuracy |", "|---|---|---|---|---|"]
+    for name, config in result["configs"].items():
+        cells = [f"{'PASS' if t['pass'] else 'FAIL'}: {t['detail']}" for t in config["targets"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- the check
@@ -576,9 +628,14 @@ def main(argv=None) -> int:
     report.add_argument("--samples", type=int, default=SAMPLES)
     report.add_argument("--draws", type=int, default=BOOTSTRAP)
     report.add_argument("--out", type=Path)
+    table = sub.add_parser("markdown", help="print the docs' tables from a saved analysis json")
+    table.add_argument("results", type=Path)
     small = sub.add_parser("check", help="the small node-run check the tests compare against")
     small.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.what == "markdown":
+        print("\n".join(markdown(json.loads(args.results.read_text()))))
+        return 0
     from comfyui_nested_diffusion.tools.comfy_env import import_comfy, import_pack
 
     if args.what in ("sample", "check"):

@@ -75,14 +75,28 @@ def test_frechet_distance_general_covariances_symmetric_and_matches_the_symmetri
         frechet_distance(mu1, cov1, mu2[:4], cov2[:4, :4])
 
 
-def test_classifier_reads_unseen_real_digits():
-    """The shipped classifier trained on the held-out split; the training split is new to it (measured: 98.3%)."""
+def test_classifier_reads_real_digits_it_never_saw():
+    """The shipped classifier trained on MNIST digits only: both scikit-learn splits are new to it (measured: 91.9%
+    on the training split, 95.0% on the held-out one)."""
     images, labels = data.load_digits("train")
-    assert metrics.class_accuracy(images, labels) >= 0.96
+    assert metrics.class_accuracy(images, labels) >= 0.89
     heldout, heldout_labels = data.load_digits("heldout")
-    assert metrics.class_accuracy(heldout, heldout_labels) >= 0.99
+    assert metrics.class_accuracy(heldout, heldout_labels) >= 0.92
     # a wrong label set is caught by the accuracy
     assert metrics.class_accuracy(images, (labels + 1) % 10) <= 0.05
+
+
+def test_every_feature_is_alive_on_real_digits():
+    feats = metrics.features(metrics.reference_images())
+    assert int((feats.std(dim=0) < 1e-3).sum()) == 0
+
+
+def test_reference_is_the_held_out_split_no_network_trained_on():
+    train, heldout = data.split_indices()
+    reference = metrics.reference_images()
+    assert reference.shape[0] == len(heldout) == 359
+    assert torch.equal(reference, data.load_digits("heldout")[0])
+    assert metrics.fid(reference) == pytest.approx(0.0, abs=1e-6)  # the reference against itself
 
 
 def test_features_shape_and_grey_equals_rgb():
@@ -93,20 +107,20 @@ def test_features_shape_and_grey_equals_rgb():
     assert float(feats.std(dim=0).max()) > 0.0
 
 
-def test_fid_real_subset_small_blur_noise_and_wrong_classes_large():
+def test_fid_real_digits_small_blur_and_wrong_classes_large():
+    """Against the held-out reference (measured: 700 real training digits 7.6, 5x5-blurred 113, one class 317,
+    uniform noise 380, blank 541)."""
     images, labels = data.load_digits("train")
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))
-    sample, reference = images[order[:700]], images[order[700:]]  # two disjoint sets of real digits
+    sample = images[order[:700]]
     generator = torch.Generator().manual_seed(1)
-    real = metrics.fid(sample, reference)
-    heldout = metrics.fid(data.load_digits("heldout")[0])  # against the default reference, the training split
-    blurred = metrics.fid(torch.nn.functional.avg_pool2d(sample, 5, stride=1, padding=2, count_include_pad=False), reference)
-    ones = metrics.fid(images[labels == 1], reference)  # real digits, but all of one class
-    noise = metrics.fid(torch.rand(700, 3, 16, 16, generator=generator) * 2 - 1, reference)
-    blank = metrics.fid(torch.full((700, 3, 16, 16), -1.0) + 0.01 * torch.randn(700, 3, 16, 16, generator=generator), reference)
-    assert real < 0.2 * blurred and heldout < 0.2 * blurred
+    real = metrics.fid(sample)
+    blurred = metrics.fid(torch.nn.functional.avg_pool2d(sample, 5, stride=1, padding=2, count_include_pad=False))
+    ones = metrics.fid(images[labels == 1])  # real digits, but all of one class
+    noise = metrics.fid(torch.rand(700, 3, 16, 16, generator=generator) * 2 - 1)
+    blank = metrics.fid(torch.full((700, 3, 16, 16), -1.0) + 0.01 * torch.randn(700, 3, 16, 16, generator=generator))
+    assert 5 * real < blurred
     assert 20 * real < ones and 20 * real < noise and 20 * real < blank
-    assert metrics.fid(images) == pytest.approx(0.0, abs=1e-6)  # the reference against itself
 
 
 def test_shipped_weight_files_are_small_and_self_describing():

