@@ -21,6 +21,7 @@ The evidence protocol's FID is not part of this benchmark (see docs/inverse_prob
 
     scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --out bench/results/inverse_anytime.json
     scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --quick   # 1 seed, 4 x 10 only, few images
+    scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --strip docs/inverse_strip.png   # the demo strip
 """
 from __future__ import annotations
 
@@ -118,11 +119,18 @@ def nested_run(model, cond, latent: dict, seed: int, outer: int, inner: int) -> 
 
     spec = solver_spec(SAMPLER, SCHEDULER, inner)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer, SCHEDULER, 1.0)
-    sampler = NestedKSAMPLER(NestedSettings(spec, 0.0, "auto"), plan, own_progress=True)
+    recorded = []
+
+    class RecordingSampler(NestedKSAMPLER):
+        """Every outer step's image as it arrives (outer_previews keeps at most 64 images)."""
+
+        def report_outer_step(self, step, x0, x, total_steps):
+            recorded.append(model.model.process_latent_out(x0.detach().float().cpu()))
+            super().report_outer_step(step, x0, x, total_steps)
+
+    sampler = RecordingSampler(NestedSettings(spec, 0.0, "auto"), plan, own_progress=True)
     samples, previews = sample_latent(model, sampler, seed, 1.0, cond, cond, latent)
-    batch = latent["samples"].shape[0]
-    shown = previews["samples"].reshape(outer, batch, *previews["samples"].shape[1:])
-    return samples["samples"], shown, previews.get("nested_outer_step_mode")
+    return samples["samples"], torch.stack(recorded), previews.get("nested_outer_step_mode")
 
 
 def psnr(pixels: torch.Tensor, truth: torch.Tensor) -> float:
@@ -230,18 +238,60 @@ def verdicts(results: dict) -> list[str]:
     return lines
 
 
+def render_strip(path: Path, seed: int = 1) -> Path:
+    """The demo strip: one row per model and task: truth, the measurement (H+ y), nested after each of 4 outer
+    steps, KSampler's x0 after the same model calls (its last column: its final image)."""
+    from PIL import Image, ImageDraw
+
+    tile, gap, label_w, head = 72, 4, 200, 22
+    outer, inner = SPLITS[0]
+    rows = []
+    for model_name in ("exemplar", "digits"):
+        model, cond, truth = load_model(model_name, 4)
+        truth = truth[1:2]
+        for task, (factor, sigma_y) in TASKS[model_name].items():
+            patched, latent, operator, y = setup_task(model, truth, task, factor, sigma_y)
+            _, previews, _ = nested_run(patched, cond, latent, seed, outer, inner)
+            boundaries = [inner * (k + 1) for k in range(outer)]
+            final_k, x0 = ksampler_run(patched, cond, latent, seed, outer * inner, boundaries)
+            shown = [truth, operator.pinv(y)] + [p for p in previews] + [x0[n] for n in boundaries[:-1]] + [final_k]
+            rows.append((f"{model_name}: {task.replace('_', ' ')}" + (f" x{factor}" if factor > 1 else "")
+                         + (f", sigma_y {sigma_y:g}" if sigma_y else ""), shown))
+    titles = ["truth", "measured"] + [f"nested @{inner * (k + 1)}" for k in range(outer)] + \
+             [f"KS x0 @{inner * (k + 1)}" for k in range(outer - 1)] + [f"KSampler {outer * inner}"]
+    width = label_w + len(titles) * (tile + gap)
+    strip = Image.new("RGB", (width, head + len(rows) * (tile + gap)), (24, 27, 33))
+    draw = ImageDraw.Draw(strip)
+    for column, title in enumerate(titles):
+        draw.text((label_w + column * (tile + gap), 5), title, fill=(220, 220, 225))
+    for row, (name, images) in enumerate(rows):
+        top = head + row * (tile + gap)
+        draw.text((6, top + tile // 2 - 6), name, fill=(220, 220, 225))
+        for column, pixels in enumerate(images):
+            array = ((pixels[0].double().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            image = Image.fromarray(array).resize((tile, tile), Image.NEAREST)
+            strip.paste(image, (label_w + column * (tile + gap), top))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/inverse_anytime.json")
     parser.add_argument("--images", type=int, default=32, help="ground-truth images per model")
     parser.add_argument("--models", default="digits,exemplar")
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 x 10 only, 8 images")
+    parser.add_argument("--strip", help="only render the demo strip to this PNG (docs/inverse_strip.png)")
     args = parser.parse_args(argv)
     from comfyui_nested_diffusion.tools.comfy_env import import_comfy, import_pack
 
     import_comfy(force_cpu=True)
     import_pack()
     torch.set_num_threads(1)
+    if args.strip:
+        print(f"wrote {render_strip(Path(args.strip))}")
+        return 0
     seeds, splits, count = (SEEDS[:1], SPLITS[:1], 8) if args.quick else (SEEDS, SPLITS, args.images)
     started = time.perf_counter()
     results = {
