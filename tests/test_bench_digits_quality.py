@@ -70,3 +70,9 @@ def test_restart_schedule_falls_from_top_to_bottom_in_its_steps(flow):
 
 def test_restart_baseline_spends_the_same_nfes_as_the_nested_run():
     assert dq.restart_nfes() == dq.OUTER * dq.INNER
+
+
+def test_interval_is_recentred_on_the_estimate_with_the_draws_width():
+    draws = np.linspace(10.0, 14.0, 401)  # median 12, 2.5th / 97.5th percentiles 10.1 / 13.9
+    low, high = dq.interval(5.0, draws)
+    assert low == pytest.approx(5.0 - 1.9) and high == pytest.approx(5.0 + 1.9)
