@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 
 from ..protocol import FINISH_ROUTE, PICK_ROUTE, RUNNING_ROUTE
 from .previews_wanted import register_prompt_handler
+from .prompt_server import prompt_server, queuing_client_id
 
 
 class RunControl:
@@ -116,16 +117,6 @@ class RunControl:
 _lock = threading.Lock()
 _running: dict[tuple[str, str], RunControl] = {}
 _clients: dict[tuple[str, str], Optional[str]] = {}  # the client_id each run's prompt was queued with
-
-
-def queuing_client_id() -> Optional[str]:
-    """The client_id of the prompt ComfyUI is executing (None outside a server or for prompts queued without one)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return None
-    client_id = getattr(getattr(PromptServer, "instance", None), "client_id", None)
-    return client_id if isinstance(client_id, str) and client_id else None
 
 
 _QUEUING_CLIENT = object()
@@ -264,14 +255,10 @@ def parse_pick_request(body: object) -> tuple[Optional[tuple], Optional[str]]:
 def register_routes() -> None:
     """Add the routes (and the outer_previews prompt handler) to ComfyUI's server, when one is running (not in plain
     in-process use)."""
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
+    server = prompt_server()
     if server is None:
         return
+    from aiohttp import web
 
     def steering_route(parse, act):
         async def handle(request):

@@ -108,7 +108,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                              trajectory=mode == "trajectory", noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
         self.inpaint_options = plan.inpaint_options
         results: list[NestedResult] = []
-        with rerun.running_node(self.rerun_key), finishable_run(reporter.prompt_id, reporter.node_id) as control:
+        with finishable_run(reporter.prompt_id, reporter.node_id) as control:
             control.set_batch_size(int(noise.shape[0]))  # what a pick may name
             reporter.run_batch_size = int(noise.shape[0])  # outer_previews tells Pick Candidate the stage's batch
             self.sampler_function = self.nested_function(plan, rule, reporter, control, results, paced)
@@ -117,7 +117,7 @@ class NestedKSAMPLER(comfy.samplers.KSAMPLER):
                                          latent_image, denoise_mask, disable_pbar)
             finally:
                 self.sampler_function = None  # its closure holds the run's state
-            rerun.run_ended(results[0])  # a stop or pick not given by the inputs defeats ComfyUI's cache
+            rerun.run_ended(self.rerun_key, results[0])  # a stop or pick not given by the inputs defeats ComfyUI's cache
         self.last_result = without_latents(results[0]) if self.cached_output else results[0]
         if self.cached_output:
             reporter.previewer = None  # a TAESD previewer is a model

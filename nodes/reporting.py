@@ -6,7 +6,6 @@ Everything goes through ComfyUI's own ``ProgressBar``, ``latent_preview`` and ``
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import logging
 import time
@@ -21,6 +20,7 @@ from ..nested_core import projected_costs, spent_per_inner_process
 from ..protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICKED_EVENT
 from .kept_previews import MAX_PREVIEW_IMAGES, KeptPreviews, KeptStep
 from .planning import NestedPlan, PacedPlan
+from .prompt_server import prompt_server, send_to_prompt_client
 
 PREVIEW_FORMAT = "JPEG"
 MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
@@ -29,28 +29,6 @@ CANDIDATE_SIZE = 256  # longest side of a filmstrip preview, in pixels
 # update is two websocket messages the page must handle in order: unthrottled, a busy page falls behind the run, and
 # its "keep only this" and "Finish now" reach the server late. Every outer step's update (with its preview) is sent.
 PROGRESS_INTERVAL_S = 0.1
-
-
-@functools.lru_cache(maxsize=None)
-def _prompt_server_class():
-    """ComfyUI's PromptServer class, or None where ``server`` cannot be imported (looked up once, not per step)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return None
-    return PromptServer
-
-
-def prompt_server() -> Any:
-    """The running server, or None (in-process use: scripts, tests)."""
-    return getattr(_prompt_server_class(), "instance", None)
-
-
-def send_to_prompt_client(event: str, data: dict) -> None:
-    """Send a websocket event to the client that queued the running prompt (as ComfyUI's progress does)."""
-    server = prompt_server()
-    if server is not None:
-        server.send_sync(event, data, server.client_id)
 
 
 def _executing_context():

@@ -13,10 +13,9 @@ other sample once more too, which costs time but never serves a wrong image.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 # Stops that depend on something other than the inputs: the next identical prompt samples again.
 NOT_FROM_INPUTS = frozenset({"finish requested", "max_seconds"})
@@ -24,7 +23,6 @@ MAX_REMEMBERED = 4096  # generations kept (oldest forgotten first: at worst one 
 
 _lock = threading.Lock()
 _generations: "OrderedDict[tuple, int]" = OrderedDict()
-_current = threading.local()
 
 
 def is_link(value: Any) -> bool:
@@ -73,32 +71,15 @@ def invalidate(key: Optional[tuple]) -> None:
             _generations.popitem(last=False)
 
 
-@contextlib.contextmanager
-def running_node(key: Optional[tuple]) -> Iterator[None]:
-    """The key of the nested sampler node running in this thread, for ``stopped_early``."""
-    previous = getattr(_current, "key", None)
-    _current.key = key
-    try:
-        yield
-    finally:
-        _current.key = previous
-
-
-def stopped_early(reason: Optional[str]) -> None:
-    """Called when a nested run ends: a stop that is not a function of the inputs invalidates the running node."""
-    if reason in NOT_FROM_INPUTS:
-        invalidate(getattr(_current, "key", None))
-
-
 def depends_on_more_than_inputs(result: Any) -> bool:
     """Whether a nested run's result (a ``NestedResult``) is not what its inputs alone give: a stop for a reason
     outside them, or a pick (``kept``: the batch position a client's pick kept)."""
     return getattr(result, "stop_reason", None) in NOT_FROM_INPUTS or getattr(result, "kept", None) is not None
 
 
-def run_ended(result: Any) -> None:
-    """Called when a nested run ends: a result that depends on more than the inputs invalidates the running node,
-    so that the next identical prompt samples again instead of being served this one."""
+def run_ended(key: Optional[tuple], result: Any) -> None:
+    """Called when the nested run of the node with ``key`` ends: a result that depends on more than the inputs
+    invalidates that node, so that the next identical prompt samples again instead of being served this one."""
     if depends_on_more_than_inputs(result):
-        invalidate(getattr(_current, "key", None))
+        invalidate(key)
 

@@ -11,6 +11,7 @@ table in ``nested_core.steps`` is only an estimate where the stand-in cannot dri
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
@@ -18,9 +19,13 @@ from typing import Any, Callable, Optional, Sequence
 import comfy.model_management
 import torch
 
+from ..nested_core import renoise_step
 from .solver_probe import GaussianStandIn
 
 COST_CACHE_LIMIT = 4096
+# Measuring a plan's inner schedules stops after this long; the schedules left are estimated. An SDE solver's
+# Brownian-tree noise made 1000 measured schedules take 15-20 s on 2 cores before the first model call.
+MEASURE_SECONDS = 0.4
 _COSTS: dict = {}  # (solver key, schedule, flow) -> InnerCost
 _INPUTS = ((0, "gaussian"), (1, "binary"))  # two data sets an adaptive solver answers with different step counts
 _SHAPE = (1, 4, 4, 4)
@@ -67,36 +72,61 @@ class BinaryStandIn(GaussianStandIn):
         return torch.tanh(x * (1 - s) / s**2) if self.flow else torch.tanh(x / s**2)
 
 
+class MeasuringTooLong(Exception):
+    """The time for measuring a plan's costs ran out in the middle of one inner schedule."""
+
+
+class DeadlineModel:
+    """A stand-in that refuses model calls once ``deadline`` (``time.monotonic()``) has passed; every other
+    attribute passes through, so solvers find what they look up on the stand-in."""
+
+    def __init__(self, stand_in: Any, deadline: float):
+        self.stand_in = stand_in
+        self.deadline = deadline
+
+    def __call__(self, *args, **kwargs):
+        if time.monotonic() > self.deadline:
+            raise MeasuringTooLong
+        return self.stand_in(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["stand_in"], name)
+
+
 def _count_calls(solver: Callable[..., Any], sigmas: torch.Tensor, flow: bool, guider: Any, seed: int,
-                 stand_in_class: type) -> int:
+                 stand_in_class: type, deadline: Optional[float] = None) -> int:
     generator = torch.Generator().manual_seed(seed)
     sigma = float(sigmas[0])
     x0 = torch.randn(_SHAPE, generator=generator)
     if stand_in_class is BinaryStandIn:
         x0 = x0.sign()
     noise = torch.randn(_SHAPE, generator=generator)
-    x = x0 * (1 - sigma) + noise * sigma if flow else x0 + noise * sigma
+    x = renoise_step(x0, sigma, noise, flow)
     stand_in = stand_in_class(guider, flow)
     # a copy: some solvers write into the schedule they are given (uni_pc sets its final 0 to 0.001 in place)
-    solver(stand_in, x, sigmas.clone(), extra_args={"seed": seed, "model_options": {}}, callback=None, disable=True)
+    model = stand_in if deadline is None else DeadlineModel(stand_in, deadline)
+    solver(model, x, sigmas.clone(), extra_args={"seed": seed, "model_options": {}}, callback=None, disable=True)
     return stand_in.calls
 
 
 def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, flow: bool, model_sampling: Any,
-                       fallback: Optional[int] = None) -> InnerCost:
+                       fallback: Optional[int] = None, deadline: Optional[float] = None) -> InnerCost:
     """The model calls ``solver`` makes over ``inner_sigmas``, counted on the stand-in (cached). A solver the
-    stand-in cannot drive gets ``fallback`` (or one call per step) as an estimate, with a warning."""
+    stand-in cannot drive gets ``fallback`` (or one call per step) as an estimate, with a warning; so does a
+    measurement still running at ``deadline`` (``time.monotonic()``), without one (not cached)."""
     sigmas = inner_sigmas.detach().to(device="cpu", dtype=torch.float32)
     key = (solver_key(solver), tuple(sigmas.tolist()), flow)
     cost = _COSTS.get(key)
     if cost is None:
         guider = PlanningGuider(model_sampling)
         try:
-            counts = [_count_calls(solver, sigmas, flow, guider, seed, GaussianStandIn if data == "gaussian" else BinaryStandIn)
-                      for seed, data in _INPUTS]
+            counts = [_count_calls(solver, sigmas, flow, guider, seed, GaussianStandIn if data == "gaussian" else BinaryStandIn,
+                                   deadline) for seed, data in _INPUTS]
             cost = InnerCost(nfe=counts[0], exact=len(set(counts)) == 1)  # the Gaussian's count: the estimate
         except comfy.model_management.InterruptProcessingException:  # Cancel: not a solver the stand-in cannot drive
             raise
+        except MeasuringTooLong:
+            return InnerCost(nfe=fallback if fallback is not None else len(sigmas) - 1, exact=False)
         except Exception as error:  # a third-party solver the stand-in cannot drive: estimate, count at run time
             logging.warning("nested diffusion: could not measure the inner solver's cost (%s: %s); estimating it",
                             type(error).__name__, error)
@@ -107,7 +137,33 @@ def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, f
     return cost
 
 
+def schedule_shape(sigmas: torch.Tensor) -> tuple[int, bool]:
+    """What a solver's model calls depend on, unless they depend on the sigmas' values: its length, and whether it
+    ends at 0 (most solvers take a cheaper last step there)."""
+    return len(sigmas), float(sigmas[-1]) == 0.0
+
+
 def measure_inner_costs(solver: Callable[..., Any], inner_sigmas: Sequence[torch.Tensor], flow: bool, model_sampling: Any,
-                        fallbacks: Optional[Sequence[int]] = None) -> list[InnerCost]:
-    return [measure_inner_cost(solver, sigmas, flow, model_sampling, None if fallbacks is None else fallbacks[index])
-            for index, sigmas in enumerate(inner_sigmas)]
+                        fallbacks: Optional[Sequence[int]] = None, seconds: float = MEASURE_SECONDS) -> list[InnerCost]:
+    """Every inner schedule's cost, within about ``seconds`` for any plan. Schedules of one shape
+    (``schedule_shape``) cost the same for a solver whose calls do not follow the sigmas' values: the first and the
+    last of each shape are measured, and where both are exact and agree the others take their cost. Otherwise
+    (``dpm_adaptive``) each is measured while time is left. What the time does not reach is estimated (the
+    ``fallbacks``, inexact): the budget rule then goes by what each inner diffusion really spends."""
+    deadline = time.monotonic() + seconds
+    costs: list[Optional[InnerCost]] = [None] * len(inner_sigmas)
+
+    def cost_of(index: int) -> InnerCost:
+        return measure_inner_cost(solver, inner_sigmas[index], flow, model_sampling,
+                                  None if fallbacks is None else fallbacks[index], deadline)
+
+    shapes: dict[tuple, list[int]] = {}
+    for index, sigmas in enumerate(inner_sigmas):
+        shapes.setdefault(schedule_shape(sigmas), []).append(index)
+    for members in shapes.values():
+        first = costs[members[0]] = cost_of(members[0])
+        last = costs[members[-1]] = cost_of(members[-1])
+        shared = first if first.exact and first == last else None
+        for index in members[1:-1]:
+            costs[index] = shared if shared is not None else cost_of(index)
+    return costs

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import comfy.model_management
 import torch
 
+from ..nested_core import renoise_step
 from .schedule_cache import planning_checkpoint
 
 # What "auto" takes, by posterior ratio (docs/results.md has the measurements):
@@ -74,7 +75,7 @@ def diffused_standard_normal(sigma: float, flow: bool, channels: int, seed: int 
     shape = (PROBE_BATCH, channels, PROBE_SPATIAL, PROBE_SPATIAL)
     x0 = torch.randn(shape, generator=generator)
     noise = torch.randn(shape, generator=generator)
-    return x0 * (1 - sigma) + noise * sigma if flow else x0 + noise * sigma
+    return renoise_step(x0, sigma, noise, flow)
 
 
 def posterior_ratio(solver: Callable[..., torch.Tensor], inner_sigmas: torch.Tensor, inner_model: Any, flow: bool,
