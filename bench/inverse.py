@@ -22,6 +22,7 @@ The evidence protocol's FID is not part of this benchmark (see docs/inverse_prob
     scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --out bench/results/inverse_anytime.json
     scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --quick   # 1 seed, 4 x 10 only, few images
     scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --strip docs/inverse_strip.png   # the demo strip
+    scripts/python.sh -m comfyui_nested_diffusion.bench.inverse --overhead bench/results/inverse_overhead.json
 """
 from __future__ import annotations
 
@@ -276,6 +277,25 @@ def render_strip(path: Path, seed: int = 1) -> Path:
     return path
 
 
+def patch_overhead(repeats: int = 5, steps: int = 40, count: int = 32) -> dict:
+    """Seconds of KSampler (``steps`` euler_ancestral steps, digits UNet, ``count`` images) with and without the
+    patch, interleaved runs; the median ratio is the patch's cost per model call relative to the model's."""
+    model, cond, truth = load_model("digits", count)
+    result = {"steps": steps, "images": count, "repeats": repeats, "tasks": {}}
+    for task, (factor, sigma_y) in TASKS["digits"].items():
+        patched, latent, _, _ = setup_task(model, truth, task, factor, sigma_y)
+        plain, guided = [], []
+        for repeat in range(repeats):
+            for target, times in ((model, plain), (patched, guided)):
+                started = time.perf_counter()
+                ksampler_run(target, cond, latent, repeat, steps, [])
+                times.append(time.perf_counter() - started)
+        ratios = sorted(g / p for g, p in zip(guided, plain))
+        result["tasks"][task] = {"plain_seconds": plain, "patched_seconds": guided,
+                                 "median_ratio": ratios[len(ratios) // 2]}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/inverse_anytime.json")
@@ -283,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="digits,exemplar")
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 x 10 only, 8 images")
     parser.add_argument("--strip", help="only render the demo strip to this PNG (docs/inverse_strip.png)")
+    parser.add_argument("--overhead", help="only time KSampler with and without the patch, json to this path")
     args = parser.parse_args(argv)
     from comfyui_nested_diffusion.tools.comfy_env import import_comfy, import_pack
 
@@ -291,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.strip:
         print(f"wrote {render_strip(Path(args.strip))}")
+        return 0
+    if args.overhead:
+        result = {"command": "scripts/python.sh -m comfyui_nested_diffusion.bench.inverse " + shlex.join(sys.argv[1:]),
+                  "threads": 1, **patch_overhead()}
+        out = Path(args.overhead)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        for task, data in result["tasks"].items():
+            print(f"{task}: patched / plain KSampler time, median of {result['repeats']}: {data['median_ratio']:.3f}")
+        print(f"wrote {out}")
         return 0
     seeds, splits, count = (SEEDS[:1], SPLITS[:1], 8) if args.quick else (SEEDS, SPLITS, args.images)
     started = time.perf_counter()
