@@ -296,6 +296,28 @@ def patch_overhead(repeats: int = 5, steps: int = 40, count: int = 32) -> dict:
     return result
 
 
+def markdown_table(results: dict) -> str:
+    """The docs' table: PSNR (dB, mean [95% interval] over seeds) at the first and last outer boundary."""
+
+    def cell(value: dict) -> str:
+        return f"{value['mean']:.2f} [{value['low']:.2f}, {value['high']:.2f}]"
+
+    lines = ["| model | task | split | nested @first | KSampler x0 @first | nested final | KSampler final | "
+             "nested max consistency |", "|---|---|---|---|---|---|---|---|"]
+    for model_name, tasks in results["models"].items():
+        for task, case in tasks.items():
+            name = task.replace("_", " ") + (f" x{case['factor']}" if case["factor"] > 1 else "") + \
+                (f", sigma_y {case['sigma_y']:g}" if case["sigma_y"] else "")
+            for split, data in case["splits"].items():
+                summary = data["summary"]
+                consistency = f"{summary['nested_consistency_max']:.1e}" if case["sigma_y"] == 0 else "(noisy y)"
+                lines.append(f"| {model_name} | {name} | {split} (@{summary['nfe_at_boundaries'][0]}) | "
+                             f"{cell(summary['nested_psnr'][0])} | {cell(summary['ksampler_x0_psnr'][0])} | "
+                             f"{cell(summary['nested_psnr'][-1])} | {cell(summary['ksampler_final_psnr'])} | "
+                             f"{consistency} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/inverse_anytime.json")
@@ -304,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 x 10 only, 8 images")
     parser.add_argument("--strip", help="only render the demo strip to this PNG (docs/inverse_strip.png)")
     parser.add_argument("--overhead", help="only time KSampler with and without the patch, json to this path")
+    parser.add_argument("--table", help="only print the markdown table of a results json")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text(encoding="utf-8"))))
+        return 0
     from comfyui_nested_diffusion.tools.comfy_env import import_comfy, import_pack
 
     import_comfy(force_cpu=True)
