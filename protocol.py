@@ -11,6 +11,9 @@ PICKED_EVENT = "nested_diffusion.picked"  # a run dropped all batch items but th
 FINISH_ROUTE = "/nested_diffusion/finish"  # POST {prompt_id, node_id, client_id}: end after this inner diffusion
 RUNNING_ROUTE = "/nested_diffusion/running"  # GET ?client_id=: the runs that client can finish or pick in
 PICK_ROUTE = "/nested_diffusion/pick"  # POST {prompt_id, node, index, client_id}: keep only that batch item
+# Only on a master with ComfyUI-Distributed installed (nodes/distributed.py): the same for every server of its job.
+JOB_FINISH_ROUTE = "/nested_diffusion/job/finish"  # POST {prompt_id, node_id, client_id}: the master's prompt
+JOB_PICK_ROUTE = "/nested_diffusion/job/pick"  # POST {prompt_id, node, index, server, client_id}: others finish
 
 # Added by the server's prompt handler to each NestedKSampler / NestedKSamplerAdvanced node's inputs (seen in
 # /history's prompt): whether any node takes its outer_previews output (nodes/previews_wanted.py).
