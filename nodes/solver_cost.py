@@ -20,7 +20,7 @@ import comfy.model_management
 import torch
 
 from ..nested_core import renoise_step
-from .solver_probe import GaussianStandIn
+from .solver_probe import GaussianStandIn, plain_noise
 
 COST_CACHE_LIMIT = 4096
 # Measuring a plan's inner schedules stops after this long; the schedules left are estimated. An SDE solver's
@@ -105,7 +105,8 @@ def _count_calls(solver: Callable[..., Any], sigmas: torch.Tensor, flow: bool, g
     stand_in = stand_in_class(guider, flow)
     # a copy: some solvers write into the schedule they are given (uni_pc sets its final 0 to 0.001 in place)
     model = stand_in if deadline is None else DeadlineModel(stand_in, deadline)
-    solver(model, x, sigmas.clone(), extra_args={"seed": seed, "model_options": {}}, callback=None, disable=True)
+    solver(model, x, sigmas.clone(), extra_args={"seed": seed, "model_options": {}}, callback=None, disable=True,
+           **plain_noise(solver, generator, _SHAPE))
     return stand_in.calls
 
 
@@ -117,6 +118,8 @@ def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, f
     sigmas = inner_sigmas.detach().to(device="cpu", dtype=torch.float32)
     key = (solver_key(solver), tuple(sigmas.tolist()), flow)
     cost = _COSTS.get(key)
+    if cost is None and deadline is not None and time.monotonic() > deadline:
+        return InnerCost(nfe=fallback if fallback is not None else len(sigmas) - 1, exact=False)
     if cost is None:
         guider = PlanningGuider(model_sampling)
         try:
