@@ -18,13 +18,13 @@ import torch
 
 from ..nested_core import projected_costs, spent_per_inner_process
 from ..protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICKED_EVENT
+from .filmstrip import FilmstripBudget, client_watching, thumbnail_side
 from .kept_previews import MAX_PREVIEW_IMAGES, KeptPreviews, KeptStep
 from .planning import NestedPlan, PacedPlan
 from .prompt_server import prompt_server, send_to_prompt_client
 
 PREVIEW_FORMAT = "JPEG"
 MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
-CANDIDATE_SIZE = 256  # longest side of a filmstrip preview, in pixels
 # Progress between outer steps goes out at most this often. A fast model makes hundreds of calls a second, and every
 # update is two websocket messages the page must handle in order: unthrottled, a busy page falls behind the run, and
 # its "keep only this" and "Finish now" reach the server late. Every outer step's update (with its preview) is sent.
@@ -81,6 +81,7 @@ class NestedRunReporter:
         self.picked: Optional[int] = None  # the batch position a pick kept
         self.run_batch_size: Optional[int] = None  # the batch the run started with (a pick leaves 1)
         self.paced: Optional[PacedPlan] = None  # update_seconds: the outer steps, their sigmas and NFEs follow it
+        self.filmstrip = FilmstripBudget()  # the candidates events' bytes, bounded by the previews' (filmstrip.py)
 
     def follow(self, paced: PacedPlan) -> None:
         """Take the outer sigmas, inner steps and planned NFEs from ``paced``'s live lists (re-planned as it runs)."""
@@ -124,18 +125,29 @@ class NestedRunReporter:
             self.kept.add(KeptStep(index, x0.detach().to(comfy.model_management.intermediate_device(), copy=True),
                                    self.nfe_before + self.nfe_done, sigma, self.first_outer_index + index + 1,
                                    self.items(x0.shape[0])))
-        # One decode per batch item: ComfyUI's previewers show a batch by its first item, so the progress preview is
-        # the first candidate's.
-        candidates = self.item_previews(x0) if prompt_server() is not None else None
+        # ComfyUI's previewers show a batch by its first item: the progress preview is the first candidate's.
+        first = self.preview_bytes(x0[:1])
         if self.progress is not None:
-            self.send_progress(candidates[0] if candidates else self.preview_bytes(x0))
+            self.send_progress(first)
         step = self.step_fields(index)
         send_to_prompt_client(OUTER_STEP_EVENT, {**step, "sigma": sigma, "outer_step_mode": self.outer_step_mode})
-        if candidates is not None:
-            send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
-                                                     "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
-                                                     "images": [data_url(preview) for preview in candidates],
-                                                     "picked": self.picked})
+        self.send_filmstrip(step, x0, first)
+
+    def send_filmstrip(self, step: dict, x0: torch.Tensor, first) -> None:
+        """The candidates event, where a client receives it and it fits the run's budget (filmstrip.py); one decode
+        per batch item, Cancel honoured between them."""
+        server = prompt_server()
+        if server is None or not client_watching(server):
+            return
+        self.filmstrip.count_preview(first)
+        if not self.filmstrip.fits():
+            return
+        side = thumbnail_side(x0.shape[0])
+        images = [data_url(preview, side) for preview in self.item_previews(x0, first)]
+        self.filmstrip.count_filmstrip(images)
+        send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
+                                                 "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
+                                                 "images": images, "picked": self.picked})
 
     def step_fields(self, index: int) -> dict:
         fields = {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
@@ -162,17 +174,23 @@ class NestedRunReporter:
             logging.warning("nested diffusion: preview failed: %s", error)
             return None
 
-    def item_previews(self, x0: torch.Tensor) -> list:
-        """ComfyUI's preview of every batch item (at most MAX_CANDIDATES), None where there is none."""
-        return [self.preview_bytes(x0[item:item + 1]) for item in range(min(x0.shape[0], MAX_CANDIDATES))]
+    def item_previews(self, x0: torch.Tensor, first=None) -> list:
+        """ComfyUI's preview of every batch item (at most MAX_CANDIDATES; ``first``: item 0's, already decoded),
+        None where there is none. A Cancel between two decodes stops the run there."""
+        previews = [first if first is not None else self.preview_bytes(x0[:1])]
+        for item in range(1, min(x0.shape[0], MAX_CANDIDATES)):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            previews.append(self.preview_bytes(x0[item:item + 1]))
+        return previews
 
 
-def data_url(preview) -> Optional[str]:
-    """A previewer's ``(format, image, size)`` as a small JPEG data URL for the filmstrip (None stays None)."""
+def data_url(preview, side: int = thumbnail_side(1)) -> Optional[str]:
+    """A previewer's ``(format, image, size)`` as a small JPEG data URL for the filmstrip, at most ``side`` pixels
+    on its longest side (None stays None)."""
     if preview is None:
         return None
     image = preview[1].copy()
-    image.thumbnail((CANDIDATE_SIZE, CANDIDATE_SIZE))
+    image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
