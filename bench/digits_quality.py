@@ -106,13 +106,13 @@ def nested_run(model, solver: str, scheduler: str, positive, negative, count: in
     """NestedKSampler's sampler at its defaults (``outer_step`` auto, outer_eta 0), 4 x 10, on the same noise;
     ``keep(nfe, anytime image)`` at every outer boundary. Returns (final images, the outer step auto chose)."""
     import comfy.sample
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings
     from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, plan_nested_run
 
     eta = ANCESTRAL_ETA if solver == "euler_ancestral" else None
     spec = InnerSolverSpec(solver, scheduler, INNER, eta=eta, s_noise=1.0)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, OUTER, scheduler)
-    sampler = NestedKSAMPLER(NestedSettings(spec, outer_eta=0.0, outer_step="auto"), plan)
+    sampler = NestedDiffusionSampler(NestedSettings(spec, outer_eta=0.0, outer_step="auto"), plan)
     latent = torch.zeros(count, 3, 16, 16)
     noise = comfy.sample.prepare_noise(latent, seed)
     out = comfy.sample.sample_custom(model, noise, 1.0, sampler, plan.outer_sigmas, positive, negative, latent,

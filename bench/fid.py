@@ -95,7 +95,7 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     ``outer_step`` and ``outer_eta``: the node's inputs (the hand-set rows of the report)."""
     import comfy.sample
     from comfyui_nested_diffusion.demo_models.digits.metrics import fid
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     spec = inner_spec(solver, inner, scheduler)
@@ -106,7 +106,7 @@ def nested_with_previews(model, solver: str, outer: int, inner: int, scheduler: 
     def keep_x0(step, x0, x, total):
         fid_by_nfe[inner * (step + 1)] = fid(model.model.process_latent_out(x0.detach().cpu()))
 
-    sampler = NestedKSAMPLER(NestedSettings(spec, outer_eta=outer_eta, outer_step=outer_step), plan)
+    sampler = NestedDiffusionSampler(NestedSettings(spec, outer_eta=outer_eta, outer_step=outer_step), plan)
     latent = empty_latent(count)["samples"]
     noise = comfy.sample.prepare_noise(latent, seed)
     out = comfy.sample.sample_custom(model, noise, cfg, sampler, plan.outer_sigmas, positive, negative, latent,

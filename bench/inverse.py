@@ -115,14 +115,14 @@ def ksampler_run(model, cond, latent: dict, seed: int, steps: int, record_at: li
 def nested_run(model, cond, latent: dict, seed: int, outer: int, inner: int) -> tuple:
     """NestedKSampler's path; (final pixels, previews [outer, B, 3, H, W], outer step mode)."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings, sample_latent
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings, sample_latent
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     spec = solver_spec(SAMPLER, SCHEDULER, inner)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer, SCHEDULER, 1.0)
     recorded = []
 
-    class RecordingSampler(NestedKSAMPLER):
+    class RecordingSampler(NestedDiffusionSampler):
         """Every outer step's image as it arrives (outer_previews keeps at most 64 images)."""
 
         def report_outer_step(self, step, x0, x, total_steps):

@@ -27,7 +27,7 @@ def nested_run(model, sampler_name: str, prompt_id: str, pick: bool) -> tuple[di
     from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
     from comfyui_nested_diffusion.nodes.finish import request_pick
     from comfyui_nested_diffusion.nodes.nested_ksampler import nested_settings
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, sample_latent
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, sample_latent
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
     from comfyui_nested_diffusion.tools.models import counting_clone
 
@@ -43,7 +43,7 @@ def nested_run(model, sampler_name: str, prompt_id: str, pick: bool) -> tuple[di
     plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, OUTER, "normal")
     cond = empty_conditioning()
     with CurrentNodeContext(prompt_id, "1"):
-        samples, previews = sample_latent(model, NestedKSAMPLER(settings, plan), 7, 1.0, cond, cond,
+        samples, previews = sample_latent(model, NestedDiffusionSampler(settings, plan), 7, 1.0, cond, cond,
                                           {"samples": torch.zeros(BATCH, 3, 32, 32)})
     if pick:
         assert answers and answers[0][0] == 200, f"the pick was refused: {answers}"

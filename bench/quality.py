@@ -94,7 +94,7 @@ def nested_run(model, cond, exemplars, prediction: str, outer: int, inner: int, 
     ``sample_latent``), with every outer step's image recorded as it arrives: ``outer_previews`` keeps at most 64
     images (a batch of 32 fits two outer steps), the benchmark needs every boundary."""
     from comfyui_nested_diffusion.nodes.nested_ksampler import nested_settings
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, sample_latent
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, sample_latent
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     counted, calls = counting_clone(model)
@@ -105,7 +105,7 @@ def nested_run(model, cond, exemplars, prediction: str, outer: int, inner: int, 
     plan = plan_nested_run(counted.get_model_object("model_sampling"), settings.spec, outer, scheduler, 1.0)
     recorded, counted_at = [], []
 
-    class RecordingSampler(NestedKSAMPLER):
+    class RecordingSampler(NestedDiffusionSampler):
         def report_outer_step(self, step, x0, x, total_steps):
             recorded.append(counted.model.process_latent_out(x0.detach().float().cpu()))
             counted_at.append(calls["n"])

@@ -40,12 +40,12 @@ def nested_std(model, spec, outer_step: str = "auto", outer_steps: int = 4, seed
                batch: int = BATCH) -> tuple[float, str]:
     """Final std of a NestedKSampler run on the Gaussian model, and the outer step it used."""
     from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings, sample_latent
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings, sample_latent
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     cond = empty_conditioning()
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, spec.scheduler, 1.0)
-    sampler = NestedKSAMPLER(NestedSettings(spec, outer_step=outer_step), plan)
+    sampler = NestedDiffusionSampler(NestedSettings(spec, outer_step=outer_step), plan)
     samples, previews = sample_latent(model, sampler, seed, 1.0, cond, cond, gaussian_latent(batch))
     return float(samples["samples"].std()), previews["nested_outer_step_mode"]
 

@@ -24,7 +24,7 @@ def paced_run(update_seconds: float, outer: int, inner: int) -> dict:
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars, manifold_distance
     from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
     from comfyui_nested_diffusion.nodes.nested_ksampler import nested_settings
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
     from comfyui_nested_diffusion.tools.models import counting_clone
 
@@ -32,7 +32,7 @@ def paced_run(update_seconds: float, outer: int, inner: int) -> dict:
     model, calls = counting_clone(build_exemplar_model(exemplars, 0.05, "eps"), seconds_per_call=CALL_SECONDS)
     settings = nested_settings("euler_ancestral", "normal", inner, None, 0.0, 0, 0.0, "auto", update_seconds)
     plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer, "normal")
-    sampler = NestedKSAMPLER(settings, plan)
+    sampler = NestedDiffusionSampler(settings, plan)
     cond = empty_conditioning()
     latent = torch.zeros(1, 3, 32, 32)
     arrivals = []

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..nested_core import NestedDiffusionError
 from . import rerun
 from .inner_solver import InnerSolver
-from .nested_run import NestedKSAMPLER, NestedSettings, RunLimits, sample_latent
+from .nested_run import NestedDiffusionSampler, NestedSettings, RunLimits, sample_latent
 from .planning import OUTER_STEP_MODES, InnerSolverSpec, plan_nested_run
 from .previews_wanted import outer_previews_wanted
 
@@ -103,7 +103,7 @@ class NestedKSampler(io.ComfyNode):
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
                                    outer_step, update_seconds)
         plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise)
-        sampler = NestedKSAMPLER(settings, plan, own_progress=True, rerun_key=key)
+        sampler = NestedDiffusionSampler(settings, plan, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, seed, cfg, positive, negative, latent_image,
                                             keep_previews=previews_wanted(cls)))
 
@@ -175,6 +175,6 @@ class NestedKSamplerAdvanced(io.ComfyNode):
                                    outer_step, update_seconds)
         plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler)
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
-        sampler = NestedKSAMPLER(settings, stage, own_progress=True, rerun_key=key)
+        sampler = NestedDiffusionSampler(settings, stage, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, noise_seed, cfg, positive, negative, latent_image,
                                             add_noise=add_noise == "enable", keep_previews=previews_wanted(cls)))

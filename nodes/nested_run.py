@@ -1,6 +1,6 @@
 """The one SAMPLER that runs nested diffusion inside ComfyUI, and the KSampler-like way the nodes call it.
 
-``NestedKSAMPLER`` is a ComfyUI ``KSAMPLER``: SamplerCustom(Advanced) and the guider give it the model, the sigmas,
+``NestedDiffusionSampler`` is a ComfyUI ``KSAMPLER``: SamplerCustom(Advanced) and the guider give it the model, the sigmas,
 the noise and the latent, as to any sampler. It plans from the sigmas it is given (or takes the plan the
 NestedKSampler nodes made from their own inputs), resolves the "auto" outer step against the real model, reports
 progress, previews and events, honours Finish now, picks and the budgets, and runs ``nested_core.run_nested``.
@@ -64,7 +64,7 @@ class NestedSettings:
         check_update_seconds(self.update_seconds)
 
 
-class NestedKSAMPLER(comfy.samplers.KSAMPLER):
+class NestedDiffusionSampler(comfy.samplers.KSAMPLER):
     """Nested diffusion as a ComfyUI SAMPLER. ``plan``: the NestedKSampler nodes' own plan (their scheduler, denoise,
     stage); without it the connected sigmas are the outer steps (``outer_sigmas_from``). ``own_progress``: a
     progress bar and preview of its own (inside SamplerCustom, the node's bar and previews count outer steps).
@@ -244,9 +244,9 @@ def fitted_latent_image(model: Any, latent: dict) -> torch.Tensor:
     return comfy.sample.fix_empty_latent_channels(model=model, latent_image=latent["samples"], **ratios)
 
 
-def sample_latent(model: Any, sampler: NestedKSAMPLER, seed: int, cfg: float, positive, negative, latent: dict,
+def sample_latent(model: Any, sampler: NestedDiffusionSampler, seed: int, cfg: float, positive, negative, latent: dict,
                   add_noise: bool = True, keep_previews: bool = True) -> tuple[dict, dict]:
-    """Sample like ``nodes.common_ksampler`` with a NestedKSAMPLER holding its plan; returns (samples,
+    """Sample like ``nodes.common_ksampler`` with a NestedDiffusionSampler holding its plan; returns (samples,
     outer_previews: empty where ``keep_previews`` is False)."""
     check_number("cfg", cfg, 0.0, 100.0)
     latent_image = fitted_latent_image(model, latent)

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from . import rerun
 from .nested_ksampler import optional_inputs
-from .nested_run import NestedKSAMPLER, NestedSettings, RunLimits
+from .nested_run import NestedDiffusionSampler, NestedSettings, RunLimits
 from .planning import InnerSolverSpec
 
 # The paper's inner default: DDIM with eta 0.85, which is ComfyUI's euler_ancestral with eta 0.85.
@@ -44,4 +44,4 @@ class NestedSampler(io.ComfyNode):
         key = rerun.key_from_prompt("NestedSampler", getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
                                     ["inner_solver", "outer_eta", "max_nfe", "max_seconds", "outer_step",
                                      "update_seconds"])
-        return io.NodeOutput(NestedKSAMPLER(settings, rerun_key=key, cached_output=True))
+        return io.NodeOutput(NestedDiffusionSampler(settings, rerun_key=key, cached_output=True))

@@ -56,10 +56,10 @@ def nested(pack, model, cond, latent, seed, outer_steps, inner_steps, cfg=1.0, s
 
 def run_plan(model, plan, spec, seed, cond, latent, cfg=1.0, outer_eta=0.0, outer_step="auto", max_nfe=0):
     """A planned run as the NestedKSampler nodes make it (their sampler with its plan, through sample_custom)."""
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings, RunLimits, sample_latent
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings, RunLimits, sample_latent
 
     settings = NestedSettings(spec, outer_eta, outer_step, RunLimits(max_nfe=max_nfe))
-    return sample_latent(model, NestedKSAMPLER(settings, plan, own_progress=True), seed, cfg, cond, cond, latent)
+    return sample_latent(model, NestedDiffusionSampler(settings, plan, own_progress=True), seed, cfg, cond, cond, latent)
 
 
 def run_node(node_cls, unique_id: str = "test", **inputs):

@@ -33,13 +33,13 @@ def timed_run(model, cond, latent, seed, outer_steps, inner_steps, update_second
     step's image arrives: (samples, arrival times, the sampler)."""
     import comfy.sample
     from comfyui_nested_diffusion.nodes.nested_ksampler import solver_spec
-    from comfyui_nested_diffusion.nodes.nested_run import NestedKSAMPLER, NestedSettings, RunLimits
+    from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings, RunLimits
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     spec = solver_spec(sampler_name, "normal", inner_steps)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, outer_steps, "normal")
     settings = NestedSettings(spec, limits=RunLimits(max_nfe, max_seconds), update_seconds=update_seconds)
-    sampler = NestedKSAMPLER(settings, plan, own_progress=True)
+    sampler = NestedDiffusionSampler(settings, plan, own_progress=True)
     arrivals = []
     noise = comfy.sample.prepare_noise(latent["samples"], seed)
     samples = comfy.sample.sample_custom(model, noise, 1.0, sampler, plan.outer_sigmas, cond, cond, latent["samples"],
