@@ -17,7 +17,7 @@ import torch
 
 from .errors import NestedDiffusionError
 
-InnerSolver = Callable[..., torch.Tensor]  # k-diffusion signature: (model, x, sigmas, extra_args=, callback=, disable=)
+SolverFn = Callable[..., torch.Tensor]  # k-diffusion signature: (model, x, sigmas, extra_args=, callback=, disable=)
 OuterNoiseFn = Callable[[int, torch.Tensor, Sequence[int]], torch.Tensor]  # (outer index, x, batch indices) -> N(0, I) like x
 
 def derive_seed(seed: Optional[int], stream: int, index: int, item: Optional[int] = None) -> Optional[int]:
@@ -291,7 +291,7 @@ def narrow_batch(extra_args: dict, position: int, batch: int) -> dict:
 
 @torch.no_grad()
 def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: Sequence[torch.Tensor],
-               inner_solver: InnerSolver, extra_args: Optional[dict] = None, *, rule: OuterStepRule = OuterStepRule(),
+               inner_solver: SolverFn, extra_args: Optional[dict] = None, *, rule: OuterStepRule = OuterStepRule(),
                hooks: RunHooks = RunHooks(), index_offset: int = 0, max_calls: int = 0,
                outer_noise: Optional[OuterNoiseFn] = None, batch_indices: Optional[Sequence[int]] = None) -> NestedResult:
     """Nested diffusion over the outer ``sigmas``: at outer step k, a complete inner diffusion over

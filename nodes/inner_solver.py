@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..nested_core import STEP_SCHEDULE_PRESETS, NestedDiffusionError, check_number, parse_step_schedule
 from .planning import InnerSolverSpec
 
-InnerSolver = io.Custom("NESTED_INNER_SOLVER")
+InnerSolverType = io.Custom("NESTED_INNER_SOLVER")
 
 
 def check_step_schedule_text(step_schedule: str) -> None:
@@ -40,7 +40,7 @@ class InnerSolverSelect(io.ComfyNode):
                                         "that keeps outer x steps in total: uniform, front-loaded (more inner "
                                         "steps early), back-loaded (more late)."),
             ],
-            outputs=[InnerSolver.Output(display_name="inner_solver")],
+            outputs=[InnerSolverType.Output(display_name="inner_solver")],
         )
 
     @classmethod
@@ -53,4 +53,4 @@ class InnerSolverSelect(io.ComfyNode):
         return io.NodeOutput(spec)
 
 
-__all__ = ["InnerSolver", "InnerSolverSelect", "NestedDiffusionError"]
+__all__ = ["InnerSolverType", "InnerSolverSelect", "NestedDiffusionError"]

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..nested_core import NestedDiffusionError
 from . import rerun
-from .inner_solver import InnerSolver
+from .inner_solver import InnerSolverType
 from .nested_run import NestedDiffusionSampler, NestedSettings, RunLimits, sample_latent
 from .planning import OUTER_STEP_MODES, InnerSolverSpec, plan_nested_run
 from .previews_wanted import outer_previews_wanted
@@ -43,7 +43,7 @@ def step_inputs() -> list:
 def optional_inputs() -> list:
     """Inputs every nested sampler node shares: the inner solver override, outer eta and the early-finish budgets."""
     return [
-        InnerSolver.Input("inner_solver", optional=True, tooltip="Overrides sampler_name, scheduler (inner only) and inner_steps."),
+        InnerSolverType.Input("inner_solver", optional=True, tooltip="Overrides sampler_name, scheduler (inner only) and inner_steps."),
         io.Float.Input("outer_eta", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                        tooltip="0: deterministic outer DDIM steps (the paper). Above 0: ancestral outer steps."),
         io.Int.Input("max_nfe", default=0, min=0, max=1000000, optional=True,
