@@ -30,7 +30,7 @@ DISTRIBUTED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "distribu
 needs_distributed = pytest.mark.skipif(not DISTRIBUTED_TARBALL.exists(), reason=(
     f"ComfyUI-Distributed is not at {DISTRIBUTED_TARBALL} (a clone without ../shared/distributed)"))
 
-WORKER_TIMEOUT = 8  # ComfyUI-Distributed's worker_timeout_seconds on the test master
+WORKER_TIMEOUT = 5  # ComfyUI-Distributed's worker_timeout_seconds on the test master
 BATCH = 2
 SAMPLER, FINALS, STRIP = "7", "11", "14"
 
@@ -105,6 +105,19 @@ def test_installed_only_with_a_distributed_folder(distributed_module, tmp_path):
     (tmp_path / "comfyui-distributed").mkdir()
     (tmp_path / "comfyui-distributed" / "pyproject.toml").write_text('[project]\nname = "ComfyUI-Distributed"\n')
     assert distributed_module.distributed_installed([str(tmp_path)])
+
+
+def test_example_workflow_files_are_built_and_twins_agree(pack):
+    from comfyui_nested_diffusion.tools import distributed_workflow as dw
+    from comfyui_nested_diffusion.tools import workflow_checks as wc
+
+    assert dw.main(["--check"]) == 0, "run: scripts/python.sh -m comfyui_nested_diffusion.tools.distributed_workflow"
+    editor = wc.load(dw.OUT_DIR / f"{dw.NAME}.json")
+    api = wc.load(dw.OUT_DIR / f"{dw.NAME}_api.json")
+    info = dw.object_info()
+    assert wc.editor_problems(editor, info) == []
+    assert wc.api_differences(api, wc.editor_to_api(editor, info), info) == []
+    assert api[str(dw.SAMPLER_NODE)]["inputs"]["seed"] == [str(dw.SEED_NODE), 0]  # every server its own seed
 
 
 # -- three real servers --------------------------------------------------------------------------------------------
@@ -266,6 +279,19 @@ def test_job_equals_single_server_runs_and_collects_every_outer_step(cluster, jo
     for single in singles[1:]:
         assert any(all(same(a, b) for a, b in zip(batch, single)) for batch in batches[1:]), "a worker's finals differ"
     assert not same(singles[1][0], singles[2][0])  # the workers really ran other seeds
+
+
+@needs_distributed
+def test_example_workflow_runs_on_every_server(cluster, job):
+    from comfyui_nested_diffusion.tools import distributed_workflow as dw
+
+    prompt = json.loads((dw.OUT_DIR / f"{dw.NAME}_api.json").read_text(encoding="utf-8"))
+    entry = wait_history(cluster["master"].url, job.queue(prompt), 120)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saves = sorted((node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"),
+                   key=lambda node_id: prompt[node_id]["inputs"]["filename_prefix"])
+    counts = [len(entry["outputs"].get(node_id, {}).get("images", [])) for node_id in saves]
+    assert counts == [3 * 2, 3 * 2 * 4]  # final, outer_step: batch 2, 4 outer steps, three servers
 
 
 @needs_distributed

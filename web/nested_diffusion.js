@@ -19,6 +19,9 @@ const PICKED_EVENT = "nested_diffusion.picked";
 const FINISH_ROUTE = "/nested_diffusion/finish";
 const PICK_ROUTE = "/nested_diffusion/pick";
 const RUNNING_ROUTE = "/nested_diffusion/running";
+// only on a master with ComfyUI-Distributed: the same for every server of the prompt's job (nodes/distributed.py)
+const JOB_FINISH_ROUTE = "/nested_diffusion/job/finish";
+const JOB_PICK_ROUTE = "/nested_diffusion/job/pick";
 
 const FINISHABLE = new Set(["NestedKSampler", "NestedKSamplerAdvanced"]);
 const FINISH_BUTTON = "Finish now";
@@ -82,8 +85,24 @@ async function listedRun(node, clientId) {
   return running.find((entry) => isThisNode(entry, node)) ?? null;
 }
 
+// Steering goes to the job route while the server has one (a ComfyUI-Distributed master: it steers every server of
+// the job, and a prompt that is no job as the plain route does); a server without it answers its own 404 or 405, not
+// JSON (postJson then says "HTTP <status>"), and the plain route is used from then on.
+let jobRoutes = true;
+
+async function postSteering(jobRoute, route, body, jobFields = {}) {
+  if (jobRoutes) {
+    const result = await postJson(jobRoute, { ...body, ...jobFields });
+    const missing = (result.status === 404 || result.status === 405) && result.answer.error === `HTTP ${result.status}`;
+    if (!missing) return result;
+    jobRoutes = false;
+  }
+  return postJson(route, body);
+}
+
 async function requestFinish(run, clientId) {
-  return postJson(FINISH_ROUTE, { prompt_id: run.prompt_id, node_id: run.node_id, client_id: clientId });
+  return postSteering(JOB_FINISH_ROUTE, FINISH_ROUTE,
+                      { prompt_id: run.prompt_id, node_id: run.node_id, client_id: clientId });
 }
 
 async function finishNow(node) {
@@ -265,12 +284,12 @@ async function keepOnly(strip, item) {
   updateControls(strip);
   let result;
   try {
-    result = await postJson(PICK_ROUTE, {
+    result = await postSteering(JOB_PICK_ROUTE, PICK_ROUTE, {
       prompt_id: strip.promptId,
       node: strip.eventNode,
       index: item.position,
       client_id: clientId,
-    });
+    }, { server: "master" }); // in a ComfyUI-Distributed job: the master keeps it, the workers finish now
   } catch (error) {
     result = { ok: false, status: 0, answer: { error: String(error) } };
   }
