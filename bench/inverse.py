@@ -277,7 +277,7 @@ def render_strip(path: Path, seed: int = 1) -> Path:
     return path
 
 
-def patch_overhead(repeats: int = 5, steps: int = 40, count: int = 32) -> dict:
+def patch_overhead(repeats: int = 3, steps: int = 20, count: int = 32) -> dict:
     """Seconds of KSampler (``steps`` euler_ancestral steps, digits UNet, ``count`` images) with and without the
     patch, interleaved runs; the median ratio is the patch's cost per model call relative to the model's."""
     model, cond, truth = load_model("digits", count)
