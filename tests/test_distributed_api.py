@@ -172,7 +172,7 @@ def _extract(into: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(comfy, tmp_path_factory):
+def cluster(comfy, tmp_path_factory, request):
     if not DISTRIBUTED_TARBALL.exists():
         pytest.skip(f"ComfyUI-Distributed is not at {DISTRIBUTED_TARBALL} (a clone without ../shared/distributed)")
     from comfyui_nested_diffusion.tools.comfy_server import ComfyServer, free_port
@@ -188,7 +188,9 @@ def cluster(comfy, tmp_path_factory):
                                    "type": "local"} for w in ("1", "2")],
                       "settings": {"worker_timeout_seconds": WORKER_TIMEOUT}}
             (extension / "gpu_config.json").write_text(json.dumps(config))
-        servers[role] = ComfyServer(port=port, startup_timeout=180, env={"OMP_NUM_THREADS": "1"}, extra_custom_nodes=[extension, TEST_SERVER_NODES])
+        extra_args = [] if role == "master" else list(getattr(request.module, "WORKER_EXTRA_ARGS", []))
+        servers[role] = ComfyServer(port=port, startup_timeout=180, env={"OMP_NUM_THREADS": "1"}, extra_args=extra_args,
+                                    extra_custom_nodes=[extension, TEST_SERVER_NODES])
     failures = []
 
     def start(server):

@@ -53,7 +53,7 @@ def build() -> wf.Workflow:
                      "scheduler": "normal", "denoise": 1.0, "outer_eta": 0.0, "outer_step": "auto"},
                     id=SAMPLER_NODE, title="Nested KSampler (every GPU)", color="nested", size=(320, 660), model=model.out(0),
                     positive=positive.out(0), negative=negative.out(0), latent_image=latent.out(0))
-    vae = w.add("VAELoader", (420, 820), {"vae_name": "pixel_space"}, id=7, title="Pixel-space VAE")
+    vae = w.add("VAELoader", (40, 1060), {"vae_name": "pixel_space"}, id=7, title="Pixel-space VAE")
     decode = w.add("VAEDecode", (800, 110), id=8, samples=sampler.out(0), vae=vae.out(0))
     collect = w.add("DistributedCollector", (1000, 110), {"load_balance": False}, id=9,
                     title="Collect finals (master)", size=(300, 82), images=decode.out(0))
@@ -74,7 +74,7 @@ def build() -> wf.Workflow:
            "every server of the job; **keep only this** on a candidate keeps it and finishes the other servers. "
            "See docs/several-gpus.md.", (40, 760), size=(340, 260))
     w.group("Digits model, no downloads", [model, positive, negative, latent, seed], "model")
-    w.group("Every GPU", [sampler, decode, strip, vae], "sample")
+    w.group("Every GPU", [sampler, decode, strip], "sample")
     w.group("Collected on the master", [collect, save, collect_strip, save_strip], "output")
     return w
 
