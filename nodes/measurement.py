@@ -113,6 +113,11 @@ class MeasurementPatch:
         base_model = args["model"]
         batch, _, height, width = denoised.shape
         check_sizes(self.operator, self.image_size, (height, width))
+        if batch == 1 and self.measured.shape[0] > 1:
+            raise NestedDiffusionError(
+                f"image batch is {self.measured.shape[0]}, but the latent batch is 1 (after a pick, a nested sampler "
+                "denoises only the kept item, and which measurement belongs to it is not known here): give one "
+                "image for all latents to pick during an inverse problem")
         y = match_batch(self.measured, batch).to(device=denoised.device, dtype=torch.float32)
         operator = self.operator
         if operator.known is not None:

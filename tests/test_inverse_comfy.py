@@ -166,6 +166,8 @@ def test_bad_inputs_name_the_input(nodes):
         ksampler(patched, cond, {"samples": torch.zeros(2, 3, 8, 8)}, seed=0, steps=2)
     with pytest.raises(NestedDiffusionError, match="image batch is 2, but the latent batch is 3"):
         ksampler(patched, cond, {"samples": torch.zeros(3, 3, 16, 16)}, seed=0, steps=2)
+    with pytest.raises(NestedDiffusionError, match="image batch is 2, but the latent batch is 1 .after a pick"):
+        ksampler(patched, cond, {"samples": torch.zeros(1, 3, 16, 16)}, seed=0, steps=2)
     patched3, _, _ = inverse(factor=3, image=torch.rand(1, 5, 5, 3))
     with pytest.raises(NestedDiffusionError, match="factor 3 does not divide the latent size 16x16"):
         ksampler(patched3, cond, {"samples": torch.zeros(1, 3, 16, 16)}, seed=0, steps=2)
