@@ -176,3 +176,21 @@ def test_bad_inputs_name_the_input(nodes):
         ksampler(patched_gray, cond, {"samples": torch.zeros(2, 3, 16, 16)}, seed=0, steps=2)
     with pytest.raises(NestedDiffusionError, match="factor 3 does not divide the image size 8x8"):
         run_node(nodes.NestedDegradeImage, image=image, task="super_resolution", factor=3, sigma_y=0.0, seed=0)
+
+
+EXACT_SOLVERS = ["euler", "heun", "ddim", "lcm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde"]
+
+
+@pytest.mark.parametrize("sampler_name", EXACT_SOLVERS + ["uni_pc"])
+def test_inner_solvers_that_end_on_the_denoised_estimate_give_consistent_previews(sampler_name, nodes, eps_setup, pack):
+    """The solvers whose last step to sigma 0 returns the (patched) denoised estimate are consistent to float
+    rounding; uni_pc's last step combines several model outputs, so it is close but not exact (docs say so)."""
+    model, cond, _ = eps_setup
+    truth = truth_images(model, cond, 2)
+    patched, latent, measured, operator = measure(nodes, model, truth, "super_resolution", factor=4)
+    _, previews = nested(pack, patched, cond, latent, seed=2, outer_steps=3, inner_steps=6, sampler_name=sampler_name)
+    worst = float(consistency(nodes, operator, previews["samples"], measured).max())
+    if sampler_name in EXACT_SOLVERS:
+        assert worst <= 1e-6
+    else:
+        assert 1e-6 < worst <= 0.05
