@@ -349,6 +349,35 @@ def test_pick_of_a_worker_candidate_keeps_it_there_and_finishes_the_others(clust
 
 
 @needs_distributed
+def test_finish_reaches_worker_prompts_queued_without_a_client_id(cluster, job):
+    """ComfyUI-Distributed's HTTP dispatch queues the workers' copies without a client id: the master forwards with
+    none (and their events go to every socket of the worker, the recorders' too)."""
+    master = cluster["master"].url
+
+    def websocket_dispatch(on: bool) -> None:
+        requests.post(f"{master}/distributed/config/update_setting", timeout=30,
+                      json={"key": "websocket_orchestration", "value": on}).raise_for_status()
+
+    outer = 3
+    websocket_dispatch(False)
+    try:
+        prompt_id = job.queue(job_graph(17, outer=outer, inner=15, seconds_per_call=0.06))
+        job.wait_outer_steps(1, ("master", "1", "2"))
+        worker_prompt = requests.get(f"{cluster['1'].url}/queue", timeout=30).json()["queue_running"][0]
+        assert "client_id" not in worker_prompt[3] or worker_prompt[3]["client_id"] is None
+        answer = job.steer(JOB_FINISH_ROUTE, {"prompt_id": prompt_id, "node_id": SAMPLER})
+    finally:
+        websocket_dispatch(True)
+    assert answer.status_code == 200, answer.text
+    assert sorted(answer.json()["acted_on"]) == ["1", "2", "master"], answer.json()
+    entry = wait_history(master, prompt_id, 60)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(saved_images(master, entry, FINALS)) == 3 * BATCH
+    steps = {role: len(recorder.of(OUTER_STEP_EVENT)) for role, recorder in job.recorders.items()}
+    assert all(count < outer for count in steps.values()), steps
+
+
+@needs_distributed
 def test_a_worker_killed_mid_run_does_not_hang_the_master(cluster, job):
     outer, inner, seconds = 4, 25, 0.06
     prompt_id = job.queue(job_graph(13, outer=outer, inner=inner, seconds_per_call=seconds))
