@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 from api_helpers import decode
-from comfyui_nested_diffusion.protocol import CANDIDATES_EVENT, JOB_FINISH_ROUTE, JOB_PICK_ROUTE, OUTER_STEP_EVENT, \
-    PICKED_EVENT
+from comfyui_nested_diffusion.protocol import CANDIDATES_EVENT, JOB_FINISH_ROUTE, JOB_PICK_ROUTE, OUTER_STEP_EVENT, PICKED_EVENT
 from conftest import TEST_SERVER_NODES
 
 DISTRIBUTED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "distributed" / \
