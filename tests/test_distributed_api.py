@@ -348,6 +348,22 @@ def test_pick_of_a_worker_candidate_keeps_it_there_and_finishes_the_others(clust
 
 
 @needs_distributed
+def test_pick_of_the_master_candidate_finishes_the_workers(cluster, job):
+    outer = 3
+    prompt_id = job.queue(job_graph(19, outer=outer, inner=12, seconds_per_call=0.06))
+    job.wait_outer_steps(1, ("master", "1", "2"))
+    answer = job.steer(JOB_PICK_ROUTE, {"prompt_id": prompt_id, "node": SAMPLER, "index": 0, "server": "master"})
+    assert answer.status_code == 200, answer.text
+    assert {report["server"]: report["status"] for report in answer.json()["servers"]} == {"master": 200, "1": 200,
+                                                                                            "2": 200}
+    entry = wait_history(cluster["master"].url, prompt_id, 90)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(saved_images(cluster["master"].url, entry, FINALS)) == 1 + 2 * BATCH
+    steps = {role: len(recorder.of(OUTER_STEP_EVENT)) for role, recorder in job.recorders.items()}
+    assert steps["master"] == outer and steps["1"] < outer and steps["2"] < outer, steps
+
+
+@needs_distributed
 def test_finish_reaches_worker_prompts_queued_without_a_client_id(cluster, job):
     """ComfyUI-Distributed's HTTP dispatch queues the workers' copies without a client id: the master forwards with
     none (and their events go to every socket of the worker, the recorders' too)."""
