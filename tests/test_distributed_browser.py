@@ -15,6 +15,7 @@ import time
 import pytest
 import requests
 from test_browser import ARTIFACTS, browser, dismiss_templates_dialog, load_graph, open_editor  # noqa: F401
+from test_browser_steering import frame, widget_center
 from test_distributed_api import cluster, needs_distributed, wait_history  # noqa: F401
 
 WORKER_EXTRA_ARGS = ["--enable-cors-header", "*"]
@@ -29,7 +30,7 @@ def master_page(browser, cluster):  # noqa: F811
     context.close()
 
 
-def example():
+def example(outer: int = OUTER, inner: int = INNER):
     from comfyui_nested_diffusion.tools import distributed_workflow as dw
 
     editor = json.loads((dw.OUT_DIR / f"{dw.NAME}.json").read_text(encoding="utf-8"))
@@ -37,7 +38,7 @@ def example():
     sampler = str(dw.SAMPLER_NODE)
     prompt["99"] = {"class_type": "NestedDiffusionTestSlowModel",
                     "inputs": {"model": prompt[sampler]["inputs"]["model"], "seconds_per_call": SECONDS}}
-    prompt[sampler]["inputs"].update(model=["99", 0], outer_steps=OUTER, inner_steps=INNER)
+    prompt[sampler]["inputs"].update(model=["99", 0], outer_steps=outer, inner_steps=inner)
     prompt[str(dw.SEED_NODE)]["inputs"]["seed"] = int(time.time()) % 100000  # a new seed: nothing cached
     return editor, prompt, sampler
 
@@ -80,4 +81,34 @@ def test_workers_candidates_show_on_the_master_page_and_a_worker_pick_keeps_it(m
     print(f"\nworkers' candidates on the page: {received['events']} events, {received['bytes']} bytes "
           f"({received['bytes'] / received['events']:.0f} bytes per outer step of a batch of 2, 16x16 previews); "
           "the master sends nothing for them")
+    assert not page.page_errors, page.page_errors
+
+
+@needs_distributed
+def test_finish_now_button_on_the_master_finishes_every_server(master_page, cluster):  # noqa: F811
+    page = master_page
+    outer = 6
+    editor, prompt, sampler = example(outer=outer)
+    load_graph(page, editor, "distributed_finish")
+    client_id = page.evaluate("() => app.api.clientId ?? app.api.initialClientId")
+    page.wait_for_function("() => [...window.nestedJobStrip.sockets.values()].filter(s => s.readyState === 1)"
+                           ".length === 2", timeout=15_000)
+    frame(page, [int(sampler)])  # the button must be on screen
+    answer = requests.post(f"{cluster['master'].url}/distributed/queue", timeout=60, json={
+        "prompt": prompt, "client_id": client_id, "enabled_worker_ids": ["1", "2"]})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    rows = f'.nested-job-strip[data-node="{sampler}"] .nested-job-row'
+    page.wait_for_function(f"() => ['1', '2'].every(w => document.querySelector(`{rows}[data-server=\"${{w}}\"] "
+                           "figure img[src^=\"data:\"]`))", timeout=60_000)
+    x, y = widget_center(page, int(sampler), "Finish now")
+    page.mouse.click(x, y)
+    page.get_by_text("Finishing now").first.wait_for(state="visible", timeout=10_000)
+    entry = wait_history(cluster["master"].url, prompt_id, 60)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    finals = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"
+              and "final" in node["inputs"]["filename_prefix"]]
+    assert len(entry["outputs"][finals[0]]["images"]) == 3 * 2
+    steps = [int(text.split("outer ")[1].split("/")[0]) for text in page.locator(f"{rows} > span").all_inner_texts()]
+    assert len(steps) == 2 and max(steps) < outer, steps  # both workers finished early
     assert not page.page_errors, page.page_errors
