@@ -70,7 +70,7 @@ def test_workers_candidates_show_on_the_master_page_and_a_worker_pick_keeps_it(m
                            timeout=10_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "distributed_job_strip.png"))
-    page.locator(f'{rows}[data-server="1"] figure[data-position="1"] button').click()
+    page.locator(f'{rows}[data-server="1"] figure:not(.nested-old)[data-position="1"] button').click()
     entry = wait_history(cluster["master"].url, prompt_id, 90)
     assert entry["status"]["status_str"] == "success", entry["status"]
     finals = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"
@@ -111,4 +111,6 @@ def test_finish_now_button_on_the_master_finishes_every_server(master_page, clus
     assert len(entry["outputs"][finals[0]]["images"]) == 3 * 2
     steps = [int(text.split("outer ")[1].split("/")[0]) for text in page.locator(f"{rows} > span").all_inner_texts()]
     assert len(steps) == 2 and max(steps) < outer, steps  # both workers finished early
+    shown = page.locator(f"{rows} figure").count()  # every outer step of both workers' runs, newest first
+    assert shown == 2 * sum(steps), (shown, steps)
     assert not page.page_errors, page.page_errors

@@ -16,6 +16,7 @@ const PICKED_EVENT = "nested_diffusion.picked";
 const JOB_PICK_ROUTE = "/nested_diffusion/job/pick";
 const PANEL_WIDGET = "nested_job_strip";
 const PANEL_HEIGHT = 170;
+const MAX_ROW_IMAGES = 32; // images kept per worker row (the oldest go first)
 
 const sockets = new Map(); // worker id -> WebSocket
 let masterPromptId = null; // the prompt this tab's job runs on the master
@@ -94,6 +95,8 @@ const STYLE = `
 .nested-job-strip { box-sizing: border-box; height: 100%; overflow-y: auto; padding: 4px; font: 11px sans-serif;
   color: #ddd; background: rgba(0, 0, 0, 0.25); border-radius: 4px; display: flex; flex-direction: column; gap: 4px; }
 .nested-job-row { display: flex; gap: 4px; align-items: flex-start; }
+.nested-job-images { display: flex; gap: 4px; overflow-x: auto; }
+.nested-job-images figure.nested-old button { display: none; }
 .nested-job-row > span { flex: none; width: 74px; white-space: pre-line; opacity: 0.85; }
 .nested-job-row figure { margin: 0; width: 56px; display: flex; flex-direction: column; gap: 2px; }
 .nested-job-row img { width: 56px; height: 56px; object-fit: contain; image-rendering: pixelated; background: #111; }
@@ -145,14 +148,18 @@ function showCandidates(workerId, workerName, detail) {
     const element = document.createElement("div");
     element.className = "nested-job-row";
     element.dataset.server = workerId;
-    row = { element, promptId: detail.prompt_id, masterPromptId, kept: null, seen: 0 };
+    const label = document.createElement("span");
+    const images = document.createElement("div");
+    images.className = "nested-job-images";
+    element.append(label, images);
+    row = { element, label, images, promptId: detail.prompt_id, masterPromptId, kept: null, seen: 0 };
     panel.rows.set(workerId, row);
-    panel.element.append(element);
+    const ordered = [...panel.rows.entries()].sort(([a], [b]) => a.localeCompare(b, undefined, { numeric: true }));
+    panel.element.append(...ordered.map(([, entry]) => entry.element)); // in worker id order, whoever came first
   }
   row.masterPromptId = row.masterPromptId ?? masterPromptId;
   row.seen += (detail.images ?? []).length;
-  const label = document.createElement("span");
-  label.textContent = `${workerName}\nouter ${detail.outer_step}/${detail.outer_steps}\n${row.seen} images`;
+  row.label.textContent = `${workerName}\nouter ${detail.outer_step}/${detail.outer_steps}\n${row.seen} images`;
   const figures = (detail.images ?? []).map((src, position) => {
     const batchIndex = detail.batch_indices?.[position] ?? position;
     const figure = document.createElement("figure");
@@ -173,7 +180,11 @@ function showCandidates(workerId, workerName, detail) {
     figure.append(image, button);
     return figure;
   });
-  row.element.replaceChildren(label, ...figures);
+  // newest first; only the latest outer step's candidates keep their "keep only this"
+  for (const figure of row.images.children) figure.classList.add("nested-old");
+  row.images.prepend(...figures);
+  while (row.images.children.length > MAX_ROW_IMAGES) row.images.lastElementChild.remove();
+  app.graph?.setDirtyCanvas?.(true, true); // the canvas places DOM widgets when it draws
 }
 
 async function keepOnly(row, workerId, workerName, nodeId, position, batchIndex, button) {
