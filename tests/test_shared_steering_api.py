@@ -360,3 +360,29 @@ def test_cancel_during_a_large_batch_run_stops_it_as_promptly_as_ksampler(comfy_
           f"KSampler {[round(d, 3) for d in ksampler]}")
     assert len(nested) == len(ksampler) == 3
     assert sorted(nested)[1] <= sorted(ksampler)[1] + 0.2, (nested, ksampler)  # medians: within 0.2 s of KSampler
+
+
+def test_the_filmstrip_goes_only_to_a_connected_client_within_its_budget(pack):
+    """The rule behind the traffic bound (nodes/filmstrip.py): nothing while the prompt's client is not connected,
+    smaller thumbnails for larger batches, and events only while their bytes fit the previews' share."""
+    from types import SimpleNamespace
+
+    from comfyui_nested_diffusion.nodes.filmstrip import FilmstripBudget, client_watching, thumbnail_side
+    from PIL import Image
+
+    assert client_watching(SimpleNamespace(sockets={"a": object()}, client_id="a"))
+    assert not client_watching(SimpleNamespace(sockets={"b": object()}, client_id="a"))  # its tab was closed
+    assert client_watching(SimpleNamespace(sockets={"b": object()}, client_id=None))  # broadcast to everyone
+    assert not client_watching(SimpleNamespace(sockets={}, client_id=None))
+    assert [thumbnail_side(batch) for batch in (1, 4, 16, 64, 4096)] == [256, 128, 64, 32, 32]
+
+    budget = FilmstripBudget(share=0.75, allowance=1000)
+    preview = ("JPEG", Image.effect_noise((64, 64), 50).convert("RGB"), 64)
+    sent = 0
+    for _ in range(50):
+        budget.count_preview(preview)
+        if budget.fits():
+            budget.count_filmstrip(["x" * 5000])
+            sent += 1
+    assert 0 < sent < 50 and budget.skipped == 50 - sent
+    assert budget.filmstrip_bytes <= 0.75 * budget.preview_bytes + 1000 + 5000  # overshoot: at most one event
