@@ -186,8 +186,9 @@ def test_exemplar_img2img_inpaint_runs_and_keeps_the_unmasked_half(client):
     inpaint = images_of(client, outputs[node_id(name, "Save inpaint")])
     assert len(source) == len(img2img) == len(inpaint) == 2
     for before, redrawn, filled in zip(source, img2img, inpaint):
-        # img2img at denoise 0.6 resamples the picture but stays on it (measured 1.2-1.5 of 255, vs ~100 to
-        # another exemplar); inpainting keeps the unmasked left half exactly.
+        # img2img at denoise 0.4 resamples the picture but stays on it (~100 of 255 to another exemplar; at 0.4 none
+        # of 60 images moved, at 0.6 one in six did, with KSampler as with NestedKSampler); inpainting keeps the
+        # unmasked left half exactly.
         assert 0.2 < mean_abs(before, redrawn) < 12
         left = (0, 0, 16, 32)
         assert mean_abs(before.crop(left), filled.crop(left)) < 0.5

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import tomllib
+from comfyui_nested_diffusion.tools.comfy_server import PACK_DIR_NAME
 from comfyui_nested_diffusion.tools.workflow_checks import EXAMPLES_DIR, REPO_ROOT, input_specs, is_widget
 
 API_DIR = EXAMPLES_DIR / "api"
@@ -90,7 +91,7 @@ def node_def(info: dict) -> NodeDef:
         seed = name if options.get("control_after_generate") else seed
         upload = upload or bool(options.get("image_upload"))
     outputs = tuple(zip(info.get("output_name") or info.get("output") or (), info.get("output") or ()))
-    pack = str(info.get("python_module", "")).startswith("custom_nodes.")
+    pack = str(info.get("python_module", "")) == f"custom_nodes.{PACK_DIR_NAME}"  # not other packs, nor test-only nodes
     return NodeDef(sockets=tuple(sockets), widgets=tuple(widgets), defaults=tuple(defaults), outputs=outputs,
                    pack=pack, seed=seed, upload=upload, input_order=tuple(name for name, _, _, _ in input_specs(info)),
                    choices=tuple(choices) if pack else ())
@@ -570,7 +571,7 @@ def sd15_inpaint_nested() -> Workflow:
 
 def exemplar_img2img_inpaint_nested() -> Workflow:
     w = Workflow("exemplar_img2img_inpaint_nested", "Image to image and inpainting, nested (exemplar model)",
-                 "img2img (denoise 0.6) and inpainting (right half masked) with NestedKSampler on the built-in exact "
+                 "img2img (denoise 0.4) and inpainting (right half masked) with NestedKSampler on the built-in exact "
                  "exemplar model; the source image is itself a nested txt2img result. No downloads.", runnable=True)
     model = w.add("NestedExemplarModel", (40, 110), EXEMPLAR, title="Exemplar Mixture Model (testing)")
     latent = w.add("EmptyChromaRadianceLatentImage", (40, 360), {"width": 32, "height": 32, "batch_size": 2},
@@ -586,7 +587,7 @@ def exemplar_img2img_inpaint_nested() -> Workflow:
           size=(300, 300), images=source_image.out(0))
     encode = w.add("VAEEncode", (780, 610), title="Encode source (as LoadImage would)", size=(300, 46),
                    pixels=source_image.out(0), vae=vae.out(0))
-    img2img = w.add("NestedKSampler", (1140, 110), {"seed": 2, "denoise": 0.6, **common}, title="img2img (denoise 0.6)",
+    img2img = w.add("NestedKSampler", (1140, 110), {"seed": 2, "denoise": 0.4, **common}, title="img2img (denoise 0.4)",
                     color="nested", model=model.out(0), positive=model.out(1), negative=model.out(1),
                     latent_image=encode.out(0))
     img2img_image = w.add("VAEDecode", (1500, 110), title="Decode img2img", samples=img2img.out(0), vae=vae.out(0))
@@ -608,7 +609,9 @@ def exemplar_img2img_inpaint_nested() -> Workflow:
     w.add("OuterStepPreview", (2040, 880), title="Outer steps: inpaint", size=(440, 640), previews=inpaint.out(1),
           vae=vae.out(0))
     w.note("**img2img and inpainting on the exact model.** The source is a nested txt2img sample; it is encoded "
-           "again (as a LoadImage picture would be), redrawn with denoise 0.6, and its right half is inpainted "
+           "again (as a LoadImage picture would be), redrawn with denoise 0.4 (it stays on the "
+           "picture; at 0.6 about one image in six moves to another exemplar, with KSampler as with NestedKSampler), "
+           "and its right half is inpainted "
            "through SetLatentNoiseMask: the left half stays as it was. Replace the exemplar model with "
            "CheckpointLoaderSimple, and the source with LoadImage, for the same workflow on a real model.",
            (40, 700), size=(340, 260))
@@ -941,7 +944,7 @@ def render_thumbnail(workflow: Workflow, images: dict):
             card.paste(_tile(image, small), (12 + index * (small + 6), y1 + 20 + small + 6))
     elif workflow.name == "exemplar_img2img_inpaint_nested":
         ids = {n.title: str(n.id) for n in workflow.nodes}
-        columns = [("source", ids["Save source"]), ("img2img 0.6", ids["Save img2img"]),
+        columns = [("source", ids["Save source"]), ("img2img 0.4", ids["Save img2img"]),
                    ("inpaint right", ids["Save inpaint"])]
         _label(draw, (12, 8), "exemplar model: img2img and inpainting", 15)
         tile, gap, x0, y0 = 116, 10, 14, 56
