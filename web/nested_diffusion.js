@@ -85,12 +85,14 @@ async function listedRun(node, clientId) {
   return running.find((entry) => isThisNode(entry, node)) ?? null;
 }
 
-// Steering goes to the job route while the server has one (a ComfyUI-Distributed master: it steers every server of
-// the job, and a prompt that is no job as the plain route does); a server without it answers its own 404 or 405, not
-// JSON (postJson then says "HTTP <status>"), and the plain route is used from then on.
-let jobRoutes = true;
+// Where ComfyUI-Distributed's nodes are registered, steering goes to the job route (it steers every server of the
+// job, and a prompt that is no job as the plain route does); elsewhere straight to the plain route, as before. A
+// server without the job route answers its own 404 or 405, not JSON (postJson then says "HTTP <status>"), and the
+// plain route is used from then on.
+let jobRoutes = null; // unknown until the first steering request
 
 async function postSteering(jobRoute, route, body, jobFields = {}) {
+  jobRoutes ??= !!window.LiteGraph?.registered_node_types?.DistributedCollector;
   if (jobRoutes) {
     const result = await postJson(jobRoute, { ...body, ...jobFields });
     const missing = (result.status === 404 || result.status === 405) && result.answer.error === `HTTP ${result.status}`;
