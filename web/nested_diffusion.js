@@ -86,7 +86,7 @@ async function listedRun(node, clientId) {
 }
 
 // Where ComfyUI-Distributed's nodes are registered, steering goes to the job route (it steers every server of the
-// job, and a prompt that is no job as the plain route does); elsewhere straight to the plain route, as before. A
+// job, and a prompt that is no job as the plain route does); elsewhere straight to the plain route. A
 // server without the job route answers its own 404 or 405, not JSON (postJson then says "HTTP <status>"), and the
 // plain route is used from then on.
 let jobRoutes = null; // unknown until the first steering request
