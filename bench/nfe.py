@@ -20,8 +20,8 @@ OUTER, INNER, SEED = 3, 4, 2
 
 
 def _nested(model, cond, prediction, sampler_name, hook: ServerLikeProgressHook):
-    from comfyui_nested_diffusion.nested_core import ADAPTIVE_SOLVERS, total_nfe
-    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler, solver_spec
+    from comfyui_nested_diffusion.nodes.planning import plan_nested_run
 
     counted, calls = counting_clone(model)
     at_boundary: list[int] = []
@@ -33,13 +33,16 @@ def _nested(model, cond, prediction, sampler_name, hook: ServerLikeProgressHook)
                           latent_image=latent, denoise=1.0)
     hook.on_preview = None
     _, previews = output.args
+    spec = solver_spec(sampler_name, scheduler_for(prediction), INNER)
+    plan = plan_nested_run(model.get_model_object("model_sampling"), spec, OUTER, scheduler_for(prediction), 1.0)
     return {
         "counted": calls["n"],
         "counted_at_boundaries": at_boundary,
         "reported_at_boundaries": list(previews["nested_nfe"]),
         "reported_total": int(previews["nested_nfe_total"]),
-        "planned": total_nfe(sampler_name, [INNER] * OUTER),
-        "exact_plan": sampler_name not in ADAPTIVE_SOLVERS,
+        "planned": sum(plan.nfe_per_outer),  # measured before the run on the counting stand-in
+        "exact_plan": plan.nfe_exact,  # False where the calls depend on the model (dpm_adaptive)
+        "calls_per_inner_process": plan.nfe_per_outer[0],
     }
 
 
@@ -54,7 +57,6 @@ def _ksampler_count(model, cond, prediction, sampler_name) -> int:
 
 def run_nfe(quick: bool, log=print) -> dict:
     import comfy.samplers
-    from comfyui_nested_diffusion.nested_core.steps import nfe_for_inner_process
 
     predictions = ("eps",) if quick else PREDICTIONS
     results = {
@@ -77,7 +79,6 @@ def run_nfe(quick: bool, log=print) -> dict:
                 except Exception as error:  # recorded and reported as a failed check
                     row = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
                 else:
-                    row["calls_per_inner_process"] = nfe_for_inner_process(name, INNER)
                     row["ok"] = (
                         row["counted"] == row["reported_at_boundaries"][-1]
                         and row["counted_at_boundaries"] == row["reported_at_boundaries"]

@@ -25,19 +25,16 @@ from .schedules import (
     truncated_schedule,
 )
 from .steps import (
-    ADAPTIVE_SOLVERS,
     STEP_SCHEDULE_PRESETS,
     inner_steps_per_outer,
-    nfe_for_inner_process,
     parse_step_schedule,
     preset_step_schedule,
-    total_nfe,
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "RunHooks", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
-    "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works", "nfe_for_inner_process",
-    "outer_schedule", "outer_step", "renoise_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise", "total_nfe",
+    "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "RunHooks", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
+    "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works",
+    "outer_schedule", "outer_step", "renoise_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise",
     "truncated_schedule", "projected_costs", "spent_per_inner_process",
     "IntervalPacer", "check_update_seconds", "paced_outer_sigmas", "split_steps", "steps_for_interval",
 ]

@@ -1,23 +1,11 @@
-"""Inner steps per outer step, and what they cost in model evaluations (NFEs)."""
+"""Inner steps per outer step: presets and per-step lists. What they cost is measured, not looked up
+(nodes/solver_cost.py)."""
 from __future__ import annotations
 
 import re
-from typing import Sequence
 
 from .errors import NestedDiffusionError
 from .schedules import MAX_TOTAL_STEPS
-
-# Solvers that evaluate the model twice per step, except on the step that ends at sigma 0 (plain Euler, or
-# for sa_solver_pece no corrector evaluation there). Checked against counted model calls in the tests.
-# Planning measures every solver's cost (nodes/solver_cost.py); these names only give an estimate where the
-# measurement cannot run, and scale the measured cost onto the later steps of an update_seconds re-plan.
-TWO_STAGE_SOLVERS = frozenset({
-    "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "seeds_2", "sa_solver_pece",
-})
-THREE_STAGE_SOLVERS = frozenset({"seeds_3"})
-# Solvers whose model calls cannot be known before running: the progress total is then an estimate.
-ADAPTIVE_SOLVERS = frozenset({"dpm_adaptive"})
 
 _LIST_PATTERN = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
 # Presets spread outer_steps x inner_steps over the outer steps differently, keeping the total.
@@ -89,18 +77,3 @@ def inner_steps_per_outer(outer_steps: int, inner_steps: int, step_schedule: str
     if text:
         return parse_step_schedule(text, outer_steps)
     return [inner_steps] * outer_steps
-
-
-def nfe_for_inner_process(solver_name: str, steps: int) -> int:
-    """Model evaluations one inner process of ``steps`` steps (ending at sigma 0) costs with this solver."""
-    if solver_name in TWO_STAGE_SOLVERS:
-        return 2 * steps - 1
-    if solver_name in THREE_STAGE_SOLVERS:
-        return 3 * steps - 2
-    if solver_name == "heunpp2":  # 3 evaluations, 2 on the step before last, 1 on the last
-        return max(1, 3 * steps - 3)
-    return steps
-
-
-def total_nfe(solver_name: str, steps_per_outer: Sequence[int]) -> int:
-    return sum(nfe_for_inner_process(solver_name, steps) for steps in steps_per_outer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -22,7 +23,6 @@ from ..nested_core import (
     denoise_start_sigma,
     inner_steps_per_outer,
     largest_count_that_works,
-    nfe_for_inner_process,
     outer_schedule,
     paced_outer_sigmas,
     renoise_step,
@@ -262,9 +262,8 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     solver, inpaint_options = inner_solver_function(spec)
     flow = is_flow_model(model_sampling)
     check_outer_steps_fit_model(model_sampling, flow, len(outer_sigmas) - 1)
-    # Measured by running the bound solver on a counting stand-in (solver_cost); the name table only where it can't run.
-    costs = measure_inner_costs(solver, inner_sigmas, flow, model_sampling,
-                                fallbacks=[nfe_for_inner_process(spec.sampler_name, count) for count in steps])
+    # Measured by running the bound solver on a counting stand-in (solver_cost), never looked up by its name
+    costs = measure_inner_costs(solver, inner_sigmas, flow, model_sampling)
     return NestedPlan(
         outer_sigmas=outer_sigmas,
         steps_per_outer=steps,
@@ -367,14 +366,12 @@ class PacedPlan:
         except NestedDiffusionError:  # beyond a scheduler's resolution: the plan so far stands
             self.inner_sigmas.prepare(index + 1)
             return None
-        planned = nfe_for_inner_process(self.spec.sampler_name, counts[0])
-        measured = measure_inner_costs(self.plan.solver, [following], self.plan.flow, self.model_sampling,
-                                       fallbacks=[planned])[0].nfe
+        measured = measure_inner_costs(self.plan.solver, [following], self.plan.flow, self.model_sampling)[0].nfe
         self.outer_sigmas[index + 1:] = tail
         self.steps[index + 1:] = counts
-        # the next inner process's cost as measured; the later ones' by the solver's table, scaled alike
-        self.nfe[index + 1:] = [measured] + [max(1, round(nfe_for_inner_process(self.spec.sampler_name, count)
-                                                          * measured / max(planned, 1))) for count in counts[1:]]
+        # the next inner process's cost as measured; the later ones' at the same calls per step
+        per_step = measured / max(counts[0], 1)
+        self.nfe[index + 1:] = [measured] + [max(1, math.ceil(count * per_step - 1e-9)) for count in counts[1:]]
         self.inner_sigmas.replanned(index + 1, following)
         return tail
 

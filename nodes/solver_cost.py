@@ -5,12 +5,14 @@ counting stand-in denoiser of ``solver_probe``: its model calls are the plan's N
 ComfyUI release (``exp_heun_2_x0`` spends 2 calls per step in 0.33.0; a name table kept by hand missed it).
 It runs on two different inputs: a solver whose calls differ between them (``dpm_adaptive``) picks its steps from
 the model's answers, so its plan is an estimate, and the budget rule then goes by what each inner diffusion really
-spent (``nested_core.budget.projected_costs``). Results are cached per solver, options and schedule. The name
-table in ``nested_core.steps`` is only an estimate where the stand-in cannot drive a solver (``fallback``).
+spent (``nested_core.budget.projected_costs``). Results are cached per solver, options and schedule. Where the
+stand-in cannot drive a solver, or measuring runs out of time, the cost is estimated from the calls per step measured
+on the plan's other schedules (one call per step where none was measured), never from the solver's name.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -37,6 +39,7 @@ class InnerCost:
 
     nfe: int
     exact: bool
+    measured: bool = True  # False: estimated (the stand-in could not drive the solver, or measuring ran out of time)
 
 
 class PlanningGuider:
@@ -110,16 +113,21 @@ def _count_calls(solver: Callable[..., Any], sigmas: torch.Tensor, flow: bool, g
     return stand_in.calls
 
 
+def estimated(sigmas: torch.Tensor, calls_per_step: float = 1.0) -> InnerCost:
+    """An inner diffusion's cost where it was not measured: ``calls_per_step`` times its steps."""
+    return InnerCost(nfe=max(1, math.ceil((len(sigmas) - 1) * calls_per_step - 1e-9)), exact=False, measured=False)
+
+
 def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, flow: bool, model_sampling: Any,
-                       fallback: Optional[int] = None, deadline: Optional[float] = None) -> InnerCost:
+                       deadline: Optional[float] = None) -> InnerCost:
     """The model calls ``solver`` makes over ``inner_sigmas``, counted on the stand-in (cached). A solver the
-    stand-in cannot drive gets ``fallback`` (or one call per step) as an estimate, with a warning; so does a
-    measurement still running at ``deadline`` (``time.monotonic()``), without one (not cached)."""
+    stand-in cannot drive gets one call per step as an estimate, with a warning; so does a measurement still running
+    at ``deadline`` (``time.monotonic()``), without one (not cached)."""
     sigmas = inner_sigmas.detach().to(device="cpu", dtype=torch.float32)
     key = (solver_key(solver), tuple(sigmas.tolist()), flow)
     cost = _COSTS.get(key)
     if cost is None and deadline is not None and time.monotonic() > deadline:
-        return InnerCost(nfe=fallback if fallback is not None else len(sigmas) - 1, exact=False)
+        return estimated(sigmas)
     if cost is None:
         guider = PlanningGuider(model_sampling)
         try:
@@ -129,11 +137,11 @@ def measure_inner_cost(solver: Callable[..., Any], inner_sigmas: torch.Tensor, f
         except comfy.model_management.InterruptProcessingException:  # Cancel: not a solver the stand-in cannot drive
             raise
         except MeasuringTooLong:
-            return InnerCost(nfe=fallback if fallback is not None else len(sigmas) - 1, exact=False)
+            return estimated(sigmas)
         except Exception as error:  # a third-party solver the stand-in cannot drive: estimate, count at run time
             logging.warning("nested diffusion: could not measure the inner solver's cost (%s: %s); estimating it",
                             type(error).__name__, error)
-            return InnerCost(nfe=fallback if fallback is not None else len(sigmas) - 1, exact=False)
+            return estimated(sigmas)
         if len(_COSTS) >= COST_CACHE_LIMIT:  # bounded: a server runs for days
             _COSTS.clear()
         _COSTS[key] = cost
@@ -147,18 +155,17 @@ def schedule_shape(sigmas: torch.Tensor) -> tuple[int, bool]:
 
 
 def measure_inner_costs(solver: Callable[..., Any], inner_sigmas: Sequence[torch.Tensor], flow: bool, model_sampling: Any,
-                        fallbacks: Optional[Sequence[int]] = None, seconds: float = MEASURE_SECONDS) -> list[InnerCost]:
+                        seconds: float = MEASURE_SECONDS) -> list[InnerCost]:
     """Every inner schedule's cost, within about ``seconds`` for any plan. Schedules of one shape
     (``schedule_shape``) cost the same for a solver whose calls do not follow the sigmas' values: the first and the
     last of each shape are measured, and where both are exact and agree the others take their cost. Otherwise
-    (``dpm_adaptive``) each is measured while time is left. What the time does not reach is estimated (the
-    ``fallbacks``, inexact): the budget rule then goes by what each inner diffusion really spends."""
+    (``dpm_adaptive``) each is measured while time is left. What is not measured is estimated (inexact) at the most
+    calls per step measured on the others: the budget rule then goes by what each inner diffusion really spends."""
     deadline = time.monotonic() + seconds
     costs: list[Optional[InnerCost]] = [None] * len(inner_sigmas)
 
     def cost_of(index: int) -> InnerCost:
-        return measure_inner_cost(solver, inner_sigmas[index], flow, model_sampling,
-                                  None if fallbacks is None else fallbacks[index], deadline)
+        return measure_inner_cost(solver, inner_sigmas[index], flow, model_sampling, deadline)
 
     shapes: dict[tuple, list[int]] = {}
     for index, sigmas in enumerate(inner_sigmas):
@@ -169,4 +176,13 @@ def measure_inner_costs(solver: Callable[..., Any], inner_sigmas: Sequence[torch
         shared = first if first.exact and first == last else None
         for index in members[1:-1]:
             costs[index] = shared if shared is not None else cost_of(index)
-    return costs
+    return with_estimates_scaled(costs, inner_sigmas)
+
+
+def with_estimates_scaled(costs: Sequence[InnerCost], inner_sigmas: Sequence[torch.Tensor]) -> list[InnerCost]:
+    """``costs`` with every estimated one re-estimated at the most calls per step measured on the others."""
+    rates = [cost.nfe / max(len(sigmas) - 1, 1) for cost, sigmas in zip(costs, inner_sigmas) if cost.measured]
+    if not rates:
+        return list(costs)
+    rate = max(rates)
+    return [cost if cost.measured else estimated(sigmas, rate) for cost, sigmas in zip(costs, inner_sigmas)]

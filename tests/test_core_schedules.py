@@ -8,10 +8,8 @@ from comfyui_nested_diffusion.nested_core import (
     check_schedule,
     denoise_start_sigma,
     inner_steps_per_outer,
-    nfe_for_inner_process,
     outer_schedule,
     parse_step_schedule,
-    total_nfe,
     truncated_schedule,
 )
 from hypothesis import given, settings
@@ -114,14 +112,6 @@ def test_parse_step_schedule():
 def test_bad_step_schedule_names_the_problem(text, message):
     with pytest.raises(NestedDiffusionError, match=message):
         parse_step_schedule(text, 4)
-
-
-def test_nfe_accounting_per_solver_kind():
-    assert nfe_for_inner_process("euler", 10) == 10
-    assert nfe_for_inner_process("heun", 10) == 19  # the step to sigma 0 is a plain Euler step
-    assert nfe_for_inner_process("seeds_3", 4) == 10
-    assert nfe_for_inner_process("heunpp2", 1) == 1
-    assert total_nfe("dpmpp_2m", [20, 10, 5, 5]) == 40
 
 
 @settings(max_examples=60, deadline=None)
