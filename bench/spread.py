@@ -1,4 +1,4 @@
-"""Part 4: nested samples keep the data's distribution, on data wider than the smallest sigma (issue 10).
+"""Part 4: nested samples keep the data's distribution, on data wider than the smallest sigma.
 
 The exact denoiser with one exemplar (all zeros) and spread 1.0 in latent units is N(0, I) data (3 x 8 x 8
 latents). For every sampler a user can pick, at NestedKSampler's defaults (4 outer x 10 inner, scheduler

@@ -1,4 +1,4 @@
-"""Part: a new image every ``update_seconds`` (issue 14), timed inside a real ComfyUI.
+"""Part: a new image every ``update_seconds``, timed inside a real ComfyUI.
 
 The exact exemplar model, batch 1, behind ComfyUI's unet function wrapper that makes every call take at least
 CALL_SECONDS more (a model whose call time is steady, slow enough that the pack's own work per outer step is small
