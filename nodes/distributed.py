@@ -35,7 +35,8 @@ import time
 from typing import Any, Optional
 
 from ..protocol import FINISH_ROUTE, JOB_FINISH_ROUTE, JOB_PICK_ROUTE, PICK_ROUTE
-from .finish import parse_finish_request, parse_pick_request, request_finish, request_pick
+from .finish import json_route, parse_finish_request, parse_pick_request, request_finish, request_pick
+from .prompt_server import prompt_server
 
 COLLECTOR = "DistributedCollector"
 MASTER = "master"
@@ -142,15 +143,9 @@ def find_job_prompt(queue: dict, jobs: frozenset[str]) -> Optional[tuple[str, Op
 
 
 # -- the master's side --------------------------------------------------------------------------------------------
-def _server():
-    from server import PromptServer
-
-    return PromptServer.instance
-
-
 def _master_prompt(prompt_id: str) -> Optional[tuple[dict, Optional[str]]]:
     """(prompt, client_id) of the master's running or pending prompt ``prompt_id``, else None."""
-    running, pending = _server().prompt_queue.get_current_queue_volatile()
+    running, pending = prompt_server().prompt_queue.get_current_queue_volatile()
     for item in [*running, *pending]:
         if len(item) >= 4 and str(item[1]) == prompt_id:
             extra = item[3] if isinstance(item[3], dict) else {}
@@ -161,7 +156,7 @@ def _master_prompt(prompt_id: str) -> Optional[tuple[dict, Optional[str]]]:
 
 def _own_url() -> str:
     """The master's own address, for its ``GET /distributed/config``."""
-    server = _server()
+    server = prompt_server()
     host = str(getattr(server, "address", "") or "127.0.0.1")
     if host in ("0.0.0.0", "::", "localhost"):
         host = "127.0.0.1"
@@ -328,28 +323,10 @@ def parse_job_pick_request(body: object) -> tuple[Optional[tuple], Optional[str]
 
 def register_distributed_routes() -> bool:
     """Add the job routes to ComfyUI's server when ComfyUI-Distributed is installed; returns whether it did."""
-    try:
-        from aiohttp import web
-        server = _server()
-    except Exception:
-        return False
+    server = prompt_server()
     if server is None or not distributed_installed():
         return False
-
-    def job_route(parse, act):
-        async def handle(request):
-            try:
-                body = await request.json()
-            except Exception:
-                return web.json_response({"error": "the body must be valid JSON"}, status=400)
-            args, problem = parse(body)
-            if problem is not None:
-                return web.json_response({"error": problem}, status=400)
-            status, answer = await act(*args)
-            return web.json_response(answer, status=status)
-        return handle
-
-    server.routes.post(JOB_FINISH_ROUTE)(job_route(parse_finish_request, finish_job))
-    server.routes.post(JOB_PICK_ROUTE)(job_route(parse_job_pick_request, pick_in_job))
+    server.routes.post(JOB_FINISH_ROUTE)(json_route(parse_finish_request, finish_job))
+    server.routes.post(JOB_PICK_ROUTE)(json_route(parse_job_pick_request, pick_in_job))
     logging.info("nested diffusion: ComfyUI-Distributed found: job-wide finish-now and pick routes registered")
     return True

@@ -25,6 +25,7 @@ nothing runs, or (pick) the run cannot take a pick now.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from typing import Iterator, Optional
@@ -252,6 +253,25 @@ def parse_pick_request(body: object) -> tuple[Optional[tuple], Optional[str]]:
     return (*ids, index, client_id), None
 
 
+def json_route(parse, act):
+    """An aiohttp handler for a JSON steering request: ``parse(body)`` gives (arguments, None) or (None, the problem:
+    400), then ``act(*arguments)`` (a function or a coroutine function) gives (HTTP status, JSON body)."""
+    from aiohttp import web
+
+    async def handle(request):
+        try:
+            body = await request.json()
+        except Exception:
+            return web.json_response({"error": "the body must be valid JSON"}, status=400)
+        args, problem = parse(body)
+        if problem is not None:
+            return web.json_response({"error": problem}, status=400)
+        result = act(*args)
+        status, answer = (await result) if inspect.isawaitable(result) else result
+        return web.json_response(answer, status=status)
+    return handle
+
+
 def register_routes() -> None:
     """Add the routes (and the outer_previews prompt handler) to ComfyUI's server, when one is running (not in plain
     in-process use)."""
@@ -260,21 +280,8 @@ def register_routes() -> None:
         return
     from aiohttp import web
 
-    def steering_route(parse, act):
-        async def handle(request):
-            try:
-                body = await request.json()
-            except Exception:
-                return web.json_response({"error": "the body must be valid JSON"}, status=400)
-            args, problem = parse(body)
-            if problem is not None:
-                return web.json_response({"error": problem}, status=400)
-            status, answer = act(*args)
-            return web.json_response(answer, status=status)
-        return handle
-
-    server.routes.post(FINISH_ROUTE)(steering_route(parse_finish_request, request_finish))
-    server.routes.post(PICK_ROUTE)(steering_route(parse_pick_request, request_pick))
+    server.routes.post(FINISH_ROUTE)(json_route(parse_finish_request, request_finish))
+    server.routes.post(PICK_ROUTE)(json_route(parse_pick_request, request_pick))
 
     @server.routes.get(RUNNING_ROUTE)
     async def running(request):
