@@ -29,7 +29,7 @@ the outcome its kind allows, only cancelled prompts are interrupted, finished on
 all outer steps, every finish of a foreign run is refused.
 
 Prints the figures and PASS or FAIL; the exit status is 0 on PASS, 1 on FAIL (2 when the server cannot start).
-``tests/test_reliability_api.py`` runs a reduced version through ``run_load_test``.
+``tests/server_api/test_reliability_api.py`` runs a reduced version through ``run_load_test``.
 """
 from __future__ import annotations
 

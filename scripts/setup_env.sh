@@ -103,7 +103,7 @@ fi
 echo "$comfy" > "$env_dir/comfyui_path"
 echo "$want" > "$stamp"
 # Browser tests: Debian's chromium (playwright's own browser downloads are not reachable). Only as root with apt;
-# without it tests/test_browser.py skips, saying so.
+# without it tests/browser/test_browser.py skips, saying so.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; the browser tests will be skipped" >&2

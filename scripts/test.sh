@@ -7,7 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$root"
 bash scripts/setup_env.sh
-targets=(tests)  # the whole suite, unless test files are named: scripts/test.sh tests/test_browser.py
+targets=(tests)  # the whole suite, unless test files are named: scripts/test.sh tests/browser/test_browser.py
 for arg in "$@"; do
   case "$arg" in tests/*) targets=() ;; esac
 done

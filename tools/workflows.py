@@ -10,7 +10,7 @@ thumbnail stay consistent. Run it after changing a workflow below:
 
 Node schemas (sockets, widgets, defaults, outputs, input order) come from ``tools/object_info.json``: ComfyUI's
 ``/object_info`` for the node types the examples use, saved by ``--object-info`` from a server with this pack
-(tests/test_example_workflows.py checks it against the live server). Saved rather than fetched on every run, so
+(tests/server_api/test_example_workflows.py checks it against the live server). Saved rather than fetched on every run, so
 that writing and checking the files needs no server (the schemas of ComfyUI 0.3.75, what the files target).
 
 Where things go (what ComfyUI 0.3.75 and its frontend 1.32.9 expect):

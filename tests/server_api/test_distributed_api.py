@@ -24,7 +24,7 @@ from api_helpers import decode
 from comfyui_nested_diffusion.protocol import CANDIDATES_EVENT, JOB_FINISH_ROUTE, JOB_PICK_ROUTE, OUTER_STEP_EVENT, PICKED_EVENT
 from conftest import TEST_SERVER_NODES
 
-DISTRIBUTED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "distributed" / \
+DISTRIBUTED_TARBALL = Path(__file__).resolve().parents[3] / "shared" / "distributed" / \
     "ComfyUI-Distributed-1.4.4.tar.gz"
 needs_distributed = pytest.mark.skipif(not DISTRIBUTED_TARBALL.exists(), reason=(
     f"ComfyUI-Distributed is not at {DISTRIBUTED_TARBALL} (a clone without ../shared/distributed)"))

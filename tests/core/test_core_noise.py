@@ -3,7 +3,7 @@
 Outer noise (re-noised and ancestral outer steps), the hand-over noise of a stage that ends early, and the seeds the
 inner solvers draw their own noise from are all derived from the node's seed by a hash. A derivation that adds the
 step to the item would hand item i at outer step k the noise of item i + 1 at step k - 1: the batch would collapse
-onto a few modes (tests/test_batch_diversity_comfy.py measures that inside ComfyUI).
+onto a few modes (tests/in_comfyui/test_batch_diversity_comfy.py measures that inside ComfyUI).
 """
 import itertools
 

@@ -1,6 +1,6 @@
 """The live filmstrip on the node and "keep only this", in a real browser (Playwright + Debian's chromium).
 
-The same conventions as tests/test_browser_steering.py (whose page fixture and helpers this module imports).
+The same conventions as tests/browser/test_browser_steering.py (whose page fixture and helpers this module imports).
 
 * ``test_filmstrip_shows_candidate_events_and_posts_the_pick`` drives the web extension alone: it dispatches
   ``nested_diffusion.candidates`` / ``.picked`` / ``.outer_step`` events through the app's API event target, as the

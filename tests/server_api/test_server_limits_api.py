@@ -317,7 +317,7 @@ def test_the_extension_sends_the_tabs_client_id():
     """The web button lists and finishes with its tab's client id, on the current frontend and the legacy one."""
     from pathlib import Path
 
-    source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
+    source = (Path(__file__).resolve().parents[2] / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
     assert "api.clientId ?? api.initialClientId" in source
     assert "${RUNNING_ROUTE}?client_id=" in source
     assert source.count("client_id: clientId") == 2  # finish and pick
@@ -329,7 +329,7 @@ def test_the_extension_spells_the_names_protocol_py_defines():
 
     from comfyui_nested_diffusion import protocol
 
-    source = (Path(__file__).resolve().parent.parent / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
+    source = (Path(__file__).resolve().parents[2] / "web" / "nested_diffusion.js").read_text(encoding="utf-8")
     for name in ("OUTER_STEP_EVENT", "CANDIDATES_EVENT", "PICKED_EVENT", "FINISH_ROUTE", "PICK_ROUTE", "RUNNING_ROUTE"):
         assert f'const {name} = "{getattr(protocol, name)}";' in source, name
 

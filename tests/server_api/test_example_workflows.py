@@ -287,7 +287,7 @@ def test_exemplar_prompt_refine_runs_and_every_final_image_follows_the_added_det
 
 
 def test_every_runnable_example_is_tested_here():
-    # the exemplar_inverse_* examples run in tests/test_inverse_api.py, which checks their images
+    # the exemplar_inverse_* examples run in tests/server_api/test_inverse_api.py, which checks their images
     assert RUNNABLE == ["exemplar_custom_advanced_nested", "exemplar_img2img_inpaint_nested",
                         "exemplar_inverse_colorization_nested", "exemplar_inverse_denoising_nested",
                         "exemplar_inverse_inpainting_nested", "exemplar_inverse_super_resolution_nested",

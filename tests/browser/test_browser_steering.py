@@ -1,6 +1,6 @@
 """Steering a nested run from ComfyUI's graph editor, in a real browser (Playwright + Debian's chromium).
 
-The same conventions as tests/test_browser.py (whose browser fixture and helpers this module imports): the
+The same conventions as tests/browser/test_browser.py (whose browser fixture and helpers this module imports): the
 shared test server (tests/conftest.py), Debian's ``/usr/bin/chromium``, the Templates dialog a fresh user gets
 dismissed first. Three ways to steer a run, each run for real on the exact exemplar model:
 

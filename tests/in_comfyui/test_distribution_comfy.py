@@ -163,7 +163,7 @@ def test_real_model_example_workflows_keep_the_distribution(pack, name):
     from dataclasses import replace
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "example_workflows" / "api" / f"{name}_nested_api.json"
+    path = Path(__file__).resolve().parents[2] / "example_workflows" / "api" / f"{name}_nested_api.json"
     settings = _nested_settings(json.loads(path.read_text()))
     assert settings, f"{path.name} holds no nested sampler"
     model = gaussian_model("flow", 3.0) if name.startswith("flux") else gaussian_model("eps", 1.0)
