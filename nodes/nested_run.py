@@ -127,14 +127,9 @@ class NestedDiffusionSampler(comfy.samplers.KSAMPLER):
                         results: list, paced: Optional[PacedPlan] = None) -> Any:
         """The sampler function KSAMPLER.sample calls with ComfyUI's model (``KSamplerX0Inpaint``) for one run; its
         NestedResult goes to ``results``. With ``paced`` (update_seconds) the outer steps after each inner process
-        are placed again, and the stop rule and reporter follow its live lists."""
+        are placed again: the reporter reads the current plan from it, the stop rule is handed its new costs."""
         limits = self.settings.limits
-        nfe_per_outer = paced.nfe if paced is not None else plan.nfe_per_outer
         inner_sigmas = paced.inner_sigmas if paced is not None else plan.inner_sigmas
-
-        def replan(index: int, nfe_done: int, seconds: float):
-            with schedule_cache.single_threaded():
-                return paced.replan(index, nfe_done, seconds)
 
         # Finish now acts at the next model call of a run a client can reach (one with a prompt and node id), which then
         # holds its latest image through the running inner diffusion
@@ -142,6 +137,15 @@ class NestedDiffusionSampler(comfy.samplers.KSAMPLER):
 
         def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
             completed = [0]  # inner diffusions run to the end and reported
+            # its clock starts here, with the sampling (max_seconds)
+            stop_rule = StopRule(plan.nfe_per_outer if paced is None else paced.nfe, limits.max_nfe,
+                                 limits.max_seconds, control.finish_requested)
+
+            def replan(index: int, nfe_done: int, seconds: float):
+                with schedule_cache.single_threaded():
+                    following = paced.replan(index, nfe_done, seconds)
+                stop_rule.nfe_per_outer = paced.nfe  # the new plan's costs
+                return following
 
             def on_inner_result(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
                 if not self.reports_through_callback:
@@ -161,7 +165,7 @@ class NestedDiffusionSampler(comfy.samplers.KSAMPLER):
                 result = run_nested(
                     model_k, x, sigmas, inner_sigmas, plan.solver, extra_args, rule=rule, hooks=RunHooks(
                         on_inner_result=on_inner_result, on_model_call=reporter.on_model_call,
-                        stop_rule=StopRule(nfe_per_outer, limits.max_nfe, limits.max_seconds, control.finish_requested),
+                        stop_rule=stop_rule,
                         finish_now=control.finish_requested if steerable else None,
                         take_pick=control.take_pick, on_pick=on_pick,
                         replan=replan if paced is not None else None),

@@ -328,8 +328,9 @@ class PacedPlan:
     """A plan whose inner lengths follow ``update_seconds`` (``nested_core.pacing``): after every inner process the
     outer steps left are placed again, from the current outer sigma down with the outer scheduler (the inner
     scheduler where the outer steps came as connected sigmas), and their inner schedules built as the plan's are.
-    ``outer_sigmas``, ``steps``, ``nfe`` and ``inner_sigmas`` are live: the run, its stop rule and its reporter read
-    them as they change. Only for a plan that ends at 0 (a stage handing on leftover noise keeps its plan)."""
+    A re-plan replaces ``outer_sigmas``, ``steps`` and ``nfe`` with new lists (the reporter reads them from here, the
+    stop rule is handed the new costs); ``inner_sigmas`` builds each inner schedule when the run first asks for it.
+    Only for a plan that ends at 0 (a stage handing on leftover noise keeps its plan)."""
 
     def __init__(self, plan: NestedPlan, model_sampling: Any, spec: InnerSolverSpec, update_seconds: float):
         self.plan = plan
@@ -367,11 +368,12 @@ class PacedPlan:
             self.inner_sigmas.prepare(index + 1)
             return None
         measured = measure_inner_costs(self.plan.solver, [following], self.plan.flow, self.model_sampling)[0].nfe
-        self.outer_sigmas[index + 1:] = tail
-        self.steps[index + 1:] = counts
+        # New lists, not edits of the old ones: whoever reads the plan asks this PacedPlan for its current lists.
+        self.outer_sigmas = self.outer_sigmas[:index + 1] + tail
+        self.steps = self.steps[:index + 1] + list(counts)
         # the next inner process's cost as measured; the later ones' at the same calls per step
         per_step = measured / max(counts[0], 1)
-        self.nfe[index + 1:] = [measured] + [max(1, math.ceil(count * per_step - 1e-9)) for count in counts[1:]]
+        self.nfe = self.nfe[:index + 1] + [measured] + [max(1, math.ceil(count * per_step - 1e-9)) for count in counts[1:]]
         self.inner_sigmas.replanned(index + 1, following)
         return tail
 

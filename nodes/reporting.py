@@ -62,12 +62,12 @@ class NestedRunReporter:
                  batch_indices: Optional[list[int]] = None, keep_previews: bool = True):
         self.node_id = node_id
         self.prompt_id = executing_prompt_id()
-        self.outer_sigmas = [float(s) for s in plan.outer_sigmas]
+        self.planned_sigmas = [float(s) for s in plan.outer_sigmas]
         self.first_outer_index = plan.first_outer_index
-        self.outer_steps = plan.total_outer_steps or len(self.outer_sigmas) - 1
+        self.outer_steps = plan.total_outer_steps or len(self.planned_sigmas) - 1
         self.nfe_before = plan.nfe_before
         self.nfe_total = max(plan.nfe_total, 1)
-        self.nfe_planned = list(plan.nfe_per_outer)
+        self.planned_nfe = list(plan.nfe_per_outer)
         self.nfe_spent: list[int] = []  # what each inner process of this run really spent
         self.nfe_done = 0
         self.progress_sent_at = -float("inf")
@@ -84,10 +84,16 @@ class NestedRunReporter:
         self.filmstrip = FilmstripBudget()  # the candidates events' bytes, bounded by the previews' (filmstrip.py)
 
     def follow(self, paced: PacedPlan) -> None:
-        """Take the outer sigmas, inner steps and planned NFEs from ``paced``'s live lists (re-planned as it runs)."""
+        """Read the outer sigmas, inner steps and planned NFEs from ``paced`` (re-planned as the run goes)."""
         self.paced = paced
-        self.outer_sigmas = paced.outer_sigmas
-        self.nfe_planned = paced.nfe
+
+    @property
+    def outer_sigmas(self) -> list[float]:
+        return self.paced.outer_sigmas if self.paced is not None else self.planned_sigmas
+
+    @property
+    def nfe_planned(self) -> list[int]:
+        return self.paced.nfe if self.paced is not None else self.planned_nfe
 
     def set_outer_step_mode(self, mode: str) -> None:
         self.outer_step_mode = mode
