@@ -25,10 +25,10 @@ def nested_run(model, sampler_name: str, prompt_id: str, pick: bool) -> tuple[di
     from comfy_execution.utils import CurrentNodeContext
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import default_exemplars
     from comfyui_nested_diffusion.demo_models.exemplar.nodes import build_exemplar_model, empty_conditioning
-    from comfyui_nested_diffusion.nodes.finish import request_pick
     from comfyui_nested_diffusion.nodes.nested_ksampler import nested_settings
     from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, sample_latent
     from comfyui_nested_diffusion.nodes.planning import plan_nested_run
+    from comfyui_nested_diffusion.nodes.steering import request_pick
     from comfyui_nested_diffusion.tools.models import counting_clone
 
     answers = []

@@ -28,7 +28,7 @@ class NestedDiffusionExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> NestedDiffusionExtension:
     from .distributed import register_distributed_routes
-    from .finish import register_routes
+    from .steering import register_routes
 
     register_routes()
     register_distributed_routes()  # only where ComfyUI-Distributed is installed

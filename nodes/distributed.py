@@ -21,7 +21,7 @@ Who may steer: the request must carry the ``client_id`` the master's prompt was 
 routes ask). The master then forwards with the client id the worker's prompt was queued with, read from that prompt
 on the worker (ComfyUI-Distributed queues it with the master prompt's client id over its worker websocket, and with
 none over HTTP). So a client steers a worker's run only by proving that it queued the job on the master. ComfyUI has
-no authentication and ``GET /queue`` shows client ids (see finish.py): this keeps clients apart, it stops no attacker.
+no authentication and ``GET /queue`` shows client ids (see steering.py): this keeps clients apart, it stops no attacker.
 
 Without ComfyUI-Distributed installed (no such folder among the custom nodes) the routes are not added.
 """
@@ -35,8 +35,8 @@ import time
 from typing import Any, Optional
 
 from ..protocol import FINISH_ROUTE, JOB_FINISH_ROUTE, JOB_PICK_ROUTE, PICK_ROUTE
-from .finish import json_route, parse_finish_request, parse_pick_request, request_finish, request_pick
 from .prompt_server import prompt_server
+from .steering import json_route, parse_finish_request, parse_pick_request, request_finish, request_pick
 
 COLLECTOR = "DistributedCollector"
 MASTER = "master"

@@ -28,7 +28,6 @@ from ..nested_core import (
     run_nested,
 )
 from . import rerun, schedule_cache
-from .finish import RunControl, finishable_run
 from .planning import (
     InnerSolverSpec,
     NestedPlan,
@@ -38,6 +37,7 @@ from .planning import (
     resolve_outer_step_mode,
 )
 from .reporting import NestedRunReporter, executing_node_id, outer_previews_latent
+from .steering import RunControl, finishable_run
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Keep one candidate mid-run, inside a real ComfyUI: the run continues with the kept batch item only.
 
-The pick goes through the registry the HTTP route ``/nested_diffusion/pick`` uses (``nodes/finish.py``), requested
+The pick goes through the registry the HTTP route ``/nested_diffusion/pick`` uses (``nodes/steering.py``), requested
 as the first inner diffusion ends, so it is taken at the first model call of the second. The measuring code is the
 benchmark's (``bench/pick.py``), so the test and the report cannot drift apart.
 """

@@ -142,7 +142,7 @@ def test_finish_now_ends_a_paced_run_with_its_latest_image(family, pack):
     """Finish now, requested during the second inner diffusion, ends the run at its next model call with the first
     inner diffusion's image (as without update_seconds)."""
     from comfy_execution.utils import CurrentNodeContext
-    from comfyui_nested_diffusion.nodes.finish import request_finish
+    from comfyui_nested_diffusion.nodes.steering import request_finish
 
     _, model, cond, exemplars = family
     answers = []

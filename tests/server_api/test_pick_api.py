@@ -2,7 +2,7 @@
 
 Three groups:
 
-* ``RunControl`` and ``request_pick`` in process (nodes/finish.py): the interface the sampler codes against, and
+* ``RunControl`` and ``request_pick`` in process (nodes/steering.py): the interface the sampler codes against, and
   every answer of the pick rule (409 nothing runs, 404 unknown run, 403 another client's run, 400 out of range,
   409 a second pick, 200).
 * The route on the shared test server: malformed bodies (400), nothing running (409), and, against a live run,
@@ -29,21 +29,21 @@ def post_pick(server, body, raw: bool = False):
 
 
 @pytest.fixture(scope="module")
-def finish(pack):
+def steering(pack):
     from comfyui_nested_diffusion.tools.comfy_env import PACK_MODULE_NAME
 
-    return importlib.import_module(f"{PACK_MODULE_NAME}.nodes.finish")
+    return importlib.import_module(f"{PACK_MODULE_NAME}.nodes.steering")
 
 
 # -- in process: RunControl and request_pick ---------------------------------------------------------------------
-def test_run_control_is_the_interface_the_sampler_reads(finish):
-    control = finish.RunControl()
+def test_run_control_is_the_interface_the_sampler_reads(steering):
+    control = steering.RunControl()
     assert control.finish_requested() is False
     control.request_finish()
     assert control.finish_requested() is True
 
     assert control.take_pick() is None and control.batch_size is None
-    stale = finish.RunControl()
+    stale = steering.RunControl()
     stale.set_batch_size(4)
     stale.offer_pick(3)
     assert stale.take_pick(2) is None and stale.picked is None  # a pick the batch no longer holds is dropped
@@ -63,10 +63,10 @@ def test_run_control_is_the_interface_the_sampler_reads(finish):
     assert status == 409 and "one pick per run" in answer["error"]
 
 
-def test_run_control_is_thread_safe(finish):
+def test_run_control_is_thread_safe(steering):
     """Many threads offering picks while one takes them: every pick is taken at most once, and exactly one is
     applied."""
-    control = finish.RunControl()
+    control = steering.RunControl()
     control.set_batch_size(64)
     taken = []
     start = threading.Barrier(9)
@@ -95,41 +95,41 @@ def test_run_control_is_thread_safe(finish):
     assert control.picked == taken[0]
 
 
-def test_request_pick_answers(finish):
-    status, answer = finish.request_pick("p", "3", 0, "alice")
+def test_request_pick_answers(steering):
+    status, answer = steering.request_pick("p", "3", 0, "alice")
     assert status == 409 and "no nested sampler is running" in answer["error"]
-    with finish.finishable_run("p", "3", client_id="alice") as control, \
-            finish.finishable_run("q", "5", client_id="bob"):
+    with steering.finishable_run("p", "3", client_id="alice") as control, \
+            steering.finishable_run("q", "5", client_id="bob"):
         # the sampler has not reported its batch size yet: no pick can be checked
-        status, answer = finish.request_pick("p", "3", 0, "alice")
+        status, answer = steering.request_pick("p", "3", 0, "alice")
         assert status == 409 and "batch size" in answer["error"]
         control.set_batch_size(4)
         entry = {"prompt_id": "p", "node_id": "3", "batch_size": 4, "picked": None}
-        assert finish.running_runs("alice") == [entry]
-        status, answer = finish.request_pick("p", "4", 0, "alice")
+        assert steering.running_runs("alice") == [entry]
+        status, answer = steering.request_pick("p", "4", 0, "alice")
         assert status == 404 and answer["running"] == [entry]  # only alice's runs
-        assert finish.request_pick("q", "5", 0, "alice")[0] == 403
-        status, answer = finish.request_pick("p", "3", 4, "alice")
+        assert steering.request_pick("q", "5", 0, "alice")[0] == 403
+        status, answer = steering.request_pick("p", "3", 4, "alice")
         assert status == 400 and "0..3" in answer["error"]
-        status, answer = finish.request_pick("p", "3", 1, "alice")
+        status, answer = steering.request_pick("p", "3", 1, "alice")
         assert status == 200 and answer == {"picking": True, "index": 1, "batch_size": 4, "prompt_id": "p",
                                             "node_id": "3"}
         assert control.take_pick() == 1
         control.set_batch_size(1)
-        assert finish.running_runs("alice")[0]["picked"] == 1
-        status, answer = finish.request_pick("p", "3", 0, "alice")
+        assert steering.running_runs("alice")[0]["picked"] == 1
+        status, answer = steering.request_pick("p", "3", 0, "alice")
         assert status == 409 and "one pick per run" in answer["error"]
-    with finish.finishable_run("r", "7", client_id="alice") as control:
+    with steering.finishable_run("r", "7", client_id="alice") as control:
         control.set_batch_size(1)
-        status, answer = finish.request_pick("r", "7", 1, "alice")
+        status, answer = steering.request_pick("r", "7", 1, "alice")
         assert status == 400 and "batch size is 1" in answer["error"]
         # finish goes on working on the same control
-        assert finish.request_finish("r", "7", "alice")[0] == 200 and control.finish_requested()
-    assert finish.request_pick("p", "3", 0, "alice")[0] == 409  # stale: nothing runs any more
+        assert steering.request_finish("r", "7", "alice")[0] == 200 and control.finish_requested()
+    assert steering.request_pick("p", "3", 0, "alice")[0] == 409  # stale: nothing runs any more
 
 
-def test_parse_pick_request(finish):
-    parse = finish.parse_pick_request
+def test_parse_pick_request(steering):
+    parse = steering.parse_pick_request
     assert parse({"prompt_id": "p", "node": "3", "index": 2, "client_id": "c"}) == (("p", "3", 2, "c"), None)
     assert parse({"prompt_id": "p", "node_id": 3, "index": 0}) == (("p", "3", 0, None), None)
     for body, words in (([], "JSON object"), ({"prompt_id": "p", "index": 0}, "node"),
