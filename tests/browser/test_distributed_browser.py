@@ -43,6 +43,18 @@ def example(outer: int = OUTER, inner: int = INNER):
     return editor, prompt, sampler
 
 
+def queue_job_and_wait_for_worker_rows(page, master_url: str, prompt: dict, client_id: str, sampler: str) -> tuple[str, str]:
+    """Queue ``prompt`` on the master for both workers; wait until each worker's row shows a candidate. Returns
+    (the master's prompt id, the CSS selector of the node's worker rows)."""
+    answer = requests.post(f"{master_url}/distributed/queue", timeout=60, json={
+        "prompt": prompt, "client_id": client_id, "enabled_worker_ids": ["1", "2"]})
+    assert answer.status_code == 200, answer.text
+    rows = f'.nested-job-strip[data-node="{sampler}"] .nested-job-row'
+    page.wait_for_function(f"() => ['1', '2'].every(w => document.querySelector(`{rows}[data-server=\"${{w}}\"] "
+                           "figure img[src^=\"data:\"]`))", timeout=60_000)
+    return answer.json()["prompt_id"], rows
+
+
 @needs_distributed
 def test_workers_candidates_show_on_the_master_page_and_a_worker_pick_keeps_it(master_page, cluster):  # noqa: F811
     page = master_page
@@ -57,13 +69,7 @@ def test_workers_candidates_show_on_the_master_page_and_a_worker_pick_keeps_it(m
         print(page.evaluate("() => [...window.nestedJobStrip.sockets.entries()].map(([k, s]) => [k, s.url, s.readyState])"),
               page.page_errors, cluster["1"].log_text()[-2000:])
         raise
-    answer = requests.post(f"{cluster['master'].url}/distributed/queue", timeout=60, json={
-        "prompt": prompt, "client_id": client_id, "enabled_worker_ids": ["1", "2"]})
-    assert answer.status_code == 200, answer.text
-    prompt_id = answer.json()["prompt_id"]
-    rows = f'.nested-job-strip[data-node="{sampler}"] .nested-job-row'
-    page.wait_for_function(f"() => ['1', '2'].every(w => document.querySelector(`{rows}[data-server=\"${{w}}\"] "
-                           "figure img[src^=\"data:\"]`))", timeout=60_000)
+    prompt_id, rows = queue_job_and_wait_for_worker_rows(page, cluster["master"].url, prompt, client_id, sampler)
     labels = page.locator(f"{rows} > span").all_inner_texts()
     assert sorted(label.split()[0] for label in labels) == ["w1", "w2"]  # each worker's row, by its name
     page.wait_for_function(f"() => !document.querySelector(`{rows}[data-server=\"1\"] button`).disabled",
@@ -94,13 +100,7 @@ def test_finish_now_button_on_the_master_finishes_every_server(master_page, clus
     page.wait_for_function("() => [...window.nestedJobStrip.sockets.values()].filter(s => s.readyState === 1)"
                            ".length === 2", timeout=15_000)
     frame(page, [int(sampler)])  # the button must be on screen
-    answer = requests.post(f"{cluster['master'].url}/distributed/queue", timeout=60, json={
-        "prompt": prompt, "client_id": client_id, "enabled_worker_ids": ["1", "2"]})
-    assert answer.status_code == 200, answer.text
-    prompt_id = answer.json()["prompt_id"]
-    rows = f'.nested-job-strip[data-node="{sampler}"] .nested-job-row'
-    page.wait_for_function(f"() => ['1', '2'].every(w => document.querySelector(`{rows}[data-server=\"${{w}}\"] "
-                           "figure img[src^=\"data:\"]`))", timeout=60_000)
+    prompt_id, rows = queue_job_and_wait_for_worker_rows(page, cluster["master"].url, prompt, client_id, sampler)
     x, y = widget_center(page, int(sampler), "Finish now")
     page.mouse.click(x, y)
     page.get_by_text("Finishing now").first.wait_for(state="visible", timeout=10_000)
