@@ -334,15 +334,15 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
     counted = CountedModel(model, hooks.on_model_call, limit=max_calls, before_call=steer)
 
     def ended(x0: torch.Tensor, at: int, reason: str) -> NestedResult:
-        position = counted.keep if kept is None else None  # a pick during the dropped inner diffusion
-        end_items = items
-        if position is not None and x0.shape[0] > 1:
-            x0, end_items = x0[position:position + 1], [items[position]]
-        if outer_sigmas[-1] == 0:
-            return NestedResult(x0, reason, x0, counted.calls, kept if position is None else position)
-        handover = seeded_outer_noise(extra_args.get("seed"), stream=2)(at + index_offset, x0, end_items)
-        return NestedResult(renoise_step(x0, outer_sigmas[-1], handover, rule.flow, rule.noise_scale), reason, x0,
-                            counted.calls, kept if position is None else position)
+        kept_at_end, end_items = kept, items
+        if kept is None and counted.keep is not None:  # a pick during the dropped inner diffusion
+            kept_at_end = counted.keep
+            x0, end_items = x0[kept_at_end:kept_at_end + 1], [items[kept_at_end]]
+        state = x0
+        if outer_sigmas[-1] > 0:  # a stage handing on leftover noise: x0 diffused afresh to its last sigma
+            handover = seeded_outer_noise(extra_args.get("seed"), stream=2)(at + index_offset, x0, end_items)
+            state = renoise_step(x0, outer_sigmas[-1], handover, rule.flow, rule.noise_scale)
+        return NestedResult(state, reason, x0, counted.calls, kept_at_end)
 
     while index + 2 < len(outer_sigmas):
         index += 1
