@@ -272,3 +272,50 @@ def largest_count_that_works(build: Callable[[int], object], upper: int) -> int:
         except NestedDiffusionError:
             high = middle
     return low
+
+
+def path_completion_steps(inner_steps: int) -> int:
+    """Of an inner diffusion of ``inner_steps`` steps on the "path" outer step, the steps that complete the anytime
+    image from the next outer sigma to 0: a quarter, at least one (none for a single step, which the trajectory
+    step's Euler move carries down to the next outer sigma)."""
+    return max(1, math.ceil(inner_steps / 4)) if inner_steps > 1 else 0
+
+
+def path_schedules(schedule_fn: ScheduleFn, steps_per_outer: Sequence[int],
+                   denoise: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Outer sigmas and inner schedules for the "path" outer step: the outer chain is KSampler's own path.
+
+    One grid, the scheduler's schedule for N steps (with KSampler's ``denoise`` truncation), where N is every inner
+    diffusion's steps less its completion steps (``path_completion_steps``), the last one's whole. Outer sigma k is
+    the grid point after the path steps of the inner diffusions before it. Inner diffusion k walks the grid down to
+    outer sigma k + 1, then completes to 0 in its completion steps spaced as the scheduler spaces a schedule that
+    starts there; the last walks the grid to 0. Taken with the trajectory outer step (the solver's state where it
+    crosses the next outer sigma), the outer chain is the solver on KSampler's N-step grid (exactly KSampler's path
+    for a one-step solver such as euler), the final image KSampler's at N steps, and each anytime image a short
+    completion of the path so far.
+    """
+    counts = [check_steps(count, "inner_steps") for count in steps_per_outer]
+    if not counts:
+        raise NestedDiffusionError("the path outer step needs at least one outer step")
+    walked = [count - path_completion_steps(count) if count > 1 else 1 for count in counts[:-1]]
+    total = sum(walked) + counts[-1]
+    steps, length = denoise_lengths(total, denoise) if denoise <= 0.9999 else (total, total)
+    if steps != total:
+        raise NestedDiffusionError(f"denoise {denoise:g} with {total} path steps needs a schedule longer than "
+                                   f"{MAX_SCHEDULE_LENGTH} sigmas; use a higher denoise or fewer steps")
+    full = schedule_fn(length).detach().to(dtype=torch.float32, device="cpu")
+    grid = full[-(total + 1):]
+    if full.numel() != length + 1 or not is_valid_schedule(grid):
+        raise NestedDiffusionError(f"the scheduler gives {full.numel() - 1} steps when asked for {length}: it cannot "
+                                   f"place the path's {total} steps; use fewer steps or another scheduler")
+    starts = [sum(walked[:k]) for k in range(len(counts))]
+    inner = []
+    for k, count in enumerate(counts[:-1]):
+        segment = grid[starts[k]:starts[k + 1] + 1]
+        completion = path_completion_steps(count)
+        tail = truncated_schedule(schedule_fn, completion, float(segment[-1]))[1:] if completion else grid.new_zeros(1)
+        inner.append(torch.cat([segment, tail]) if completion else torch.cat([segment[:1], tail]))
+    inner.append(grid[starts[-1]:].clone())
+    outer = torch.cat([grid[starts], grid.new_zeros(1)])
+    check_schedule(outer, "outer schedule")
+    return outer, inner
