@@ -102,9 +102,11 @@ def ksampler_run(model, solver: str, scheduler: str, positive, negative, count: 
     return out.cpu()  # sample_custom returns process_latent_out-ed latents: pixels
 
 
-def nested_run(model, solver: str, scheduler: str, positive, negative, count: int, seed: int, keep):
-    """NestedKSampler's sampler at its defaults (``outer_step`` auto, outer_eta 0), 4 x 10, on the same noise;
-    ``keep(nfe, anytime image)`` at every outer boundary. Returns (final images, the outer step auto chose)."""
+def nested_run(model, solver: str, scheduler: str, positive, negative, count: int, seed: int, keep,
+               mode: str = "auto"):
+    """NestedKSampler's sampler (outer_eta 0), 4 x 10, on the same noise, with ``outer_step`` ``mode`` (its default
+    "auto", or any of the node's modes, or "path": see ``path_plan``); ``keep(nfe, anytime image)`` at every outer
+    boundary. Returns (final images, the outer step the run took)."""
     import comfy.sample
     from comfyui_nested_diffusion.nodes.nested_run import NestedDiffusionSampler, NestedSettings
     from comfyui_nested_diffusion.nodes.planning import InnerSolverSpec, plan_nested_run
@@ -112,13 +114,28 @@ def nested_run(model, solver: str, scheduler: str, positive, negative, count: in
     eta = ANCESTRAL_ETA if solver == "euler_ancestral" else None
     spec = InnerSolverSpec(solver, scheduler, INNER, eta=eta, s_noise=1.0)
     plan = plan_nested_run(model.get_model_object("model_sampling"), spec, OUTER, scheduler)
-    sampler = NestedDiffusionSampler(NestedSettings(spec, outer_eta=0.0, outer_step="auto"), plan)
+    if mode == "path":
+        plan = path_plan(plan, model.get_model_object("model_sampling"), scheduler)
+    settings = NestedSettings(spec, outer_eta=0.0, outer_step="trajectory" if mode == "path" else mode)
+    sampler = NestedDiffusionSampler(settings, plan)
     latent = torch.zeros(count, 3, 16, 16)
     noise = comfy.sample.prepare_noise(latent, seed)
     out = comfy.sample.sample_custom(model, noise, 1.0, sampler, plan.outer_sigmas, positive, negative, latent,
                                      callback=lambda step, x0, x, total: keep(INNER * (step + 1), x0),
                                      disable_pbar=True, seed=seed)
-    return out.cpu(), sampler.reporter.outer_step_mode
+    mode_taken = sampler.reporter.outer_step_mode
+    return out.cpu(), "path" if mode == "path" else mode_taken
+
+
+def path_plan(plan, model_sampling, scheduler: str):
+    """The plan with the "path" outer step's schedules (``nested_core.path_schedules``): the outer chain is
+    KSampler's own path, every anytime image a short completion of it."""
+    import comfy.samplers
+    from comfyui_nested_diffusion.nested_core import path_schedules
+
+    plan.outer_sigmas, plan.inner_sigmas = path_schedules(
+        lambda n: comfy.samplers.calculate_sigmas(model_sampling, scheduler, n), plan.steps_per_outer)
+    return plan
 
 
 def _is_flow(model_sampling) -> bool:
@@ -225,9 +242,17 @@ def image_keeper(model, wanted, store: dict, prefix: str):
     return keep
 
 
-def sample_config(variant: str, solver: str, seed: int, count: int, work: Path, restart: bool) -> Path:
-    """KSampler, nested 4 x 10 (auto) and (``restart``) the restart baseline on the same noise: the images (x0 at
-    the outer boundaries, finals) saved to ``work``."""
+def run_file(work: Path, variant: str, solver: str, seed: int, count: int, mode: str = "auto") -> Path:
+    """Where one sampled configuration is kept: nested at ``outer_step`` auto, KSampler and the restart baseline in
+    one file; another outer step in a file of its own (with a copy of the same KSampler run)."""
+    label = solver if mode == "auto" else f"{solver}_{mode}"
+    return work / f"{variant}_{label}_seed{seed}_n{count}.npz"
+
+
+def sample_config(variant: str, solver: str, seed: int, count: int, work: Path, restart: bool,
+                  modes: tuple[str, ...] = ("auto",)) -> list[Path]:
+    """KSampler, nested 4 x 10 with each outer step of ``modes`` and (``restart``) the restart baseline on the same
+    noise: the images (x0 at the outer boundaries, finals) saved to ``work``, one file per outer step."""
     from comfyui_nested_diffusion.bench.fid import digit_conditioning, labels_for
     from comfyui_nested_diffusion.demo_models.digits.model import load_digits_model
 
@@ -244,22 +269,26 @@ def sample_config(variant: str, solver: str, seed: int, count: int, work: Path, 
                          image_keeper(model, boundaries, store, "ksampler_x0"))
     store["ksampler_final"] = gray16(final)
     info["ksampler_seconds"] = round(time.time() - t0, 1)
-    t0 = time.time()
-    final, mode = nested_run(model, solver, scheduler, positive, negative, count, seed,
-                             image_keeper(model, boundaries, store, "nested"))
-    store["nested_final"] = gray16(final)
-    info["outer_step"] = mode
-    info["nested_seconds"] = round(time.time() - t0, 1)
-    if restart:
-        t0 = time.time()
-        final = restart_run(model, solver, scheduler, positive, negative, count, seed, lambda nfe, x0: None)
-        store["restart_final"] = gray16(final)
-        info["restart_seconds"] = round(time.time() - t0, 1)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"{variant}_{solver}_seed{seed}_n{count}.npz"
-    np.savez_compressed(path, **store, info=json.dumps(info))
-    log(f"{path.name}: {info}")
-    return path
+    paths = []
+    for mode in modes:
+        run_store, run_info = dict(store), {**info, "mode": mode}
+        t0 = time.time()
+        final, taken = nested_run(model, solver, scheduler, positive, negative, count, seed,
+                                  image_keeper(model, boundaries, run_store, "nested"), mode)
+        run_store["nested_final"] = gray16(final)
+        run_info["outer_step"] = taken
+        run_info["nested_seconds"] = round(time.time() - t0, 1)
+        if restart and mode == "auto":
+            t0 = time.time()
+            final = restart_run(model, solver, scheduler, positive, negative, count, seed, lambda nfe, x0: None)
+            run_store["restart_final"] = gray16(final)
+            run_info["restart_seconds"] = round(time.time() - t0, 1)
+        path = run_file(work, variant, solver, seed, count, mode)
+        np.savez_compressed(path, **run_store, info=json.dumps(run_info))
+        log(f"{path.name}: {run_info}")
+        paths.append(path)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -332,7 +361,8 @@ def load_runs(work: Path, count: int) -> dict:
                 run[key] = features(images).float().numpy()
                 if key.endswith("_final"):
                     run[key.replace("_final", "_pred")] = predict(images).numpy()
-        runs.setdefault((run["info"]["variant"], run["info"]["solver"]), []).append(run)
+        info = run["info"]
+        runs.setdefault((info["variant"], info["solver"], info.get("mode", "auto")), []).append(run)
     return runs
 
 
@@ -470,12 +500,14 @@ def analyse(work: Path, count: int, draws: int, out: Path | None) -> dict:
     result = {"command": command_line(), "sample_commands": [], "protocol": protocol_description(),
               "classifier_sha256": hashlib.sha256(CLASSIFIER_PATH.read_bytes()).hexdigest()[:16],
               "floor": floor_summary(ref, real, draws, rng), "configs": {}}
-    for (variant, solver), seeds in sorted(load_runs(work, count).items()):
-        log(f"analysing {variant} {solver} ({len(seeds)} seeds)")
-        # each configuration's own draws: adding a configuration leaves the others' intervals as they were
+    for (variant, solver, mode), seeds in sorted(load_runs(work, count).items()):
+        config_name = f"{variant} {solver}" if mode == "auto" else f"{variant} {solver} {mode}"
+        log(f"analysing {config_name} ({len(seeds)} seeds)")
+        # each configuration's own draws (the same for every outer step of a solver: their samples pair), so that
+        # adding a configuration leaves the others' intervals as they were
         config = analyse_config(seeds, ref, draws, np.random.default_rng(derived_seed(variant, solver) % 2 ** 32))
         config["targets"] = [{"target": name, "pass": ok, "detail": detail} for name, ok, detail in targets(config)]
-        result["configs"][f"{variant} {solver}"] = config
+        result["configs"][config_name] = config
     commands = work / "commands.txt"  # every sample command run into ``work``; each run's own is in its entry
     if commands.exists():
         result["sample_commands"] = sorted(set(commands.read_text().split("\n")) - {""})
@@ -626,6 +658,8 @@ def main(argv=None) -> int:
     sample.add_argument("--seeds", default="1")
     sample.add_argument("--samples", type=int, default=SAMPLES)
     sample.add_argument("--restart-solvers", default="euler", help="solvers that also get the restart baseline")
+    sample.add_argument("--outer-steps", default="auto",
+                        help="nested runs' outer steps, comma-separated: auto, ddim, renoise, trajectory, path")
     sample.add_argument("--work", type=Path, default=DEFAULT_WORK)
     report = sub.add_parser("analyse", help="bootstrap, targets, json")
     report.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -657,7 +691,8 @@ def main(argv=None) -> int:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for variant in args.variants.split(","):
                 for solver in args.solvers.split(","):
-                    sample_config(variant, solver, seed, args.samples, args.work, solver in restart)
+                    sample_config(variant, solver, seed, args.samples, args.work, solver in restart,
+                                  tuple(args.outer_steps.split(",")))
         return 0
     if args.what == "check":
         print(json.dumps(check(args.out), indent=1))
