@@ -40,7 +40,7 @@ import torch
 OUTER, INNER = 4, 10
 BUDGET = OUTER * INNER
 SOLVERS = ("euler", "euler_ancestral", "dpmpp_2m")
-VARIANTS = ("eps", "flow")
+VARIANTS = ("eps", "flow", "v")  # scheduler_for: flow simple, eps and v normal
 SAMPLES = 1000
 BOOTSTRAP = 500
 FLOOR_SAMPLES = 1000
