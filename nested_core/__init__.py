@@ -10,7 +10,6 @@ from .nested import (
     outer_step,
     renoise_step,
     run_nested,
-    sample_nested,
     seeded_outer_noise,
 )
 from .pacing import IntervalPacer, check_update_seconds, paced_outer_sigmas, split_steps, steps_for_interval
@@ -36,7 +35,7 @@ from .steps import (
 __all__ = [
     "MAX_TOTAL_STEPS", "STEP_SCHEDULE_PRESETS", "StopRule", "preset_step_schedule", "CountedModel", "NestedResult", "OuterStepRule", "RunHooks", "run_nested", "NestedDiffusionError", "check_number", "check_schedule", "check_steps",
     "denoise_start_sigma", "derive_seed", "inner_steps_per_outer", "is_valid_schedule", "largest_count_that_works",
-    "outer_schedule", "outer_step", "renoise_step", "parse_step_schedule", "sample_nested", "seeded_outer_noise",
+    "outer_schedule", "outer_step", "renoise_step", "parse_step_schedule", "seeded_outer_noise",
     "truncated_schedule", "path_completion_steps", "path_schedules", "projected_costs", "spent_per_inner_process",
     "IntervalPacer", "check_update_seconds", "paced_outer_sigmas", "split_steps", "steps_for_interval",
 ]

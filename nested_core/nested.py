@@ -1,7 +1,7 @@
 """Nested diffusion (Elata et al., WACV 2024, Algorithm 2) in sigma space.
 
-The outer process is itself a k-diffusion style sampler, ``sample_nested(model, x, sigmas, ...)``:
-at every outer sigma it runs a complete inner diffusion down to 0 with any solver, takes that real
+The outer process, ``run_nested(model, x, sigmas, inner_sigmas, inner_solver, ...)``, is itself a k-diffusion style
+sampler: at every outer sigma it runs a complete inner diffusion down to 0 with any solver, takes that real
 sample as the outer step's "denoised" estimate, and steps to the next outer sigma. One formula serves
 eps, v and flow models: ``x_next = x0 + sigma_next * (x - x0) / sigma``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -270,7 +270,9 @@ class RunHooks:
     asked before every model evaluation, naming a batch position keeps only that item from then on: the running
     inner diffusion goes on evaluating that item alone; ``on_pick(k, position, batch_index)`` is told at once
     (``k``: the last outer step that ended, -1 before the first). ``replan(k, nfe_done, seconds)``, asked after every
-    inner diffusion but the last, may give new outer sigmas after step k (see ``run_nested``).
+    inner diffusion but the last, may give new outer sigmas after step k (see ``run_nested``). ``on_start(x)`` is
+    told the starting state before the first model evaluation; ``on_end(result)`` is told the run's result when it
+    ends, or None where it raised (Cancel, an error), so that what ``on_start`` set up is let go either way.
     """
 
     on_inner_result: Optional[InnerResultFn] = None
@@ -280,6 +282,8 @@ class RunHooks:
     take_pick: Optional[PickFn] = None
     on_pick: Optional[OnPickFn] = None
     replan: Optional[ReplanFn] = None
+    on_start: Optional[Callable[[torch.Tensor], None]] = None
+    on_end: Optional[Callable[[Optional["NestedResult"]], None]] = None
 
 
 def narrow_batch(extra_args: dict, position: int, batch: int) -> dict:
@@ -307,6 +311,23 @@ def run_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: 
     outer sigmas after step k (ending with the same last sigma; ``inner_sigmas`` must then hold their inner
     schedules: a sequence the caller keeps up to date): ``update_seconds`` chooses the inner lengths this way.
     """
+    result: Optional[NestedResult] = None
+    try:
+        if hooks.on_start is not None:
+            hooks.on_start(x)
+        result = _outer_steps(model, x, sigmas, inner_sigmas, inner_solver, extra_args, rule, hooks, index_offset,
+                              max_calls, outer_noise, batch_indices)
+        return result
+    finally:
+        if hooks.on_end is not None:
+            hooks.on_end(result)
+
+
+def _outer_steps(model: Any, x: torch.Tensor, sigmas: torch.Tensor, inner_sigmas: Sequence[torch.Tensor],
+                 inner_solver: SolverFn, extra_args: Optional[dict], rule: OuterStepRule, hooks: RunHooks,
+                 index_offset: int, max_calls: int, outer_noise: Optional[OuterNoiseFn],
+                 batch_indices: Optional[Sequence[int]]) -> NestedResult:
+    """``run_nested``'s outer loop."""
     extra_args = {} if extra_args is None else extra_args
     noise_fn = outer_noise if outer_noise is not None else seeded_outer_noise(extra_args.get("seed"))
     items = list(batch_indices) if batch_indices is not None and len(batch_indices) == x.shape[0] else list(range(x.shape[0]))
@@ -404,16 +425,3 @@ def _checked_tail(sigma: float, following: Sequence[float], last: float) -> list
         raise NestedDiffusionError(f"a re-planned outer schedule must decrease from {sigma} to {last}, got {tail}")
     return tail
 
-
-def sample_nested(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
-                  callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None,
-                  **options: Any) -> torch.Tensor:
-    """``run_nested`` with the k-diffusion sampler signature: returns the final state; ``callback`` gets
-    ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per outer step, ``denoised`` being the inner result."""
-    def report(index: int, state: torch.Tensor, x0: torch.Tensor) -> None:
-        callback({"x": state, "i": index, "sigma": sigmas[index], "sigma_hat": sigmas[index], "denoised": x0})
-
-    hooks = options.pop("hooks", RunHooks())
-    if callback is not None:
-        hooks = replace(hooks, on_inner_result=report)
-    return run_nested(model, x, sigmas, extra_args=extra_args, hooks=hooks, **options).x

@@ -9,7 +9,6 @@ from comfyui_nested_diffusion.nested_core import (
     inner_steps_per_outer,
     preset_step_schedule,
     run_nested,
-    sample_nested,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,7 +58,7 @@ def euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
     return x
 
 
-def test_sample_nested_stops_with_the_latest_inner_result_and_counts_nfes():
+def test_a_run_stops_with_the_latest_inner_result_and_counts_nfes():
     target = torch.full((1, 2), 0.5)
     calls, seen = [], []
     sigmas = torch.tensor([10.0, 5.0, 2.0, 0.0])
@@ -70,24 +69,42 @@ def test_sample_nested_stops_with_the_latest_inner_result_and_counts_nfes():
     assert seen == [0, 1] and calls[-1] == 4
 
 
+def test_a_run_is_told_its_start_and_its_end_even_when_it_raises():
+    events = []
+    hooks = RunHooks(on_start=lambda x: events.append(("start", tuple(x.shape))),
+                     on_model_call=lambda n: events.append("call"), on_end=lambda result: events.append(("end", result)))
+    sigmas = torch.tensor([2.0, 1.0, 0.0])
+    result = run_nested(toy_denoiser(torch.zeros(1, 2)), torch.ones(1, 2), sigmas, _to_zero([2.0, 1.0]), euler, hooks=hooks)
+    assert events == [("start", (1, 2)), "call", "call", ("end", result)]
+
+    def failing(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        model(x, sigmas[0] * x.new_ones(x.shape[0]))
+        raise RuntimeError("the model failed")
+
+    events.clear()
+    with pytest.raises(RuntimeError, match="the model failed"):
+        run_nested(toy_denoiser(torch.zeros(1, 2)), torch.ones(1, 2), sigmas, _to_zero([2.0, 1.0]), failing, hooks=hooks)
+    assert events == [("start", (1, 2)), "call", ("end", None)]
+
+
 def _to_zero(sigmas: list) -> list:
     """One-step inner schedules: from each outer sigma straight to 0."""
     return [torch.tensor([sigma, 0.0]) for sigma in sigmas]
 
 
-def test_sample_nested_seeds_follow_the_global_outer_index():
+def test_inner_seeds_follow_the_global_outer_index():
     seeds = []
 
     def solver(model, x, sigmas, extra_args=None, callback=None, disable=None):
         seeds.append(extra_args["seed"])
         return torch.zeros_like(x)
 
-    sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([3.0, 2.0, 1.0, 0.0]), {"seed": 7},
-                  inner_solver=solver, inner_sigmas=_to_zero([3.0, 2.0, 1.0]))
+    run_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([3.0, 2.0, 1.0, 0.0]), _to_zero([3.0, 2.0, 1.0]),
+               solver, {"seed": 7})
     whole = list(seeds)
     seeds.clear()
-    sample_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([1.0, 0.0]), {"seed": 7}, index_offset=2,
-                  inner_solver=solver, inner_sigmas=_to_zero([1.0]))
+    run_nested(toy_denoiser(torch.zeros(1)), torch.ones(1), torch.tensor([1.0, 0.0]), _to_zero([1.0]), solver, {"seed": 7},
+               index_offset=2)
     assert whole[0] == 7 and len(set(whole)) == 3
     assert seeds == [whole[2]]
 
@@ -137,8 +154,7 @@ def test_renoise_keeps_the_marginal_where_the_eta0_step_widens_it(flow):
     std = {}
     for step, rule in {"ddim": OuterStepRule(flow=flow), "renoise": OuterStepRule(flow=flow, renoise=True),
                        "trajectory": OuterStepRule(flow=flow, trajectory=True)}.items():
-        out = sample_nested(model, x.clone(), outer, extra_args={"seed": 3}, inner_solver=_deterministic_euler,
-                            inner_sigmas=inner, rule=rule)
+        out = run_nested(model, x.clone(), outer, inner, _deterministic_euler, {"seed": 3}, rule=rule).x
         std[step] = float(out.std())
     assert std["ddim"] > 1.25
     assert abs(std["renoise"] - 1.0) < 0.05
@@ -259,8 +275,8 @@ def test_a_hard_call_limit_cuts_an_inner_diffusion_and_keeps_the_previous_result
 def test_a_first_inner_diffusion_past_the_call_limit_is_a_clear_error():
     solver, _ = _adaptive_toy_solver([6])
     with pytest.raises(NestedDiffusionError, match="max_nfe 5 was used up before the first inner diffusion ended"):
-        sample_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(1, 2), torch.tensor([3.0, 0.0]), inner_solver=solver,
-                      inner_sigmas=_to_zero([3.0]), max_calls=5)
+        run_nested(toy_denoiser(torch.zeros(1, 2)), torch.randn(1, 2), torch.tensor([3.0, 0.0]), _to_zero([3.0]), solver,
+                   max_calls=5)
 
 
 @pytest.mark.parametrize("renoise, eta", [(False, 1.0), (False, 0.5), (True, 0.0), (False, 0.0)])
