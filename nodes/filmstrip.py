@@ -1,28 +1,30 @@
 """How much of the filmstrip (the ``nested_diffusion.candidates`` event: a small preview of every batch item) a run
-sends: bounded by what its progress previews send, so that a large batch does not multiply the websocket traffic.
+sends: bounded per model call by a quantity that does not depend on what the images look like, so that a large
+batch does not multiply the websocket traffic.
 
-ComfyUI's KSampler sends one preview per step (its previewer shows a batch by its first item). A nested run sends the
-same preview per outer step, and the filmstrip besides: at batch 64, 128 px, 64 thumbnails per outer step were 261 KB
-against KSampler's 20 KB per step. The rule:
+ComfyUI's KSampler sends one progress preview per step: its previewer shows the first batch item's x0, which the
+server scales to ``--preview-size`` (512 px by default, small latents enlarged) and encodes as a JPEG. A nested run
+sends the same preview (the first item's inner result, at the same size) after every inner diffusion, and the
+filmstrip besides: at batch 64, 128 px, 64 thumbnails per outer step were 261 KB against KSampler's 20 KB per step.
+How many bytes a preview's JPEG takes depends on the image (a checker pattern 57 KB, a plain disc 11 KB, at 512 px),
+so the rule counts pixels, not bytes:
 
-* the filmstrip's bytes stay within ``SHARE`` of the progress previews' bytes so far, plus ``ALLOWANCE`` per run (so
-  short runs and small batches show every outer step): an event that does not fit is skipped, and the latest
-  candidates go out once the budget has grown again. Whole runs send at most about ``1 + SHARE`` times KSampler's
-  preview bytes per model call;
+* the filmstrip's bytes stay within ``SHARE`` bytes per pixel of one progress preview (as the server sends it) per
+  model call, plus ``ALLOWANCE`` per run (so short runs and small batches show every outer step): 8 KB per model call
+  at the default 512 px previews, below the smallest preview JPEG measured. An event that does not fit is skipped,
+  and the latest candidates go out once the budget has grown again;
 * thumbnails get smaller as the batch grows (``thumbnail_side``): a batch of 4 at 128 px, of 64 at 32 px;
 * nothing is decoded or sent while no client is connected to receive it (``client_watching``).
 """
 from __future__ import annotations
 
-import io
 import math
-from typing import Any, Optional
+from typing import Any
 
-SHARE = 0.75  # filmstrip bytes per progress-preview byte
+SHARE = 1 / 32  # filmstrip bytes per pixel of a progress preview, per model call
 ALLOWANCE = 256 * 1024  # bytes per run the filmstrip may send beyond its share
 CANDIDATE_SIZE = 256  # longest side of a filmstrip preview, in pixels (a batch of 1)
 MIN_CANDIDATE_SIZE = 32
-PREVIEW_QUALITY = 95  # ComfyUI encodes its binary previews as JPEG at this quality
 
 
 def thumbnail_side(batch: int) -> int:
@@ -31,11 +33,17 @@ def thumbnail_side(batch: int) -> int:
     return max(MIN_CANDIDATE_SIZE, min(CANDIDATE_SIZE, int(256 / math.sqrt(max(batch, 1)))))
 
 
-def encoded_size(preview: Any) -> int:
-    """Bytes of a previewer's ``(format, image, size)`` as ComfyUI sends it (JPEG, quality 95)."""
-    buffer = io.BytesIO()
-    preview[1].convert("RGB").save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
-    return len(buffer.getvalue())
+def sent_pixels(preview: Any) -> int:
+    """Pixels of a previewer's ``(format, image, max_size)`` as ComfyUI's server sends it: the image scaled to fit
+    ``max_size`` on its longer side (``ImageOps.contain``: small images are enlarged). 0 for no preview."""
+    if preview is None:
+        return 0
+    width, height = preview[1].size
+    max_size = preview[2] if len(preview) > 2 else None
+    if not max_size or width <= 0 or height <= 0:
+        return max(width, 0) * max(height, 0)
+    scale = max_size / max(width, height)
+    return max(1, round(width * scale)) * max(1, round(height * scale))
 
 
 def client_watching(server: Any) -> bool:
@@ -49,26 +57,27 @@ def client_watching(server: Any) -> bool:
 
 
 class FilmstripBudget:
-    """Per run: the bytes the progress previews and the filmstrip have sent, and whether the next filmstrip fits."""
+    """Per run: the bytes the filmstrip has sent, and whether the next filmstrip fits the budget after a number of
+    model calls."""
 
     def __init__(self, share: float = SHARE, allowance: int = ALLOWANCE):
         self.share = share
         self.allowance = allowance
-        self.preview_bytes = 0
+        self.preview_pixels = 0  # of the latest progress preview, as sent
         self.filmstrip_bytes = 0
-        self.preview_size: Optional[int] = None  # the first preview's encoded size: later ones are alike
         self.skipped = 0
 
     def count_preview(self, preview: Any) -> None:
-        if preview is None:
-            return
-        if self.preview_size is None:
-            self.preview_size = encoded_size(preview)
-        self.preview_bytes += self.preview_size
+        if preview is not None:
+            self.preview_pixels = sent_pixels(preview)
 
-    def fits(self) -> bool:
-        """Whether the next filmstrip may go out (it may overshoot the budget by that one event)."""
-        fits = self.filmstrip_bytes <= self.share * self.preview_bytes + self.allowance
+    def budget(self, model_calls: int) -> float:
+        return self.share * self.preview_pixels * model_calls + self.allowance
+
+    def fits(self, model_calls: int) -> bool:
+        """Whether the next filmstrip may go out after ``model_calls`` model calls of the run (it may overshoot the
+        budget by that one event)."""
+        fits = self.filmstrip_bytes <= self.budget(model_calls)
         self.skipped += not fits
         return fits
 

@@ -102,10 +102,19 @@ class NestedRunReporter:
         self.nfe_done = calls
         if calls > self.nfe_total:  # adaptive solvers can only be estimated beforehand
             self.nfe_total = calls
-        if self.progress is not None and time.monotonic() - self.progress_sent_at >= PROGRESS_INTERVAL_S:
+        due = time.monotonic() - self.progress_sent_at >= PROGRESS_INTERVAL_S
+        if self.progress is not None and due and not self.ends_inner_process():
             self.send_progress()  # its hook also honours Cancel
         else:
             comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def ends_inner_process(self) -> bool:
+        """Whether the model call just counted is the running inner diffusion's last as planned: the outer step's
+        update (with its preview) follows at once, and a second one at the same count would only add traffic (an
+        adaptive solver that runs longer than planned skips one update)."""
+        index = len(self.nfe_spent)
+        planned = self.nfe_planned
+        return index < len(planned) and self.nfe_done == sum(self.nfe_spent) + planned[index]
 
     def send_progress(self, preview=None) -> None:
         """The bar at the NFEs done so far (with ``preview``, a previewer's image); the throttle counts from now."""
@@ -146,14 +155,14 @@ class NestedRunReporter:
         if server is None or not client_watching(server):
             return
         self.filmstrip.count_preview(first)
-        if not self.filmstrip.fits():
+        if not self.filmstrip.fits(self.nfe_done):
             return
-        side = thumbnail_side(x0.shape[0])
-        images = [data_url(preview, side) for preview in self.item_previews(x0, first)]
+        images = self.item_previews(x0, thumbnail_side(x0.shape[0]), first)
         self.filmstrip.count_filmstrip(images)
         send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
                                                  "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
                                                  "images": images, "picked": self.picked})
+        comfy.model_management.throw_exception_if_processing_interrupted()  # a Cancel meanwhile: before the next call
 
     def step_fields(self, index: int) -> dict:
         fields = {"node": self.node_id, "prompt_id": self.prompt_id, "outer_step": self.first_outer_index + index + 1,
@@ -180,14 +189,14 @@ class NestedRunReporter:
             logging.warning("nested diffusion: preview failed: %s", error)
             return None
 
-    def item_previews(self, x0: torch.Tensor, first=None) -> list:
-        """ComfyUI's preview of every batch item (at most MAX_CANDIDATES; ``first``: item 0's, already decoded),
-        None where there is none. A Cancel between two decodes stops the run there."""
-        previews = [first if first is not None else self.preview_bytes(x0[:1])]
+    def item_previews(self, x0: torch.Tensor, side: int, first=None) -> list:
+        """ComfyUI's preview of every batch item (at most MAX_CANDIDATES; ``first``: item 0's, already decoded) as a
+        data URL at most ``side`` pixels, None where there is none. A Cancel between two items stops the run there."""
+        images = [data_url(first if first is not None else self.preview_bytes(x0[:1]), side)]
         for item in range(1, min(x0.shape[0], MAX_CANDIDATES)):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            previews.append(self.preview_bytes(x0[item:item + 1]))
-        return previews
+            images.append(data_url(self.preview_bytes(x0[item:item + 1]), side))
+        return images
 
 
 def data_url(preview, side: int = thumbnail_side(1)) -> Optional[str]:

@@ -266,16 +266,26 @@ def test_any_accepted_input_reaches_its_first_model_call_in_about_a_second(comfy
 
 # -- websocket traffic and Cancel with a large batch -----------------------------------------------------------------
 TRAFFIC_BATCH, TRAFFIC_SIZE, TRAFFIC_STEPS = 64, 128, 40
+# Both samplers conditioned on the plainest exemplar: their previews show the same image, and the smallest JPEGs
+# (11 KB at 512 px) make KSampler's stream, and so the bound, the smallest.
+TRAFFIC_EXEMPLAR = "red disc"
+EXEMPLAR_PROMPT = "20"
 
 
 def counting_client(url: str) -> ComfyAPIClient:
-    """A client that counts the bytes of every websocket message it receives (``received``)."""
+    """A client that counts the bytes of every websocket message it receives (``received``, ``by_type``), the largest
+    of each type (``largest``) and the pixel size of every preview image (``preview_sizes``)."""
     import collections
+    import io
     import json
+
+    from PIL import Image
 
     client = ComfyAPIClient(url).connect()
     client.received = 0
     client.by_type = collections.Counter()
+    client.largest = collections.Counter()
+    client.preview_sizes = []
     receive = client.ws.recv_data
 
     def counted(*args, **kwargs):
@@ -284,47 +294,76 @@ def counting_client(url: str) -> ComfyAPIClient:
         kind = json.loads(message)["type"] if opcode == 1 else f"binary {int.from_bytes(message[:4], 'big')}"
         client.by_type[kind] += len(message or b"")
         client.by_type[f"{kind} (messages)"] += 1
+        client.largest[kind] = max(client.largest[kind], len(message or b""))
+        if kind == "binary 4":  # a preview with metadata: type, metadata length, metadata, JPEG
+            jpeg = message[8 + int.from_bytes(message[4:8], "big"):]
+            client.preview_sizes.append(Image.open(io.BytesIO(jpeg)).size)
         return opcode, message
 
     client.ws.recv_data = counted
     return client
 
 
-def large_batch_prompt(ex: dict, sampler_type: str, inputs: dict) -> dict:
-    from comfyui_nested_diffusion.tools.api_graphs import exemplar_graph
+def large_batch_prompt(ex: dict, sampler_type: str, inputs: dict, exemplar: str = "") -> dict:
+    """Batch 64 at 128 px; with ``exemplar`` an Exemplar Prompt naming it conditions the sampler."""
+    from comfyui_nested_diffusion.tools.api_graphs import EXEMPLAR, exemplar_graph
 
-    return exemplar_graph(sampler_type, {"seed": fresh_seed(), "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-                                         "denoise": 1.0, **inputs}, size=TRAFFIC_SIZE, batch=TRAFFIC_BATCH,
-                          exemplar_defaults=ex, prefix="steering_traffic")
+    prompt = exemplar_graph(sampler_type, {"seed": fresh_seed(), "cfg": 1.0, "sampler_name": "euler",
+                                           "scheduler": "normal", "denoise": 1.0, **inputs}, size=TRAFFIC_SIZE,
+                            batch=TRAFFIC_BATCH, exemplar_defaults=ex, prefix="steering_traffic")
+    if exemplar:
+        prompt[EXEMPLAR_PROMPT] = {"class_type": "NestedExemplarPrompt", "inputs": {"model": [EXEMPLAR, 0], "text": exemplar}}
+        prompt[SAMPLER]["inputs"].update(positive=[EXEMPLAR_PROMPT, 0], negative=[EXEMPLAR_PROMPT, 0])
+    return prompt
 
 
-def traffic(client, prompt: dict) -> tuple[int, int]:
-    """(all websocket bytes of the run, the bytes of ComfyUI's own binary previews among them)."""
+def traffic(client, prompt: dict) -> dict:
+    """One run's websocket bytes: ``total``, ``previews`` (ComfyUI's binary preview messages), ``filmstrip`` (the
+    candidates events), ``largest_filmstrip`` (one event), ``preview_sizes`` (each preview's pixel size)."""
     client.received = 0
     client.by_type.clear()
+    client.largest.clear()
+    client.preview_sizes = []
     client.run(prompt, timeout=600)
     print(f"\n{prompt[SAMPLER]['class_type']}: bytes by message type {dict(client.by_type)}")
-    previews = sum(size for kind, size in client.by_type.items() if kind.startswith("binary") and "messages" not in kind)
-    return client.received, previews
+    return {"total": client.received, "previews": client.by_type["binary 4"],
+            "filmstrip": client.by_type[CANDIDATES_EVENT], "largest_filmstrip": client.largest[CANDIDATES_EVENT],
+            "preview_sizes": list(client.preview_sizes)}
 
 
-def test_a_large_batch_sends_at_most_twice_the_preview_stream_per_model_call(comfy_server, exemplar_defaults):
+def test_a_large_batch_sends_at_most_twice_ksamplers_bytes_per_model_call_for_the_same_image(comfy_server, pack,
+                                                                                          exemplar_defaults):
     """Batch 64 at 128 px, one model call per outer step, a client watching: the filmstrip sent 64 thumbnails after
-    every outer step (261 KB against KSampler's 20 KB per step). Now everything the pack adds (events, filmstrip)
-    stays within the bytes of ComfyUI's own progress previews, one per model call as KSampler sends one per step.
-    Compared with KSampler's run the ratio also depends on how large the JPEG of each image is (ComfyUI encodes the
-    previews), so it is printed, and asserted only against the run's own previews."""
+    every outer step (261 KB against KSampler's 20 KB per step). What is bounded now:
+
+    * ComfyUI's progress previews: one per model call, at the same pixel size as KSampler's one per step (the first
+      batch item's x0, which the server scales to --preview-size);
+    * the filmstrip: within a budget that does not depend on the images (nodes/filmstrip.py: 1/32 byte per preview
+      pixel per model call, 8 KB at 512 px, plus 256 KB per run), overshot by one event at most;
+    * the whole stream: at most 2x KSampler's bytes per model call plus that per-run allowance, where both runs
+      show the same image. The JPEG of each preview depends on the image (11 KB for a plain disc, 57 KB for
+      stripes), and without a prompt the first item lands on another exemplar in each run, which alone made the
+      previews 0.3-2.7x KSampler's (bench/preview_traffic.py), so both samplers here are conditioned on one."""
+    from comfyui_nested_diffusion.nodes.filmstrip import ALLOWANCE, SHARE
+
     client = counting_client(comfy_server.url)
     try:
-        ksampler, _ = traffic(client, large_batch_prompt(exemplar_defaults, "KSampler", {"steps": TRAFFIC_STEPS}))
-        nested, previews = traffic(client, large_batch_prompt(exemplar_defaults, "NestedKSampler", {
-            "outer_steps": TRAFFIC_STEPS, "inner_steps": 1, "outer_step": "renoise"}))
+        ksampler = traffic(client, large_batch_prompt(exemplar_defaults, "KSampler", {"steps": TRAFFIC_STEPS},
+                                                      TRAFFIC_EXEMPLAR))
+        nested = traffic(client, large_batch_prompt(exemplar_defaults, "NestedKSampler", {
+            "outer_steps": TRAFFIC_STEPS, "inner_steps": 1, "outer_step": "renoise"}, TRAFFIC_EXEMPLAR))
     finally:
         client.close()
-    print(f"websocket bytes per model call: KSampler {ksampler / TRAFFIC_STEPS:.0f}, nested {nested / TRAFFIC_STEPS:.0f} "
-          f"({nested / ksampler:.2f}x; of which ComfyUI's previews {previews / TRAFFIC_STEPS:.0f})")
-    assert previews > 0
-    assert nested <= 2.0 * previews, (nested, previews)
+    print(f"websocket bytes per model call: KSampler {ksampler['total'] / TRAFFIC_STEPS:.0f} (previews "
+          f"{ksampler['previews'] / TRAFFIC_STEPS:.0f}), nested {nested['total'] / TRAFFIC_STEPS:.0f} (previews "
+          f"{nested['previews'] / TRAFFIC_STEPS:.0f}, filmstrip {nested['filmstrip'] / TRAFFIC_STEPS:.0f}): "
+          f"{nested['total'] / ksampler['total']:.2f}x")
+    assert len(nested["preview_sizes"]) == len(ksampler["preview_sizes"]) == TRAFFIC_STEPS
+    assert set(nested["preview_sizes"]) == set(ksampler["preview_sizes"]), (nested["preview_sizes"][:3],
+                                                                          ksampler["preview_sizes"][:3])
+    width, height = nested["preview_sizes"][0]
+    assert 0 < nested["filmstrip"] <= SHARE * width * height * TRAFFIC_STEPS + ALLOWANCE + nested["largest_filmstrip"]
+    assert nested["total"] <= 2.0 * ksampler["total"] + ALLOWANCE + nested["largest_filmstrip"], (nested, ksampler)
 
 
 def cancel_delays(client, prompt: dict, is_step) -> list[float]:
@@ -364,10 +403,11 @@ def test_cancel_during_a_large_batch_run_stops_it_as_promptly_as_ksampler(comfy_
 
 def test_the_filmstrip_goes_only_to_a_connected_client_within_its_budget(pack):
     """The rule behind the traffic bound (nodes/filmstrip.py): nothing while the prompt's client is not connected,
-    smaller thumbnails for larger batches, and events only while their bytes fit the previews' share."""
+    smaller thumbnails for larger batches, and events only while their bytes fit a budget per model call that
+    counts the previews' pixels, not their JPEG bytes."""
     from types import SimpleNamespace
 
-    from comfyui_nested_diffusion.nodes.filmstrip import FilmstripBudget, client_watching, thumbnail_side
+    from comfyui_nested_diffusion.nodes.filmstrip import FilmstripBudget, client_watching, sent_pixels, thumbnail_side
     from PIL import Image
 
     assert client_watching(SimpleNamespace(sockets={"a": object()}, client_id="a"))
@@ -376,13 +416,22 @@ def test_the_filmstrip_goes_only_to_a_connected_client_within_its_budget(pack):
     assert not client_watching(SimpleNamespace(sockets={}, client_id=None))
     assert [thumbnail_side(batch) for batch in (1, 4, 16, 64, 4096)] == [256, 128, 64, 32, 32]
 
-    budget = FilmstripBudget(share=0.75, allowance=1000)
-    preview = ("JPEG", Image.effect_noise((64, 64), 50).convert("RGB"), 64)
+    # Pixels as the server sends them (scaled to fit max_size, small images enlarged), whatever the image shows.
+    assert sent_pixels(("JPEG", Image.new("RGB", (128, 128)), 512)) == 512 * 512
+    assert sent_pixels(("JPEG", Image.new("RGB", (64, 32)), 512)) == 512 * 256
+    assert sent_pixels(("JPEG", Image.new("RGB", (1024, 768)), 512)) == 512 * 384
+    assert sent_pixels(None) == 0
+    plain, noisy = (FilmstripBudget(share=1 / 32, allowance=1000) for _ in range(2))
+    plain.count_preview(("JPEG", Image.new("RGB", (64, 64)), 512))
+    noisy.count_preview(("JPEG", Image.effect_noise((64, 64), 50).convert("RGB"), 512))
+    assert plain.budget(10) == noisy.budget(10) == 8192 * 10 + 1000
+
+    budget = FilmstripBudget(share=1 / 32, allowance=1000)
     sent = 0
-    for _ in range(50):
-        budget.count_preview(preview)
-        if budget.fits():
-            budget.count_filmstrip(["x" * 5000])
+    for calls in range(1, 51):
+        budget.count_preview(("JPEG", Image.new("RGB", (64, 64)), 512))
+        if budget.fits(calls):
+            budget.count_filmstrip(["x" * 20000])
             sent += 1
     assert 0 < sent < 50 and budget.skipped == 50 - sent
-    assert budget.filmstrip_bytes <= 0.75 * budget.preview_bytes + 1000 + 5000  # overshoot: at most one event
+    assert budget.filmstrip_bytes <= 8192 * 50 + 1000 + 20000  # overshoot: at most one event
