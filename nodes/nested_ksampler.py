@@ -60,7 +60,10 @@ def optional_inputs() -> list:
                                "deterministic ones like euler or dpmpp_2m, whose images otherwise get too much "
                                "contrast). trajectory: continue from the inner solver's own state at the next outer "
                                "sigma (keeps the solver's own KSampler distribution; solvers that report no path "
-                               "re-noise). auto: measures the inner solver and picks ddim (posterior samplers; "
+                               "re-noise). path: the outer steps walk KSampler's own grid with the inner "
+                               "solver and each inner diffusion spends a quarter of its steps completing the anytime "
+                               "image, so the final image is KSampler's at about three quarters of the steps (not "
+                               "with update_seconds or connected sigmas). auto: measures the inner solver and picks ddim (posterior samplers; "
                                "ancestral solvers on flow models) or renoise (the rest)."),
         io.Float.Input("update_seconds", default=0.0, min=0.0, max=3600.0, step=0.5, optional=True,
                        tooltip="0: off. Otherwise a new image about every this many seconds: outer_steps x inner_steps "
@@ -102,7 +105,8 @@ class NestedKSampler(io.ComfyNode):
         key = rerun_key(cls, "NestedKSampler", locals())
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
                                    outer_step, update_seconds)
-        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise,
+                               path=outer_step == "path")
         sampler = NestedDiffusionSampler(settings, plan, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, seed, cfg, positive, negative, latent_image,
                                             keep_previews=previews_wanted(cls)))
@@ -173,7 +177,8 @@ class NestedKSamplerAdvanced(io.ComfyNode):
         end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
                                    outer_step, update_seconds)
-        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler)
+        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler,
+                               path=outer_step == "path")
         stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
         sampler = NestedDiffusionSampler(settings, stage, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, noise_seed, cfg, positive, negative, latent_image,

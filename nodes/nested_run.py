@@ -62,6 +62,9 @@ class NestedSettings:
         OuterStepRule(eta=self.outer_eta)  # refuses an outer_eta outside 0..1, naming it
         check_outer_step_mode(self.outer_step)
         check_update_seconds(self.update_seconds)
+        if self.outer_step == "path" and self.update_seconds > 0:
+            raise NestedDiffusionError("outer_step path walks a grid fixed before the run; update_seconds re-spaces the "
+                                       "outer steps as it goes: set update_seconds to 0 or choose another outer_step")
 
 
 class NestedDiffusionSampler(comfy.samplers.KSAMPLER):
@@ -105,7 +108,7 @@ class NestedDiffusionSampler(comfy.samplers.KSAMPLER):
         self.reporter = reporter
         # A flow model's noise can be scaled (model_sampling.noise_scale, ComfyUI 0.21.1 on): fresh outer noise too.
         rule = OuterStepRule(eta=self.settings.outer_eta, flow=plan.flow, renoise=mode == "renoise",
-                             trajectory=mode == "trajectory", noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
+                             trajectory=mode in ("trajectory", "path"), noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
         self.inpaint_options = plan.inpaint_options
         results: list[NestedResult] = []
         with finishable_run(reporter.prompt_id, reporter.node_id) as control:

@@ -26,6 +26,7 @@ from ..nested_core import (
     outer_schedule,
     paced_outer_sigmas,
     renoise_step,
+    path_schedules,
     truncated_schedule,
 )
 from ..nested_core.pacing import MAX_OUTER_STEPS
@@ -118,6 +119,7 @@ class NestedPlan:
     total_outer_steps: int = 0
     nfe_before: int = 0  # NFEs the earlier stages spend
     outer_scheduler: Optional[str] = None  # the scheduler that spaced the outer steps (None: connected sigmas)
+    walks_path: bool = False  # built for the "path" outer step (``path_schedules``)
 
     @property
     def nfe_total(self) -> int:
@@ -147,6 +149,7 @@ class NestedPlan:
             total_outer_steps=self.total_outer_steps,
             nfe_before=self.nfe_before + sum(self.nfe_per_outer[:start]),
             outer_scheduler=self.outer_scheduler,
+            walks_path=self.walks_path,
         )
 
 
@@ -242,23 +245,27 @@ def build_inner_sigmas(inner_fn: Callable[[int], torch.Tensor], spec: InnerSolve
 
 @schedule_cache.planning  # single-threaded: thousands of small tensor operations
 def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int, outer_scheduler: Optional[str] = None,
-                    denoise: float = 1.0, outer_sigmas: Optional[torch.Tensor] = None) -> NestedPlan:
+                    denoise: float = 1.0, outer_sigmas: Optional[torch.Tensor] = None, path: bool = False) -> NestedPlan:
     """Resolve schedules, solver and NFE budget; raises NestedDiffusionError naming any bad input.
 
     The outer schedule is ``outer_scheduler``'s (with KSampler's ``denoise`` start), or ``outer_sigmas``
-    as given (already checked by ``outer_sigmas_from``).
+    as given (already checked by ``outer_sigmas_from``). ``path``: the "path" outer step's schedules instead, the
+    inner solver's scheduler's own grid (``path_schedules``).
     """
     check_solver_names(spec)
     outer_sigmas_given = outer_sigmas
     steps = spec.steps_per_outer(outer_steps)
     inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
-    if outer_sigmas is None:
+    if path:
+        outer_sigmas, inner_sigmas = path_schedules(inner_fn, steps, denoise)
+    elif outer_sigmas is None:
         start = denoise_start_sigma(inner_fn, sum(steps), denoise, f"scheduler '{spec.scheduler}' for this model "
                                     f"({outer_steps} outer_steps x {spec.steps_input})")
         if start is None and outer_steps == 1:  # exactly KSampler with the inner steps
             start = float(inner_fn(steps[0])[0])
         outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
-    inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
+    if not path:
+        inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
     solver, inpaint_options = inner_solver_function(spec)
     flow = is_flow_model(model_sampling)
     check_outer_steps_fit_model(model_sampling, flow, len(outer_sigmas) - 1)
@@ -275,10 +282,11 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
         inner_sigmas=inner_sigmas,
         total_outer_steps=len(outer_sigmas) - 1,
         outer_scheduler=outer_scheduler if outer_sigmas_given is None else None,
+        walks_path=path,
     )
 
 
-OUTER_STEP_MODES = ("auto", "ddim", "renoise", "trajectory")
+OUTER_STEP_MODES = ("auto", "ddim", "renoise", "trajectory", "path")
 _POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> "ddim" / "renoise", bounded below
 POSTERIOR_PROBE_CACHE_LIMIT = 256
 
@@ -295,6 +303,10 @@ def _probe_key(plan: NestedPlan, inner_sigmas: torch.Tensor, channels: int) -> t
 
 def resolve_outer_step_mode(mode: str, plan: NestedPlan, model_wrap: Any, channels: int) -> str:
     """The outer step a run takes: as asked, or for "auto" what the measured solver needs ("ddim" or "renoise")."""
+    if mode == "path" and not plan.walks_path:
+        raise NestedDiffusionError(
+            "outer_step path walks KSampler's own grid, which NestedKSampler and NestedKSamplerAdvanced build from "
+            "their scheduler; with connected sigmas (SamplerCustom) use trajectory, the closest step")
     if mode != "auto":
         return check_outer_step_mode(mode)
     return measured_outer_step(plan, model_wrap, channels) if plan.takes_outer_steps else "ddim"

@@ -22,7 +22,8 @@ def distances(images, exemplars):
 
 
 @pytest.mark.parametrize("sampler_name,outer_eta,outer_step", [("euler", 0.0, "auto"), ("euler_ancestral", 0.0, "auto"),
-                                                                ("dpmpp_2m", 0.6, "auto"), ("dpmpp_2m", 0.0, "trajectory")])
+                                                                ("dpmpp_2m", 0.6, "auto"), ("dpmpp_2m", 0.0, "trajectory"),
+                                                                ("euler", 0.0, "path")])
 def test_two_stages_equal_one_run(family, pack, sampler_name, outer_eta, outer_step):
     prediction, model, cond, _ = family
     options = dict(sampler_name=sampler_name, outer_eta=outer_eta, outer_step=outer_step)
