@@ -140,26 +140,32 @@ def check_sigma_y(sigma_y: float) -> float:
     return float(sigma_y)
 
 
-def check_sizes(operator: Measurement, image_size: tuple[int, int], latent_size: tuple[int, int]) -> None:
-    """The measured image's height and width against the latent's (pixel-space: the image being solved for)."""
-    (image_h, image_w), (latent_h, latent_w) = image_size, latent_size
+def check_sizes(operator: Measurement, image_size: tuple[int, int], latent_size: tuple[int, int],
+                downscale: int = 1) -> None:
+    """The measured image's height and width against the latent's: pixel-space latents are the image being solved
+    for (``downscale`` 1); through a VAE the solution is the latent's size times the VAE's ``downscale``."""
+    (image_h, image_w), (cells_h, cells_w) = image_size, latent_size
+    latent_h, latent_w = cells_h * downscale, cells_w * downscale
+    latent = f"{latent_w}x{latent_h}" if downscale == 1 else \
+        f"{cells_w}x{cells_h} ({latent_w}x{latent_h} pixels through the VAE, x{downscale})"
     if operator.task == "super_resolution":
         if latent_h % operator.factor or latent_w % operator.factor:
             raise NestedDiffusionError(
-                f"factor {operator.factor} does not divide the latent size {latent_w}x{latent_h}: use a factor that "
+                f"factor {operator.factor} does not divide the latent size {latent}: use a factor that "
                 f"divides both, or a latent whose size is a multiple of {operator.factor}")
         expected = (latent_h // operator.factor, latent_w // operator.factor)
         if (image_h, image_w) != expected:
+            rule = "latent size" if downscale == 1 else "latent size x the VAE's downscale"
             raise NestedDiffusionError(
-                f"image is {image_w}x{image_h}, but a {latent_w}x{latent_h} latent at factor {operator.factor} needs "
-                f"a {expected[1]}x{expected[0]} image (latent size = image size x factor)")
+                f"image is {image_w}x{image_h}, but a {latent} latent at factor {operator.factor} needs "
+                f"a {expected[1]}x{expected[0]} image ({rule} = image size x factor)")
     elif (image_h, image_w) != (latent_h, latent_w):
         raise NestedDiffusionError(
-            f"image is {image_w}x{image_h}, but the latent is {latent_w}x{latent_h}: for {operator.task} they must be "
+            f"image is {image_w}x{image_h}, but the latent is {latent}: for {operator.task} they must be "
             "the same size")
     if operator.known is not None and tuple(operator.known.shape[-2:]) != (latent_h, latent_w):
         mask_h, mask_w = operator.known.shape[-2:]
-        raise NestedDiffusionError(f"mask is {mask_w}x{mask_h}, but the latent is {latent_w}x{latent_h}: they must "
+        raise NestedDiffusionError(f"mask is {mask_w}x{mask_h}, but the latent is {latent}: they must "
                                    "be the same size")
 
 

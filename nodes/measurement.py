@@ -7,9 +7,12 @@ KSampler is then the plain measurement-guided solver (a DDNM-style null-space pr
 noise-aware weighting), and NestedKSampler / NestedSampler its anytime version at the same model calls, since each
 inner diffusion is such a solver.
 
-The measurement lives in pixel space, so the model must diffuse pixels (ComfyUI's ChromaRadiance latent format,
-this pack's exemplar and digits models); latent models (SD1.5, SDXL, SD3, Flux) are refused, since their VAE is
-not linear. ``NestedDegradeImage`` makes a test measurement from a ground-truth image.
+The measurement lives in pixel space. On pixel-space models (ComfyUI's ChromaRadiance latent format, this pack's
+exemplar and digits models) the projection is exact. Latent models (SD1.5, SDXL, SD3, Flux) need their VAE on the
+optional ``vae`` input: the denoised latent is decoded, projected and encoded again at every model call, an
+approximation (``encode(decode(z))`` is not ``z`` and a VAE is not linear), so the result is only as consistent as
+the VAE reconstructs the projected image; without a VAE they are refused. ``NestedDegradeImage`` makes a test
+measurement from a ground-truth image.
 """
 from __future__ import annotations
 
@@ -49,15 +52,46 @@ def pixel_space_formats() -> tuple[type, ...]:
     return tuple(formats)
 
 
-def check_pixel_space(model) -> None:
+def is_pixel_space(model) -> bool:
     latent_format = model.get_model_object("latent_format")
-    if isinstance(latent_format, pixel_space_formats()) and latent_format.latent_channels == 3:
+    return isinstance(latent_format, pixel_space_formats()) and latent_format.latent_channels == 3
+
+
+def check_pixel_space(model) -> None:
+    if is_pixel_space(model):
         return
+    latent_format = model.get_model_object("latent_format")
     raise NestedDiffusionError(
         f"model: the inverse-problem node needs a pixel-space model (ChromaRadiance, or this pack's exemplar and "
         f"digits models), but this model diffuses {type(latent_format).__name__} latents. The measurement (low "
         "resolution, mask, gray, noise) is defined on pixels, and a VAE latent is not a linear function of them, so "
-        "the result would not match the measurement.")
+        "the result would not match the measurement. To work through the model's VAE instead (decode, project, "
+        "encode at every step: approximately consistent), connect it to the vae input.")
+
+
+def vae_for(model, vae):
+    """The VAE the patch works through: None for pixel-space models (the exact projection on pixels; a connected
+    VAE, such as ComfyUI's pixel_space one, is not needed and ignored), the VAE for latent models (refused without
+    one, or with one that does not fit the model)."""
+    if is_pixel_space(model):
+        return None
+    if vae is None:
+        check_pixel_space(model)
+    latent_format = model.get_model_object("latent_format")
+    if getattr(vae, "first_stage_model", None) is None:
+        raise NestedDiffusionError("vae: this VAE has no weights (its file was not recognised): connect the VAE "
+                                   "that belongs to the model")
+    if getattr(vae, "latent_dim", 2) != 2 or getattr(latent_format, "latent_dimensions", 2) != 2:
+        raise NestedDiffusionError("vae: the inverse-problem node works through image VAEs (2-D latents); video and "
+                                   "audio VAEs and models are not supported")
+    if vae.latent_channels != latent_format.latent_channels:
+        raise NestedDiffusionError(
+            f"vae: its latents have {vae.latent_channels} channels, but the model's ({type(latent_format).__name__}) "
+            f"have {latent_format.latent_channels}: connect the VAE that belongs to the model")
+    if vae.spacial_compression_encode() != vae.spacial_compression_decode():
+        raise NestedDiffusionError("vae: its encoder and decoder scale the image differently "
+                                   f"({vae.spacial_compression_encode()} vs {vae.spacial_compression_decode()})")
+    return vae
 
 
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
@@ -100,42 +134,66 @@ class MeasurementPatch:
 
     ``measured``: ``H`` applied to the measured image, in [-1, 1] pixels; ``sigma_y`` in the same units. The model's
     latent format and model sampling are read at every call, so later patches of them (ModelSampling nodes) apply.
+    With a ``vae`` (latent models) the estimate is decoded to pixels, projected and encoded back.
     """
 
-    def __init__(self, operator: Measurement, measured: torch.Tensor, sigma_y: float, image_size: tuple[int, int]):
+    def __init__(self, operator: Measurement, measured: torch.Tensor, sigma_y: float, image_size: tuple[int, int],
+                 vae=None):
         self.operator = operator
         self.measured = measured
         self.sigma_y = sigma_y
         self.image_size = image_size
+        self.vae = vae
 
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
         base_model = args["model"]
+        if denoised.ndim != 4:
+            raise NestedDiffusionError(f"the inverse-problem node works on image latents [batch, channels, height, "
+                                       f"width], got shape {tuple(denoised.shape)}")
         batch, _, height, width = denoised.shape
-        check_sizes(self.operator, self.image_size, (height, width))
+        downscale = 1 if self.vae is None else self.vae.spacial_compression_encode()
+        check_sizes(self.operator, self.image_size, (height, width), downscale)
         if batch == 1 and self.measured.shape[0] > 1:
             raise NestedDiffusionError(
                 f"image batch is {self.measured.shape[0]}, but the latent batch is 1 (after a pick, a nested sampler "
                 "denoises only the kept item, and which measurement belongs to it is not known here): give one "
                 "image for all latents to pick during an inverse problem")
-        y = match_batch(self.measured, batch).to(device=denoised.device, dtype=torch.float32)
+        latent_format = base_model.latent_format
+        if self.vae is None:
+            pixels = latent_format.process_out(denoised.to(torch.float32))
+            sigma = pixel_noise_level(args["sigma"], batch, base_model.model_sampling, latent_format)
+        else:
+            pixels = image_to_pixels(self.vae.decode(latent_format.process_out(denoised)))
+            sigma = ve_noise_level(args["sigma"], batch, base_model.model_sampling)
+        y = match_batch(self.measured, batch).to(device=pixels.device, dtype=torch.float32)
         operator = self.operator
         if operator.known is not None:
-            operator = Measurement(operator.task, known=match_batch(operator.known, batch, "mask").to(denoised.device))
-        latent_format = base_model.latent_format
-        pixels = latent_format.process_out(denoised.to(torch.float32))
-        sigma = pixel_noise_level(args["sigma"], batch, base_model.model_sampling, latent_format).to(denoised.device)
-        guided = measurement_guided(pixels, y, operator, sigma, self.sigma_y)
-        return latent_format.process_in(guided).to(denoised.dtype)
+            operator = Measurement(operator.task, known=match_batch(operator.known, batch, "mask").to(pixels.device))
+        guided = measurement_guided(pixels, y, operator, sigma.to(pixels.device), self.sigma_y)
+        if self.vae is None:
+            return latent_format.process_in(guided).to(denoised.dtype)
+        encoded = self.vae.encode(pixels_to_image(guided))
+        return latent_format.process_in(encoded.to(device=denoised.device, dtype=torch.float32)).to(denoised.dtype)
 
 
-def pixel_noise_level(sigma: torch.Tensor, batch: int, model_sampling, latent_format) -> torch.Tensor:
-    """The sampler's sigma as the noise std on pixels (``x = x0 + s n`` form): flow models' ``x = (1 - sigma) x0 +
-    sigma n`` is ``x0 + sigma / (1 - sigma) n`` after scaling, and the latent format scales pixels by its slope."""
+def ve_noise_level(sigma: torch.Tensor, batch: int, model_sampling) -> torch.Tensor:
+    """The sampler's sigma in ``x = x0 + s n`` form, per batch item: flow models' ``x = (1 - sigma) x0 + sigma n``
+    is ``x0 + sigma / (1 - sigma) n`` after scaling.
+
+    Through a VAE this is also the pixel noise level the measurement's weight uses (``sigma_y > 0`` only): model
+    latents have about unit scale, as [-1, 1] pixels do, so it is the right order, not an exact conversion."""
     sigma = sigma.reshape(-1).to(torch.float64)
     sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         sigma = sigma / (1.0 - sigma).clamp_min(1e-6)
+    return sigma
+
+
+def pixel_noise_level(sigma: torch.Tensor, batch: int, model_sampling, latent_format) -> torch.Tensor:
+    """The sampler's sigma as the noise std on pixels of a pixel-space model: ``ve_noise_level`` divided by the
+    latent format's slope (pixels -> latents)."""
+    sigma = ve_noise_level(sigma, batch, model_sampling)
     probe = torch.zeros(1, 3, 1, 1)
     slope = (latent_format.process_in(probe + 1.0) - latent_format.process_in(probe)).abs().mean().item()
     return sigma / slope
@@ -147,10 +205,20 @@ def measurement_from_image(operator: Measurement, pixels: torch.Tensor) -> torch
     return pixels if operator.task == "super_resolution" else operator.forward(pixels)
 
 
-def empty_latent_for(operator: Measurement, image: torch.Tensor) -> dict:
+def empty_latent_for(operator: Measurement, image: torch.Tensor, vae=None, model=None) -> dict:
+    """Zeros of the solution's size, one per measured image: pixels, or the VAE's latent cells."""
     factor = operator.factor if operator.task == "super_resolution" else 1
     batch, height, width = image.shape[:3]
-    return {"samples": torch.zeros(batch, 3, height * factor, width * factor)}
+    height, width = height * factor, width * factor
+    if vae is None:
+        return {"samples": torch.zeros(batch, 3, height, width)}
+    downscale = vae.spacial_compression_encode()
+    if height % downscale or width % downscale:
+        raise NestedDiffusionError(
+            f"image: the solution is {width}x{height} pixels (the image's size x factor), which the VAE (downscale "
+            f"{downscale}) cannot encode: use an image whose solution size is a multiple of {downscale}")
+    channels = model.get_model_object("latent_format").latent_channels
+    return {"samples": torch.zeros(batch, channels, height // downscale, width // downscale)}
 
 
 class NestedInverseProblem(io.ComfyNode):
@@ -160,14 +228,16 @@ class NestedInverseProblem(io.ComfyNode):
             node_id="NestedInverseProblem",
             display_name="Inverse Problem: Super-Resolution / Inpaint / Colorize / Denoise",
             category="sampling/nested/inverse problems",
-            description="Makes a pixel-space MODEL solve an inverse problem: every denoised estimate is moved onto "
-                        "the measured image (a null-space projection; noise-aware when sigma_y > 0). Use it with "
+            description="Makes a MODEL solve an inverse problem: every denoised estimate is moved onto "
+                        "the measured image (a null-space projection; noise-aware when sigma_y > 0). Exact on "
+                        "pixel-space models; latent models work through the connected VAE (decode, project, encode: "
+                        "approximately consistent, and slower). Use it with "
                         "KSampler (the plain solver) or NestedKSampler / NestedSampler (the anytime solver: a "
                         "measurement-consistent image after every outer step, at the same model calls). Connect "
                         "the LATENT output as the sampler's latent_image.",
             inputs=[
                 io.Model.Input("model", tooltip="A pixel-space model (ChromaRadiance, the pack's exemplar and "
-                                                "digits models); latent models are refused."),
+                                                "digits models), or a latent model with its VAE connected."),
                 io.Image.Input("image", tooltip="The measurement: the low-resolution, masked, gray or noisy image."),
                 io.Combo.Input("task", options=list(TASKS), default="super_resolution", tooltip=TASK_TOOLTIP),
                 io.Int.Input("factor", default=2, min=1, max=MAX_FACTOR,
@@ -175,6 +245,11 @@ class NestedInverseProblem(io.ComfyNode):
                 io.Float.Input("sigma_y", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
                 io.Mask.Input("mask", optional=True,
                               tooltip="inpainting only: white (1) = the part to fill in, black = measured pixels."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Latent models (SD1.5, SDXL, Flux): their VAE. Every denoised estimate is "
+                                     "decoded, projected and encoded again: approximately consistent, at the cost of "
+                                     "a decode and an encode per model call. Ignored for pixel-space models, whose "
+                                     "projection is exact without it."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -187,9 +262,9 @@ class NestedInverseProblem(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, image, task: str, factor: int, sigma_y: float, mask=None) -> io.NodeOutput:
+    def execute(cls, model, image, task: str, factor: int, sigma_y: float, mask=None, vae=None) -> io.NodeOutput:
         sigma_y = check_sigma_y(sigma_y)
-        check_pixel_space(model)
+        vae = vae_for(model, vae)
         operator = measurement_operator(task, factor, mask, image)
         pixels = image_to_pixels(image)
         solution_size = tuple(s * operator.factor for s in pixels.shape[-2:])
@@ -197,9 +272,9 @@ class NestedInverseProblem(io.ComfyNode):
         measured = measurement_from_image(operator, pixels)
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(
-            MeasurementPatch(operator, measured, 2.0 * sigma_y, tuple(pixels.shape[-2:])))
+            MeasurementPatch(operator, measured, 2.0 * sigma_y, tuple(pixels.shape[-2:]), vae))
         least_squares = operator.pinv(measured)
-        return io.NodeOutput(patched, empty_latent_for(operator, image), pixels_to_image(least_squares))
+        return io.NodeOutput(patched, empty_latent_for(operator, image, vae, model), pixels_to_image(least_squares))
 
 
 class NestedDegradeImage(io.ComfyNode):

@@ -139,3 +139,18 @@ def test_bad_inputs_name_the_input():
     with pytest.raises(NestedDiffusionError, match="image batch is 3, but the latent batch is 2"):
         match_batch(torch.zeros(3, 3, 4, 4), 2)
     assert match_batch(torch.zeros(1, 3, 4, 4), 5).shape[0] == 5
+
+
+def test_sizes_through_a_vae_are_the_latent_times_its_downscale():
+    """Through a VAE the solution is the latent's size times the VAE's downscale; errors say both sizes."""
+    check_sizes(Measurement("super_resolution", factor=4), (16, 16), (8, 8), downscale=8)
+    check_sizes(Measurement("colorization"), (64, 32), (8, 4), downscale=8)
+    with pytest.raises(NestedDiffusionError, match=r"image is 8x8, but a 8x8 \(64x64 pixels through the VAE, x8\) "
+                                                   r"latent at factor 4 needs a 16x16 image \(latent size x the VAE's "
+                                                   r"downscale = image size x factor\)"):
+        check_sizes(Measurement("super_resolution", factor=4), (8, 8), (8, 8), downscale=8)
+    with pytest.raises(NestedDiffusionError, match=r"factor 3 does not divide the latent size 8x8 \(64x64 pixels"):
+        check_sizes(Measurement("super_resolution", factor=3), (8, 8), (8, 8), downscale=8)
+    with pytest.raises(NestedDiffusionError, match=r"image is 8x8, but the latent is 8x8 \(64x64 pixels through "
+                                                   r"the VAE, x8\)"):
+        check_sizes(Measurement("denoising"), (8, 8), (8, 8), downscale=8)

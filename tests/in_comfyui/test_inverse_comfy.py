@@ -34,13 +34,13 @@ def right_half_mask(size: int = IMAGE_SIZE) -> torch.Tensor:
     return mask
 
 
-def measure(nodes, model, truth, task, factor=2, sigma_y=0.0, seed=0):
+def measure(nodes, model, truth, task, factor=2, sigma_y=0.0, seed=0, vae=None):
     """(patched MODEL, LATENT, measurement IMAGE, operator) for ``truth``."""
     mask = right_half_mask(truth.shape[1]) if task == "inpainting" else None
     measured = run_node(nodes.NestedDegradeImage, image=truth, task=task, factor=factor, sigma_y=sigma_y, seed=seed,
                         mask=mask)[0]
     patched, latent, _ = run_node(nodes.NestedInverseProblem, model=model, image=measured, task=task, factor=factor,
-                                  sigma_y=sigma_y, mask=mask)
+                                  sigma_y=sigma_y, mask=mask, vae=vae)
     operator = nodes.measurement_operator(task, factor, mask, measured)
     return patched, latent, measured, operator
 
@@ -194,3 +194,106 @@ def test_inner_solvers_that_end_on_the_denoised_estimate_give_consistent_preview
         assert worst <= 1e-6
     else:
         assert 1e-6 < worst <= 0.05
+
+
+# ---------------------------------------------------------------------------------------------- through a VAE
+@pytest.fixture(scope="module")
+def latent_setup(pack):
+    """A tiny SD1.5-family UNet (random weights, SD15 latents) and a tiny ComfyUI VAE (TAESD architecture, 8x8
+    block-mean weights: an imperfect autoencoder that represents block-flat images exactly, see
+    bench/inverse_vae.py), one torch thread."""
+    from comfyui_nested_diffusion.bench.inverse_vae import block_mean_vae
+    from comfyui_nested_diffusion.tools.models import conditioning, tiny_sd15_unet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_sd15_unet("eps", seed=1), conditioning(seed=2), block_mean_vae()
+    torch.set_num_threads(threads)
+
+
+def decoded_consistency(nodes, vae, operator, latents, measured_image) -> torch.Tensor:
+    return consistency(nodes, operator, nodes.image_to_pixels(vae.decode(latents)), measured_image)
+
+
+@pytest.mark.parametrize("task,factor", [("super_resolution", 8), ("inpainting", 1)])
+def test_latent_model_through_a_vae_gives_decoded_previews_closer_to_the_measurement(task, factor, nodes,
+                                                                                     latent_setup, pack):
+    """Decode, project, encode at every model call: every decoded outer-step image is far closer to the
+    measurement than the unpatched model's, and as close as the VAE can represent it (inpainting of a smooth
+    image: the VAE keeps only block means, so about 0.4 remains)."""
+    from comfyui_nested_diffusion.bench.inverse_vae import truth_images as vae_truths
+
+    model, cond, vae = latent_setup
+    truth = vae_truths("smooth", 2)
+    patched, latent, measured, operator = measure(nodes, model, truth, task, factor=factor, vae=vae)
+    assert latent["samples"].shape == (2, 4, 8, 8)  # 64x64 pixels through the VAE's downscale 8
+    samples, previews = nested(pack, patched, cond, latent, seed=3, outer_steps=2, inner_steps=3,
+                               sampler_name="euler_ancestral")
+    outer = previews["samples"].reshape(2, 2, 4, 8, 8)
+    unpatched = ksampler(model, cond, latent, seed=3, steps=6, sampler_name="euler_ancestral")
+    plain = decoded_consistency(nodes, vae, operator, unpatched, measured)
+    assert plain.min() > 1.0  # random weights: the unpatched model ignores the measurement
+    bound = 1e-3 if task == "super_resolution" else 0.5  # x8 pooling is what the VAE keeps exactly
+    for step in range(2):
+        error = decoded_consistency(nodes, vae, operator, outer[step], measured)
+        assert error.max() <= bound, (step, error)
+    assert decoded_consistency(nodes, vae, operator, samples["samples"], measured).max() <= bound
+
+
+def test_outer_steps_one_through_a_vae_equals_ksampler_exactly(nodes, latent_setup, pack):
+    from comfyui_nested_diffusion.bench.inverse_vae import truth_images as vae_truths
+
+    model, cond, vae = latent_setup
+    patched, latent, _, _ = measure(nodes, model, vae_truths("smooth", 2), "colorization", factor=1, vae=vae)
+    vanilla = ksampler(patched, cond, latent, seed=4, steps=4, sampler_name="euler_ancestral")
+    samples, _ = nested(pack, patched, cond, latent, seed=4, outer_steps=1, inner_steps=4,
+                        sampler_name="euler_ancestral")
+    assert torch.equal(samples["samples"], vanilla)
+
+
+def test_a_pixel_space_vae_on_a_pixel_space_model_changes_nothing(nodes, eps_setup):
+    """A VAE on a pixel-space model is ignored (the exact projection needs none): ComfyUI's pixel_space VAE, as
+    VAELoader builds it, gives the same MODEL behaviour and LATENT as no VAE."""
+    import comfy.sd
+
+    model, cond, _ = eps_setup
+    truth = truth_images(model, cond, 2)
+    measured = run_node(nodes.NestedDegradeImage, image=truth, task="super_resolution", factor=4, sigma_y=0.0,
+                        seed=0)[0]
+    settings = dict(model=model, image=measured, task="super_resolution", factor=4, sigma_y=0.0)
+    plain, latent, _ = run_node(nodes.NestedInverseProblem, **settings)
+    with_vae, latent_vae, _ = run_node(nodes.NestedInverseProblem, **settings,
+                                       vae=comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)}))
+    assert torch.equal(latent["samples"], latent_vae["samples"])
+    expected = ksampler(plain, cond, latent, seed=1, steps=6, sampler_name="euler_ancestral")
+    assert torch.equal(ksampler(with_vae, cond, latent, seed=1, steps=6, sampler_name="euler_ancestral"), expected)
+
+
+def test_bad_inputs_through_a_vae_name_the_input(nodes, latent_setup):
+    """The image against the latent times the VAE's downscale, a solution the VAE cannot encode, a VAE that does
+    not belong to the model."""
+    import comfy.sd
+    from comfyui_nested_diffusion.nested_core import NestedDiffusionError
+
+    model, cond, vae = latent_setup
+
+    def inverse(**inputs):
+        settings = dict(model=model, image=torch.rand(1, 8, 8, 3), task="super_resolution", factor=4, sigma_y=0.0,
+                        vae=vae)
+        return run_node(nodes.NestedInverseProblem, **{**settings, **inputs})
+
+    patched, latent, _ = inverse()  # 8x8 image x 4 = 32x32 pixels = a 4x4 latent
+    assert latent["samples"].shape == (1, 4, 4, 4)
+    with pytest.raises(NestedDiffusionError, match=r"image is 8x8, but a 8x8 \(64x64 pixels through the VAE, x8\) "
+                                                   r"latent at factor 4 needs a 16x16 image"):
+        ksampler(patched, cond, {"samples": torch.zeros(1, 4, 8, 8)}, seed=0, steps=2)
+    patched_gray, _, _ = inverse(task="colorization", factor=1, image=torch.rand(1, 64, 64, 3))
+    with pytest.raises(NestedDiffusionError, match=r"image is 64x64, but the latent is 4x4 \(32x32 pixels through "
+                                                   r"the VAE, x8\): for colorization they must be the same size"):
+        ksampler(patched_gray, cond, {"samples": torch.zeros(1, 4, 4, 4)}, seed=0, steps=2)
+    with pytest.raises(NestedDiffusionError, match=r"image: the solution is 12x12 pixels .* VAE \(downscale 8\) "
+                                                   "cannot encode"):
+        inverse(image=torch.rand(1, 3, 3, 3))
+    with pytest.raises(NestedDiffusionError, match=r"vae: its latents have 3 channels, but the model's \(SD15\) "
+                                                   "have 4"):
+        inverse(vae=comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)}))
