@@ -27,13 +27,13 @@ def stats(values: dict) -> dict:
 
 
 def test_targets_read_the_statistics_and_their_intervals():
-    good = {"stats": stats({"t1_gap_closed": 0.8, "t2_ratio_20": 0.9, "t2_ratio_30": 1.0, "t2_ratio_40": 1.04,
+    good = {"stats": stats({"t1_gap_closed": 0.8, "t1_excess": -2.0, "t2_ratio_20": 0.9, "t2_ratio_30": 1.0, "t2_ratio_40": 1.04,
                             "t3_final_ratio": 1.05, "t4_accuracy_difference": -0.01})}
     assert [ok for _, ok, _ in dq.targets(good)] == [True, True, True, True]
     wide = {"stats": {**good["stats"], "t3_final_ratio": {"value": 1.05, "ci95": [0.9, 1.3]},
                       "t2_ratio_30": {"value": 1.04, "ci95": [1.0, 1.12]}}}
     assert [ok for _, ok, _ in dq.targets(wide)] == [True, False, False, True]  # upper ends over 1.10 and 1.25
-    bad = {"stats": {**good["stats"], "t1_gap_closed": {"value": 0.45, "ci95": [0.3, 0.6]},
+    bad = {"stats": {**good["stats"], "t1_excess": {"value": 0.3, "ci95": [-0.5, 1.0]},
                      "t4_accuracy_difference": {"value": -0.03, "ci95": [-0.05, 0.0]}}}
     names = [ok for _, ok, _ in dq.targets(bad)]
     assert names == [False, True, True, False]
@@ -44,9 +44,27 @@ def test_derived_statistics_from_fids():
             "nested_40": 16.5, "nested_final": 16.5, "restart_final": 11.0}
     out = dq.derived(fids, {"nested": 0.9, "ksampler": 0.95})
     assert out["t1_gap_closed"] == pytest.approx((40 - 20) / 30)
+    assert out["t1_excess"] == pytest.approx(20 - (10 + 15))
     assert out["t2_ratio_20"] == pytest.approx(0.75) and out["t2_ratio_40"] == pytest.approx(1.1)
     assert out["t3_final_ratio"] == pytest.approx(1.65) and out["t4_accuracy_difference"] == pytest.approx(-0.05)
     assert out["nested_over_restart"] == pytest.approx(1.5)
+
+
+def test_the_first_image_target_holds_where_ksamplers_x0_is_already_as_good_as_its_final():
+    """The gap closed is undefined there (no gap); the target itself, first <= final + half the gap, is not."""
+    fids = {"ksampler_x0_10": 9.0, "ksampler_final": 10.0, "nested_10": 9.4, "nested_20": 9.3, "nested_30": 9.2,
+            "nested_40": 9.2, "nested_final": 9.2}
+    out = dq.derived(fids, {"nested": 0.9, "ksampler": 0.9})
+    assert out["t1_excess"] == pytest.approx(9.4 - 9.5) and out["t1_excess"] < 0
+
+
+def test_another_shape_changes_the_boundaries_and_the_file_names(tmp_path):
+    try:
+        assert dq.set_shape("10x10") == "10x10" and dq.BUDGET == 100
+        assert dq.run_file(tmp_path, "flow", "euler", 1, 500, "path").name == "flow_euler_path_10x10_seed1_n500.npz"
+    finally:
+        dq.set_shape("4x10")
+    assert dq.run_file(tmp_path, "flow", "euler", 1, 500).name == "flow_euler_seed1_n500.npz"
 
 
 @pytest.mark.parametrize("flow", [False, True])
