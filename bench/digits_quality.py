@@ -262,6 +262,17 @@ def run_file(work: Path, variant: str, solver: str, seed: int, count: int, mode:
     return work / f"{variant}_{label}{shape}_seed{seed}_n{count}.npz"
 
 
+def saved_ksampler_run(work: Path, variant: str, solver: str, seed: int, count: int):
+    """(KSampler's images, seconds) from any file of this configuration and seed already in ``work``, or None.
+    A configuration whose file exists is not sampled again (delete the file to re-sample it)."""
+    for path in sorted(work.glob(f"{variant}_{solver}*_seed{seed}_n{count}.npz")):
+        with np.load(path) as handle:
+            info = json.loads(str(handle["info"]))
+            if info.get("shape", "4x10") == shape_name() and info["solver"] == solver and "ksampler_final" in handle:
+                return {key: handle[key] for key in handle.files if key.startswith("ksampler_")}, info["ksampler_seconds"]
+    return None
+
+
 def sample_config(variant: str, solver: str, seed: int, count: int, work: Path, restart: bool,
                   modes: tuple[str, ...] = ("auto",)) -> list[Path]:
     """KSampler, nested 4 x 10 with each outer step of ``modes`` and (``restart``) the restart baseline on the same
@@ -277,11 +288,19 @@ def sample_config(variant: str, solver: str, seed: int, count: int, work: Path, 
     boundaries = {INNER * (k + 1) for k in range(OUTER)}
     info = {"variant": variant, "solver": solver, "shape": shape_name(), "seed": seed, "samples": count, "scheduler": scheduler,
             "commit": git_commit(), "torch": torch.__version__, "command": command_line()}
-    t0 = time.time()
-    final = ksampler_run(model, solver, scheduler, positive, negative, count, seed,
-                         image_keeper(model, boundaries, store, "ksampler_x0"))
-    store["ksampler_final"] = gray16(final)
-    info["ksampler_seconds"] = round(time.time() - t0, 1)
+    modes = tuple(mode for mode in modes if not run_file(work, variant, solver, seed, count, mode).exists())
+    if not modes:
+        return []
+    saved = saved_ksampler_run(work, variant, solver, seed, count)
+    if saved is not None:  # the same seed's KSampler run is deterministic: kept from an earlier command
+        store.update(saved[0])
+        info["ksampler_seconds"] = saved[1]
+    else:
+        t0 = time.time()
+        final = ksampler_run(model, solver, scheduler, positive, negative, count, seed,
+                             image_keeper(model, boundaries, store, "ksampler_x0"))
+        store["ksampler_final"] = gray16(final)
+        info["ksampler_seconds"] = round(time.time() - t0, 1)
     work.mkdir(parents=True, exist_ok=True)
     paths = []
     for mode in modes:
