@@ -7,8 +7,8 @@ from comfy_api.latest import io
 from ..nested_core import NestedDiffusionError
 from . import rerun
 from .inner_solver import InnerSolverType
-from .nested_run import NestedDiffusionSampler, NestedSettings, RunLimits, sample_latent
-from .planning import OUTER_STEP_MODES, InnerSolverSpec, plan_nested_run
+from .nested_run import NestedDiffusionSampler, sample_latent
+from .planning import OUTER_STEP_MODES, InnerSolverSpec, NestedSettings, RunLimits, plan_node_run
 from .previews_wanted import outer_previews_wanted
 
 OUTPUTS = [
@@ -103,13 +103,14 @@ class NestedKSampler(io.ComfyNode):
                 latent_image, denoise, inner_solver=None, outer_eta=0.0, max_nfe=0, max_seconds=0.0,
                 outer_step="auto", update_seconds=0.0) -> io.NodeOutput:
         key = rerun_key(cls, "NestedKSampler", locals())
+        keep_previews = previews_wanted(cls)
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
                                    outer_step, update_seconds)
-        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise,
-                               path=outer_step == "path")
+        plan = plan_node_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler, denoise,
+                             path=outer_step == "path")
         sampler = NestedDiffusionSampler(settings, plan, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, seed, cfg, positive, negative, latent_image,
-                                            keep_previews=previews_wanted(cls)))
+                                            keep_previews=keep_previews))
 
 
 def nested_settings(sampler_name: str, scheduler: str, inner_steps: int, inner_solver, outer_eta: float, max_nfe: int,
@@ -175,11 +176,12 @@ class NestedKSamplerAdvanced(io.ComfyNode):
                 update_seconds=0.0) -> io.NodeOutput:
         key = rerun_key(cls, "NestedKSamplerAdvanced", locals())
         end = check_stage(start_at_outer_step, end_at_outer_step, outer_steps)
+        keep_previews = previews_wanted(cls)
         settings = nested_settings(sampler_name, scheduler, inner_steps, inner_solver, outer_eta, max_nfe, max_seconds,
                                    outer_step, update_seconds)
-        plan = plan_nested_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler,
-                               path=outer_step == "path")
-        stage = plan.stage(start_at_outer_step, end, full_denoise=return_with_leftover_noise != "enable")
+        stage = plan_node_run(model.get_model_object("model_sampling"), settings.spec, outer_steps, scheduler,
+                              path=outer_step == "path",
+                              stage=(start_at_outer_step, end, return_with_leftover_noise != "enable"))
         sampler = NestedDiffusionSampler(settings, stage, own_progress=True, rerun_key=key)
         return io.NodeOutput(*sample_latent(model, sampler, noise_seed, cfg, positive, negative, latent_image,
-                                            add_noise=add_noise == "enable", keep_previews=previews_wanted(cls)))
+                                            add_noise=add_noise == "enable", keep_previews=keep_previews))

@@ -1,5 +1,5 @@
 """Planning a nested run before any model call: the inner solver, the outer and inner schedules, the measured
-cost of every inner process, and which outer step "auto" takes.
+cost of every inner process, which outer step "auto" takes and the update_seconds pacing, into one ``RunPlan``.
 
 Everything model-specific comes from ComfyUI itself (``sampler_object``, ``calculate_sigmas``); the algorithm lives
 in ``nested_core``.
@@ -20,13 +20,15 @@ import torch
 from ..nested_core import (
     IntervalPacer,
     NestedDiffusionError,
+    OuterStepRule,
+    check_update_seconds,
     denoise_start_sigma,
     inner_steps_per_outer,
     largest_count_that_works,
     outer_schedule,
     paced_outer_sigmas,
-    renoise_step,
     path_schedules,
+    renoise_step,
     truncated_schedule,
 )
 from ..nested_core.pacing import MAX_OUTER_STEPS
@@ -49,6 +51,33 @@ class InnerSolverSpec:
 
     def steps_per_outer(self, outer_steps: int) -> list[int]:
         return inner_steps_per_outer(outer_steps, self.steps, self.step_schedule)
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Ways to end a run early and keep its latest image (0 = no limit)."""
+
+    max_nfe: int = 0
+    max_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class NestedSettings:
+    """What every nested sampler node takes besides model, conditioning and latent: checked once, here."""
+
+    spec: InnerSolverSpec
+    outer_eta: float = 0.0
+    outer_step: str = "auto"
+    limits: RunLimits = RunLimits()
+    update_seconds: float = 0.0  # > 0: inner lengths chosen for a new image about this often (PacedPlan)
+
+    def __post_init__(self) -> None:
+        OuterStepRule(eta=self.outer_eta)  # refuses an outer_eta outside 0..1, naming it
+        check_outer_step_mode(self.outer_step)
+        check_update_seconds(self.update_seconds)
+        if self.outer_step == "path" and self.update_seconds > 0:
+            raise NestedDiffusionError("outer_step path walks a grid fixed before the run; update_seconds re-spaces the "
+                                       "outer steps as it goes: set update_seconds to 0 or choose another outer_step")
 
 
 def check_solver_names(spec: InnerSolverSpec) -> None:
@@ -286,6 +315,15 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     )
 
 
+def plan_node_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int, scheduler: str, denoise: float = 1.0,
+                  path: bool = False, stage: Optional[tuple[int, int, bool]] = None) -> NestedPlan:
+    """The NestedKSampler nodes' plan: ``outer_steps`` spaced by their ``scheduler`` from ``denoise``'s start (``path``:
+    the path outer step's grid), and with ``stage`` (start, end, full_denoise) only those outer steps, as
+    NestedKSamplerAdvanced runs them (``NestedPlan.stage``)."""
+    plan = plan_nested_run(model_sampling, spec, outer_steps, scheduler, denoise, path=path)
+    return plan if stage is None else plan.stage(*stage)
+
+
 OUTER_STEP_MODES = ("auto", "ddim", "renoise", "trajectory", "path")
 _POSTERIOR_PROBES: dict = {}  # (solver, options, schedule, flow, channels) -> "ddim" / "renoise", bounded below
 POSTERIOR_PROBE_CACHE_LIMIT = 256
@@ -413,3 +451,37 @@ class PacedInnerSchedules:
     def replanned(self, index: int, schedule: torch.Tensor) -> None:
         self.built = {k: v for k, v in self.built.items() if k < index}
         self.built[index] = schedule
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one run needs, settled before its first model call: the schedules and their measured costs
+    (``nested``), the node's settings, the outer step it takes ("auto" resolved), the rule that moves the outer state
+    and the update_seconds pacing (None: off). ``inner_sigmas``: the inner schedules the run asks for (the paced
+    plan's, placed again as it goes, or the plan's)."""
+
+    nested: NestedPlan
+    settings: NestedSettings
+    outer_step_mode: str
+    rule: OuterStepRule
+    paced: Optional[PacedPlan]
+    inner_sigmas: Any
+
+
+def plan_run(settings: NestedSettings, plan: Optional[NestedPlan], model_wrap: Any, sigmas: torch.Tensor,
+             channels: int) -> RunPlan:
+    """The plan of one run, made when ComfyUI hands the sampler its guider (``model_wrap``) and before the first model
+    call: ``plan`` (the NestedKSampler nodes' own, made before ComfyUI loads the model) or the connected ``sigmas``'
+    (SamplerCustom), then the outer step ("auto" probes the inner solver against ComfyUI's guider, which exists only
+    now), the update_seconds pacing and the outer step rule."""
+    model_sampling = model_wrap.inner_model.model_sampling
+    nested = plan if plan is not None else plan_from_sigmas(model_sampling, settings.spec, sigmas)
+    paced = None
+    if PacedPlan.applies(nested, settings.update_seconds):
+        paced = PacedPlan(nested, model_sampling, settings.spec, settings.update_seconds)
+    mode = resolve_outer_step_mode(settings.outer_step, nested, model_wrap, channels)
+    # A flow model's noise can be scaled (model_sampling.noise_scale, ComfyUI 0.21.1 on): fresh outer noise too.
+    rule = OuterStepRule(eta=settings.outer_eta, flow=nested.flow, renoise=mode == "renoise",
+                         trajectory=mode in ("trajectory", "path"),
+                         noise_scale=float(getattr(model_sampling, "noise_scale", 1.0)))
+    return RunPlan(nested, settings, mode, rule, paced, paced.inner_sigmas if paced is not None else nested.inner_sigmas)

@@ -1,4 +1,5 @@
-"""The one place the pack looks up ComfyUI's running server (``server.PromptServer.instance``).
+"""The one place the pack looks up ComfyUI's running server (``server.PromptServer.instance``) and what it is
+executing (the prompt and node ids).
 
 In plain in-process use (scripts, tests, the benchmark) there is none: every caller then does nothing.
 """
@@ -34,3 +35,21 @@ def queuing_client_id() -> Optional[str]:
     """The client_id of the prompt ComfyUI is executing (None outside a server or for prompts queued without one)."""
     client_id = getattr(prompt_server(), "client_id", None)
     return client_id if isinstance(client_id, str) and client_id else None
+
+
+def _executing_context():
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # ComfyUI releases before the execution context existed
+        return None
+    return get_executing_context()
+
+
+def executing_prompt_id() -> Optional[str]:
+    context = _executing_context()
+    return context.prompt_id if context is not None else None
+
+
+def executing_node_id() -> Optional[str]:
+    context = _executing_context()
+    return context.node_id if context is not None else None

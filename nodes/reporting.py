@@ -21,7 +21,7 @@ from ..protocol import CANDIDATES_EVENT, OUTER_STEP_EVENT, PICKED_EVENT
 from .filmstrip import FilmstripBudget, client_watching, thumbnail_side
 from .kept_previews import MAX_PREVIEW_IMAGES, KeptPreviews, KeptStep
 from .planning import NestedPlan, PacedPlan
-from .prompt_server import prompt_server, send_to_prompt_client
+from .prompt_server import executing_prompt_id, prompt_server, send_to_prompt_client
 
 PREVIEW_FORMAT = "JPEG"
 MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
@@ -29,24 +29,6 @@ MAX_CANDIDATES = 64  # batch items shown per outer step in the filmstrip
 # update is two websocket messages the page must handle in order: unthrottled, a busy page falls behind the run, and
 # its "keep only this" and "Finish now" reach the server late. Every outer step's update (with its preview) is sent.
 PROGRESS_INTERVAL_S = 0.1
-
-
-def _executing_context():
-    try:
-        from comfy_execution.utils import get_executing_context
-    except ImportError:  # ComfyUI releases before the execution context existed
-        return None
-    return get_executing_context()
-
-
-def executing_prompt_id() -> Optional[str]:
-    context = _executing_context()
-    return context.prompt_id if context is not None else None
-
-
-def executing_node_id() -> Optional[str]:
-    context = _executing_context()
-    return context.node_id if context is not None else None
 
 
 def first_latent(x0: Any) -> torch.Tensor:
