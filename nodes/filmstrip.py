@@ -18,6 +18,7 @@ so the rule counts pixels, not bytes:
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -81,5 +82,6 @@ class FilmstripBudget:
         self.skipped += not fits
         return fits
 
-    def count_filmstrip(self, images: list) -> None:
-        self.filmstrip_bytes += sum(len(image) for image in images if image is not None)
+    def count_event(self, event: str, data: dict) -> None:
+        """Count a filmstrip event's bytes as the server sends them: ``{"type": event, "data": data}`` as JSON."""
+        self.filmstrip_bytes += len(json.dumps({"type": event, "data": data}))

@@ -140,10 +140,10 @@ class NestedRunReporter:
         if not self.filmstrip.fits(self.nfe_done):
             return
         images = self.item_previews(x0, thumbnail_side(x0.shape[0]), first)
-        self.filmstrip.count_filmstrip(images)
-        send_to_prompt_client(CANDIDATES_EVENT, {**step, "display_node": self.node_id,
-                                                 "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
-                                                 "images": images, "picked": self.picked})
+        data = {**step, "display_node": self.node_id, "batch_indices": self.items(x0.shape[0])[:MAX_CANDIDATES],
+                "images": images, "picked": self.picked}
+        self.filmstrip.count_event(CANDIDATES_EVENT, data)
+        send_to_prompt_client(CANDIDATES_EVENT, data)
         comfy.model_management.throw_exception_if_processing_interrupted()  # a Cancel meanwhile: before the next call
 
     def step_fields(self, index: int) -> dict:

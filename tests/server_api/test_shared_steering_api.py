@@ -366,45 +366,73 @@ def test_a_large_batch_sends_at_most_twice_ksamplers_bytes_per_model_call_for_th
     assert nested["total"] <= 2.0 * ksampler["total"] + ALLOWANCE + nested["largest_filmstrip"], (nested, ksampler)
 
 
-def cancel_delays(client, prompt: dict, is_step) -> list[float]:
-    """Seconds from ``POST /interrupt`` to ``execution_interrupted``, cancelling at the 1st, 3rd and 6th event for
-    which ``is_step(event, k)`` holds."""
+def cancel_delays(client, prompt: dict, is_step, at=(1, 3, 6)) -> tuple[list[float], list[float]]:
+    """Seconds from ``POST /interrupt`` to ``execution_interrupted``, cancelling at the event for which
+    ``is_step(event, k)`` holds, for each ``k`` in ``at``; and the seconds between the sampler's ``progress`` events
+    before each Cancel."""
     from comfyui_nested_diffusion.tools.comfy_api_client import ExecutionInterrupted
 
-    delays = []
-    for after_step in (1, 3, 6):
+    delays, intervals = [], []
+    for after_step in at:
         prompt[SAMPLER]["inputs"]["seed"] = fresh_seed()
         prompt_id = client.queue_prompt(prompt)
-        sent = None
+        sent, progress = None, []
         try:
             for event in client.stream(prompt_id, timeout=300):
+                if sent is None and event["type"] == "progress" and event["data"].get("node") == SAMPLER:
+                    progress.append(time.monotonic())
                 if sent is None and is_step(event, after_step):
                     sent = time.monotonic()
                     client.interrupt(prompt_id)
         except ExecutionInterrupted:
             delays.append(time.monotonic() - sent)
-    return delays
+        intervals += [b - a for a, b in zip(progress, progress[1:])]
+    return delays, intervals
 
 
-def test_cancel_during_a_large_batch_run_stops_it_as_promptly_as_ksampler(comfy_server, client, exemplar_defaults):
-    """Cancel at several outer steps of a batch-64 run with the filmstrip decoding: the server stopped 0.13-0.76 s
-    later where KSampler stops within 0.07 s (the 64 per-item decodes did not look for Cancel). Timed against
-    KSampler on the same server at the same moment, since a shared 2-core machine's load adds to both."""
-    nested = cancel_delays(client, large_batch_prompt(exemplar_defaults, "NestedKSampler", {
-        "outer_steps": 300, "inner_steps": 1, "outer_step": "renoise"}),
-        lambda event, k: event["type"] == "nested_diffusion.outer_step" and event["data"]["outer_step"] == k)
-    ksampler = cancel_delays(client, large_batch_prompt(exemplar_defaults, "KSampler", {"steps": 300}),
-                             lambda event, k: event["type"] == "progress" and event["data"].get("value") == k)
-    print(f"\nseconds from POST /interrupt to execution_interrupted: nested {[round(d, 3) for d in nested]}, "
-          f"KSampler {[round(d, 3) for d in ksampler]}")
-    assert len(nested) == len(ksampler) == 3
-    assert sorted(nested)[1] <= sorted(ksampler)[1] + 0.2, (nested, ksampler)  # medians: within 0.2 s of KSampler
+def after_outer_step(event: dict, k: int) -> bool:
+    return event["type"] == "nested_diffusion.outer_step" and event["data"]["outer_step"] == k
+
+
+def test_cancel_during_a_large_batch_run_stops_it_within_a_model_call_of_ksampler(comfy_server, client,
+                                                                                 exemplar_defaults):
+    """Cancel in each phase of a batch-64 run: during an inner diffusion, while the filmstrip's 64 previews are
+    decoded (the run stopped 0.13-0.76 s later where KSampler stopped within 0.07 s: the decodes did not look for
+    Cancel), and after a later outer step (the outer step and the next model call follow). The exemplar model's
+    batch-64 call (about 0.3 s on 2 loaded cores) holds no ComfyUI layer that looks for Cancel, so both samplers
+    stop only once the model call running when Cancel arrives has ended. The bound is relative to that call,
+    timed on the same server at the same moment (a shared machine's load changes both): in every phase the median
+    delay is at most one model call beyond KSampler's median, and while decoding, where no model call runs, at
+    most half a model call (bench/cancel_phases.py has the phases with their times, planning included)."""
+    import statistics
+
+    def delays_of(inner: int, at, is_step) -> list[float]:
+        return cancel_delays(client, large_batch_prompt(exemplar_defaults, "NestedKSampler", {
+            "outer_steps": 300, "inner_steps": inner, "outer_step": "renoise"}), is_step, at)[0]
+
+    ksampler, intervals = cancel_delays(client, large_batch_prompt(exemplar_defaults, "KSampler", {"steps": 300}),
+                                        lambda event, k: event["type"] == "progress" and event["data"].get("value") == k)
+    model_call = statistics.median(intervals)
+    phases = {
+        "inner diffusion": delays_of(4, (1, 2, 3), lambda event, k: (  # outer step k + 1 has made 2 calls of 4
+            event["type"] == "progress" and event["data"].get("node") == SAMPLER and event["data"]["value"] >= 4 * k + 2)),
+        "filmstrip decoding": delays_of(1, (1, 2, 3), after_outer_step),
+        "after a later outer step": delays_of(1, (24, 26, 28), after_outer_step),
+    }
+    print(f"\none model call (a KSampler step): {model_call:.3f} s; seconds from POST /interrupt to "
+          f"execution_interrupted: KSampler {[round(d, 3) for d in ksampler]}, "
+          + ", ".join(f"{phase} {[round(d, 3) for d in delays]}" for phase, delays in phases.items()))
+    assert len(ksampler) == 3 and all(len(delays) == 3 for delays in phases.values()), phases
+    for phase, delays in phases.items():
+        assert statistics.median(delays) <= statistics.median(ksampler) + model_call, (phase, delays, ksampler)
+    assert statistics.median(phases["filmstrip decoding"]) <= 0.5 * model_call, (phases, model_call)
 
 
 def test_the_filmstrip_goes_only_to_a_connected_client_within_its_budget(pack):
     """The rule behind the traffic bound (nodes/filmstrip.py): nothing while the prompt's client is not connected,
     smaller thumbnails for larger batches, and events only while their bytes fit a budget per model call that
     counts the previews' pixels, not their JPEG bytes."""
+    import json
     from types import SimpleNamespace
 
     from comfyui_nested_diffusion.nodes.filmstrip import FilmstripBudget, client_watching, sent_pixels, thumbnail_side
@@ -427,11 +455,14 @@ def test_the_filmstrip_goes_only_to_a_connected_client_within_its_budget(pack):
     assert plain.budget(10) == noisy.budget(10) == 8192 * 10 + 1000
 
     budget = FilmstripBudget(share=1 / 32, allowance=1000)
+    event = {"images": ["x" * 20000], "outer_step": 1}
+    event_bytes = len(json.dumps({"type": CANDIDATES_EVENT, "data": event}))  # as the server sends it
     sent = 0
     for calls in range(1, 51):
         budget.count_preview(("JPEG", Image.new("RGB", (64, 64)), 512))
         if budget.fits(calls):
-            budget.count_filmstrip(["x" * 20000])
+            budget.count_event(CANDIDATES_EVENT, event)
             sent += 1
     assert 0 < sent < 50 and budget.skipped == 50 - sent
-    assert budget.filmstrip_bytes <= 8192 * 50 + 1000 + 20000  # overshoot: at most one event
+    assert budget.filmstrip_bytes == sent * event_bytes
+    assert budget.filmstrip_bytes <= 8192 * 50 + 1000 + event_bytes  # overshoot: at most one event
