@@ -186,10 +186,11 @@ def cost(model, cond, vae, count: int, steps: int, repeats: int) -> dict:
             "extra_seconds_per_call": (median(guided) - median(plain)) / steps}
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/inverse_vae.json")
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=2)
     args = parser.parse_args(argv)
     from comfyui_nested_diffusion.tools.comfy_env import import_comfy, import_pack
 

@@ -164,7 +164,8 @@ class MeasurementPatch:
             pixels = latent_format.process_out(denoised.to(torch.float32))
             sigma = pixel_noise_level(args["sigma"], batch, base_model.model_sampling, latent_format)
         else:
-            pixels = image_to_pixels(self.vae.decode(latent_format.process_out(denoised)))
+            with torch.no_grad():  # a VAE's weights may require grad: no graph across model calls
+                pixels = image_to_pixels(self.vae.decode(latent_format.process_out(denoised)))
             sigma = ve_noise_level(args["sigma"], batch, base_model.model_sampling)
         y = match_batch(self.measured, batch).to(device=pixels.device, dtype=torch.float32)
         operator = self.operator
@@ -173,7 +174,8 @@ class MeasurementPatch:
         guided = measurement_guided(pixels, y, operator, sigma.to(pixels.device), self.sigma_y)
         if self.vae is None:
             return latent_format.process_in(guided).to(denoised.dtype)
-        encoded = self.vae.encode(pixels_to_image(guided))
+        with torch.no_grad():
+            encoded = self.vae.encode(pixels_to_image(guided))
         return latent_format.process_in(encoded.to(device=denoised.device, dtype=torch.float32)).to(denoised.dtype)
 
 
