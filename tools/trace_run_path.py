@@ -80,7 +80,8 @@ class RunPath:
                 lines.append(f"       {', '.join(dict.fromkeys(stay.functions))}")
         returns = self.returns
         counted = ", ".join(f"{name} x{returns.count(name)}" for name in dict.fromkeys(returns))
-        lines.append(f"{len(self.stays)} stays in {len(set(self.files))} files, {len(returns)} returns"
+        lines.append(f"{len(self.stays)} stays in {len(set(self.files))} files, {len(returns)} "
+                     f"{'return' if len(returns) == 1 else 'returns'}"
                      + (f" ({counted})" if returns else ""))
         return "\n".join(lines)
 
