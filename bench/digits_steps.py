@@ -88,12 +88,22 @@ def sample_variant(variant: str, seed: int, count: int, work: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
-def load_runs(work: Path, count: int) -> dict[str, list[dict]]:
-    """{variant: [run per seed]}: the metric's features of each step count's images, and the digit read in each."""
+def load_runs(work: Path, count: int | None = None) -> dict[str, list[dict]]:
+    """{variant: [run per seed]}: the metric's features of each step count's images, and the digit read in each.
+    ``count``: only runs of that many samples; None: each model's largest sample count in ``work``."""
     from comfyui_nested_diffusion.demo_models.digits.metrics import features, predict
 
+    paths = sorted(work.glob("*_seed*_n*.npz"))
+    if count is None:
+        largest: dict[str, int] = {}
+        for path in paths:
+            variant, size = path.stem.split("_seed")[0], int(path.stem.rsplit("_n", 1)[1])
+            largest[variant] = max(largest.get(variant, 0), size)
+        paths = [path for path in paths if int(path.stem.rsplit("_n", 1)[1]) == largest[path.stem.split("_seed")[0]]]
+    else:
+        paths = [path for path in paths if path.stem.endswith(f"_n{count}")]
     runs: dict[str, list[dict]] = {}
-    for path in sorted(work.glob(f"*_n{count}.npz")):
+    for path in paths:
         with np.load(path) as handle:
             run = {"labels": handle["labels"], "info": json.loads(str(handle["info"]))}
             for steps in STEP_COUNTS:
@@ -145,10 +155,12 @@ def analyse_variant(runs: list[dict], ref: np.ndarray, draws: int, rng) -> dict:
     }
 
 
-def analyse(work: Path, count: int, draws: int, out: Path | None) -> dict:
+def analyse(work: Path, count: int | None, draws: int, out: Path | None) -> dict:
     from comfyui_nested_diffusion.demo_models.digits.metrics import CLASSIFIER_PATH
 
-    ref, real = protocol.reference_and_floor(count)
+    runs_by_model = load_runs(work, count)
+    counts = sorted({int(runs[0]["labels"].shape[0]) for runs in runs_by_model.values()})
+    ref = protocol.reference_and_floor(1)[0]
     result = {
         "command": command_line(),
         "protocol": {
@@ -161,10 +173,12 @@ def analyse(work: Path, count: int, draws: int, out: Path | None) -> dict:
                          "percentile 95% interval of the mean over seeds, re-centred on the estimate",
         },
         "classifier_sha256": hashlib.sha256(CLASSIFIER_PATH.read_bytes()).hexdigest()[:16],
-        "floor": protocol.floor_summary(ref, real, draws, np.random.default_rng(0)),
+        # the real-vs-real floor at each sample count the models were measured with (FID's small-set bias)
+        "floor": {str(size): protocol.floor_summary(ref, protocol.reference_and_floor(size)[1], draws,
+                                                    np.random.default_rng(0)) for size in counts},
         "models": {},
     }
-    for variant, runs in sorted(load_runs(work, count).items()):
+    for variant, runs in sorted(runs_by_model.items()):
         log(f"analysing {variant} ({len(runs)} seeds)")
         rng = np.random.default_rng(protocol.derived_seed("steps", variant) % 2**32)
         result["models"][variant] = analyse_variant(runs, ref, draws, rng)
@@ -179,9 +193,9 @@ def ci(entry: dict, digits: int = 2) -> str:
 
 def print_report(result: dict) -> int:
     low, high = STEP_COUNTS
-    floor = result["floor"]
-    print(f"real-vs-real floor: FID {ci(floor['fid'])} ({floor['samples']} real training digits vs "
-          f"{floor['reference']} held-out)")
+    for floor in result["floor"].values():
+        print(f"real-vs-real floor: FID {ci(floor['fid'])} ({floor['samples']} real training digits vs "
+              f"{floor['reference']} held-out)")
     failed = 0
     for variant, model in result["models"].items():
         failed += not model["pass"]
@@ -194,7 +208,6 @@ def print_report(result: dict) -> int:
 
 def markdown(result: dict) -> list[str]:
     low, high = STEP_COUNTS
-    floor = result["floor"]
     lines = [f"| model (scheduler) | seeds x samples | FID, {low} steps | FID, {high} steps | {high} - {low} | "
              f"ratio | accuracy {low} / {high} | {high} <= {low} |", "|---|---|---|---|---|---|---|---|"]
     for variant, model in result["models"].items():
@@ -202,7 +215,8 @@ def markdown(result: dict) -> list[str]:
                      f"{ci(model[f'fid_{low}'], 1)} | {ci(model[f'fid_{high}'], 1)} | {ci(model['fid_difference'], 1)} | "
                      f"{ci(model['fid_ratio'], 2)} | {model[f'accuracy_{low}']['value']:.3f} / "
                      f"{model[f'accuracy_{high}']['value']:.3f} | {'PASS' if model['pass'] else 'FAIL'} |")
-    lines.append(f"| real-vs-real floor | {floor['samples']} | {ci(floor['fid'], 1)} | | | | | |")
+    for floor in result["floor"].values():
+        lines.append(f"| real-vs-real floor | {floor['samples']} | {ci(floor['fid'], 1)} | | | | | |")
     return lines
 
 
@@ -217,7 +231,8 @@ def main(argv=None) -> int:
     sample.add_argument("--work", type=Path, default=DEFAULT_WORK)
     report = sub.add_parser("analyse", help="FID with intervals, PASS/FAIL per model, json")
     report.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    report.add_argument("--samples", type=int, default=SAMPLES)
+    report.add_argument("--samples", type=int, default=None,
+                        help="only runs of this many samples (default: each model's largest count in --work)")
     report.add_argument("--draws", type=int, default=BOOTSTRAP)
     report.add_argument("--out", type=Path)
     table = sub.add_parser("markdown", help="print the docs' table from a saved json")
