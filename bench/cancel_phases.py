@@ -17,7 +17,8 @@ Batch 64 at 128 px, the exact exemplar model, one client (its own client id). Ea
 * between outer steps: the same, a later outer step's event, where the filmstrip budget skips the event (the outer
   step and the next model call follow).
 
-KSampler: euler 300 steps, cancelled at its 1st, 3rd and 6th ``progress`` event (during the next step's model call),
+KSampler: euler 300 steps, cancelled at its 1st, 3rd and 6th ``progress`` event (during the next step's model call;
+three trials per repeat),
 and dpmpp_3m_sde + kl_optimal with 9000 steps as long after its ``executing`` event (its setup and first step). The time of one
 model call is the median interval between KSampler's ``progress`` events (a 12-step run per repeat, not cancelled,
 and the steps before each Cancel). Written: every trial (delay, the events
@@ -165,7 +166,7 @@ def phases(defaults: dict, repeats: int, seeds) -> list[tuple[str, str, Callable
     for repeat in range(repeats):
         rows += [
             ("KSampler", "reference (12 steps, not cancelled)", ksampler(steps=12), fixed(never)),
-            ("KSampler", "between steps", ksampler(), fixed(on_progress((1, 3, 6)[repeat % 3], SAMPLER))),
+            *[("KSampler", "between steps", ksampler(), fixed(on_progress(k, SAMPLER))) for k in (1, 3, 6)],
             ("NestedKSampler", "reference: planning + first model call (1000 x 9, dpmpp_3m_sde + kl_optimal, auto)",
              planned, fixed(on_progress(1, SAMPLER))),
             ("KSampler", "setup (9000 steps, dpmpp_3m_sde + kl_optimal)", ksampler(steps=9000, **slow_plan),

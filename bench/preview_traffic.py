@@ -15,7 +15,7 @@ KSampler of the whole stream and of ComfyUI's previews, the pack's own share (ev
 progress messages) per model call and against the filmstrip's budget, the number and pixel size of the previews,
 their mean JPEG size and detail, and item 0's exemplar. Intervals: the runs' min, median and max.
 
-    OMP_NUM_THREADS=1 scripts/python.sh -m comfyui_nested_diffusion.bench.preview_traffic [--seeds 6] [--steps 40]
+    OMP_NUM_THREADS=1 scripts/python.sh -m comfyui_nested_diffusion.bench.preview_traffic [--seeds 8] [--steps 120]
         [--out bench/results/preview_traffic.json]
 """
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=FIRST_SEED)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--out", default="bench/results/preview_traffic.json")
     args = parser.parse_args()
 
