@@ -6,13 +6,13 @@ ComfyUI's KSampler sends one progress preview per step: its previewer shows the 
 server scales to ``--preview-size`` (512 px by default, small latents enlarged) and encodes as a JPEG. A nested run
 sends the same preview (the first item's inner result, at the same size) after every inner diffusion, and the
 filmstrip besides: at batch 64, 128 px, 64 thumbnails per outer step were 261 KB against KSampler's 20 KB per step.
-How many bytes a preview's JPEG takes depends on the image (a checker pattern 57 KB, a plain disc 11 KB, at 512 px),
+How many bytes a preview's JPEG takes depends on the image (stripes 57 KB, a plain disc 11.6 KB, at 512 px),
 so the rule counts pixels, not bytes:
 
 * the filmstrip's bytes stay within ``SHARE`` bytes per pixel of one progress preview (as the server sends it) per
   model call, plus ``ALLOWANCE`` per run (so short runs and small batches show every outer step): 8 KB per model call
-  at the default 512 px previews, below the smallest preview JPEG measured. An event that does not fit is skipped,
-  and the latest candidates go out once the budget has grown again;
+  at the default 512 px previews, below the smallest preview JPEG measured (bench/preview_traffic.py). An event
+  that does not fit is skipped, and the latest candidates go out once the budget has grown again;
 * thumbnails get smaller as the batch grows (``thumbnail_side``): a batch of 4 at 128 px, of 64 at 32 px;
 * nothing is decoded or sent while no client is connected to receive it (``client_watching``).
 """
