@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Train the digits demo models (demo_models/digits): eps and flow diffusion models and the metric's classifier.
+"""Train the digits demo models (demo_models/digits): eps, flow and v diffusion models and the metric's classifier.
 
-    scripts/python.sh -m comfyui_nested_diffusion.scripts.train_digits --variant all      # eps, flow and classifier
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.train_digits --variant all      # eps, flow, v, classifier
+    scripts/python.sh -m comfyui_nested_diffusion.scripts.train_digits --variant v        # the v model alone
     scripts/python.sh -m comfyui_nested_diffusion.scripts.train_digits --variant flow --steps 200 --out /tmp/digits
 
 Seeded and deterministic for a given machine, thread count and precision (CPU only). The diffusion models are
@@ -28,6 +29,13 @@ from comfyui_nested_diffusion.demo_models.digits import data, metrics
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_OUT = REPO_ROOT / "demo_models" / "digits" / "weights"
+# The shipped files' optimizer steps and precision (``--steps`` / ``--precision`` override them). eps and flow were
+# trained on a CPU with bfloat16 units (AMX); the v model on one without them (AVX2 only), where bf16 autocast is
+# emulated and about 10x slower than float32, so in float32, and with the steps that fitted the time it had there
+# (about 2.5 s of CPU time and 13 s of wall time per step on a 2-core machine shared by ~10 busy processes).
+DEFAULT_STEPS = {"eps": 800, "flow": 800, "v": 320}
+DEFAULT_PRECISION = {"eps": "bf16", "flow": "bf16", "v": "fp32"}
+DIFFUSION_VARIANTS = tuple(DEFAULT_STEPS)
 
 
 def log(message: str) -> None:
@@ -35,6 +43,8 @@ def log(message: str) -> None:
 
 
 def train_diffusion(variant: str, args) -> Path:
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS[variant]
+    precision = args.precision or DEFAULT_PRECISION[variant]
     from comfyui_nested_diffusion.tools.comfy_env import import_comfy
 
     import_comfy(force_cpu=True)
@@ -61,23 +71,23 @@ def train_diffusion(variant: str, args) -> Path:
     images, labels = data.load_digits("train")
     latents = model.latent_format.process_in(images)  # (pixels - shift) * scale, as ComfyUI feeds the model
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, min(100, args.steps // 10))
+    warmup = max(1, min(100, steps // 10))
 
     def lr_at(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
+        progress = (step - warmup) / max(1, steps - warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     log(f"{variant}: {parameters / 1e6:.2f}M parameters, latent scale {config['latent_scale']} shift {config['latent_shift']}, "
         f"flow shift {config['shift']}, "
-        f"{args.steps} steps x batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} threads")
+        f"{steps} steps x batch {args.batch_size}, {precision}, {torch.get_num_threads()} threads")
     start = time.time()
     order = torch.randperm(latents.shape[0], generator=generator)
     cursor = 0
     running = None
-    for step in range(args.steps):
+    for step in range(steps):
         if cursor + args.batch_size > order.numel():
             order, cursor = torch.randperm(latents.shape[0], generator=generator), 0
         index = order[cursor:cursor + args.batch_size]
@@ -98,15 +108,15 @@ def train_diffusion(variant: str, args) -> Path:
             for ema_p, p in zip(ema.parameters(), net.parameters()):
                 ema_p.lerp_(p, 1.0 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
             elapsed = time.time() - start
-            log(f"{variant} step {step + 1}/{args.steps}: loss {running:.4f}, {elapsed:.0f} s "
+            log(f"{variant} step {step + 1}/{steps}: loss {running:.4f}, {elapsed:.0f} s "
                 f"({elapsed / (step + 1):.3f} s/step)")
     seconds = time.time() - start
     info = {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
+        "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
         "label_dropout": args.label_dropout, "weighting": args.weighting if variant == "eps" else "none",
-        "precision": args.precision, "threads": torch.get_num_threads(),
+        "precision": precision, "threads": torch.get_num_threads(),
         "seconds": round(seconds, 1), "final_loss": round(running, 5), "parameters": parameters,
         "torch": torch.__version__, "split": "train",
     }
@@ -134,9 +144,11 @@ def train_classifier(args) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["eps", "flow", "both", "classifier", "all"], default="all",
-                        help="what to train: one diffusion variant, both, the metric's classifier, or all three")
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per diffusion model")
+    parser.add_argument("--variant", choices=[*DIFFUSION_VARIANTS, "both", "classifier", "all"], default="all",
+                        help="what to train: one diffusion variant, both (eps and flow), the metric's classifier, "
+                             "or all of them")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps per diffusion model (default: the shipped files', {DEFAULT_STEPS})")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
@@ -146,8 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shift", type=float, default=None, help="override the flow shift (default: model.py's)")
     parser.add_argument("--weighting", choices=["none", "snr+1"], default="none",
                         help="eps loss weighting: none (the plain eps loss; default) or 1 + sigma^2 (the v objective's)")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="bf16: autocast matmuls/convs (fp32 weights), ~2x faster on CPUs with AMX/AVX512-BF16")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                        help="bf16: autocast matmuls/convs (fp32 weights), ~2x faster on CPUs with AMX/AVX512-BF16, "
+                             f"~10x slower on CPUs without; default: the shipped files', {DEFAULT_PRECISION}")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 by default: on a shared 2-core machine 2 threads ran 2-15x slower")
     parser.add_argument("--seed", type=int, default=0)
@@ -159,8 +172,8 @@ def main(argv=None) -> int:
     started = time.time()
     if args.variant in ("classifier", "all"):
         train_classifier(args)
-    for variant in ("eps", "flow"):
-        if args.variant in (variant, "both", "all"):
+    for variant in DIFFUSION_VARIANTS:
+        if args.variant == variant or args.variant == "all" or (args.variant == "both" and variant != "v"):
             train_diffusion(variant, args)
     log(f"total {time.time() - started:.0f} s")
     return 0

@@ -3,9 +3,10 @@
 The model is built exactly as ComfyUI builds a checkpoint's model (a ``supported_models_base.BASE`` config,
 ``comfy.model_base.BaseModel`` with ``comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel``), only from
 a tiny ``unet_config``: 3-channel 16x16 pixel latents, two levels, cross-attention on a one-token context
-(``data.digit_context``). Two variants share the network and differ in ComfyUI's model sampling:
+(``data.digit_context``). Three variants share the network and differ in ComfyUI's model sampling:
 
 - ``"eps"``: ``ModelType.EPS``, the discrete SD1.5 schedule (linear betas 0.00085..0.012, 1000 timesteps);
+- ``"v"``: ``ModelType.V_PREDICTION``, the same discrete schedule, v-prediction (as SD2.x's 768-v models);
 - ``"flow"``: ``ModelType.FLOW``, ``ModelSamplingDiscreteFlow`` (rectified flow, shift ``DEFAULT_SHIFT``).
 
 The model diffuses ``(pixels - latent_shift) * latent_scale`` (``DigitsLatentFormat``; SD3's latent format has
@@ -18,7 +19,7 @@ JSON) and used to rebuild the model.
 
 Training (``scripts/train_digits.py``) goes through ``BaseModel.apply_model``, so the parametrisation is
 exactly the one ComfyUI samples with: ``training_loss`` noises ``x0`` in ComfyUI's sigma space and compares
-the network's raw output, recovered from the denoised estimate, with the eps / flow target.
+the network's raw output, recovered from the denoised estimate, with the eps / v / flow target.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 
 from .data import CONTEXT_DIM, IMAGE_SIZE
 
-VARIANTS = ("eps", "flow")
+VARIANTS = ("eps", "flow", "v")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_LATENT_SCALE = 1.5
 DEFAULT_LATENT_SHIFT = -0.39
@@ -69,7 +70,8 @@ UNET_CONFIG = {
 }
 UNET_EXTRA_CONFIG = {"num_heads": -1, "num_head_channels": 32}
 
-_MODEL_TYPES = {"eps": comfy.model_base.ModelType.EPS, "flow": comfy.model_base.ModelType.FLOW}
+_MODEL_TYPES = {"eps": comfy.model_base.ModelType.EPS, "flow": comfy.model_base.ModelType.FLOW,
+                "v": comfy.model_base.ModelType.V_PREDICTION}
 
 
 def weights_path(variant: str) -> Path:
@@ -215,7 +217,8 @@ def load_digits_model(variant: str = "eps", path: Path | str | None = None) -> c
 
 
 def sample_sigmas(model: DigitsModel, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Training noise levels in ComfyUI's sigma space: eps, a uniform discrete timestep's sigma; flow, t ~ U(0, 1]."""
+    """Training noise levels in ComfyUI's sigma space: eps and v, a uniform discrete timestep's sigma; flow,
+    t ~ U(0, 1]."""
     sampling = model.model_sampling
     if isinstance(sampling, comfy.model_sampling.CONST):
         t = 1.0 - torch.rand(batch, generator=generator)  # (0, 1]
@@ -228,20 +231,30 @@ def loss_weights(model: DigitsModel, sigma: torch.Tensor) -> torch.Tensor:
     """Optional per-sample weights of the eps loss (``train_digits.py --weighting snr+1``; off by default):
     ``1 + sigma^2``, the v-prediction objective's weighting written for an eps model, normalised to mean 1 over
     the discrete schedule. It stresses the high-noise steps, where an eps error is multiplied by sigma (up to
-    14.6) in the denoised image. Flow: all ones."""
+    14.6) in the denoised image. Flow and v (whose loss carries that weighting already): all ones."""
     sampling = model.model_sampling
-    if isinstance(sampling, comfy.model_sampling.CONST):
+    if isinstance(sampling, (comfy.model_sampling.CONST, comfy.model_sampling.V_PREDICTION)):
         return torch.ones_like(sigma)
     return (1.0 + sigma**2) / (1.0 + sampling.sigmas.float() ** 2).mean()
+
+
+def v_coefficients(model: DigitsModel, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` of ComfyUI's v-prediction, ``denoised = c_skip x - c_out v`` for ``x = x0 + sigma eps``:
+    ``c_skip = s_d^2 / (sigma^2 + s_d^2)``, ``c_out = sigma s_d / sqrt(sigma^2 + s_d^2)`` (``s_d``: sigma_data, 1)."""
+    sigma_data = float(model.model_sampling.sigma_data)
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt()
 
 
 def training_loss(model: DigitsModel, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                   weighted: bool = False) -> torch.Tensor:
     """Mean squared error of the network's raw output against its target, for clean latents ``x0``
     (``model.latent_format.process_in`` of pixels). eps: ``x = x0 + sigma eps``, target eps, weighted by
-    ``loss_weights`` when ``weighted``; flow: ``x = (1 - sigma) x0 + sigma eps``, target ``eps - x0``. The raw
-    output is recovered from ComfyUI's denoised estimate (``denoised = x - out * sigma`` for both), so input
-    scaling and timesteps are ComfyUI's own."""
+    ``loss_weights`` when ``weighted``; v: the same ``x``, target ``v = (c_skip x - x0) / c_out``
+    (``v_coefficients``), i.e. ``(eps - sigma x0) / sqrt(sigma^2 + 1)``, SD2's ``alpha eps - sigma_t x0``; flow:
+    ``x = (1 - sigma) x0 + sigma eps``, target ``eps - x0``. The raw output is recovered from ComfyUI's denoised
+    estimate (``denoised = x - out * sigma`` for eps and flow, ``c_skip x - c_out out`` for v), so input scaling and
+    timesteps are ComfyUI's own."""
     sampling = model.model_sampling
     sigma = sample_sigmas(model, x0.shape[0], generator)
     noise = torch.randn(x0.shape, generator=generator)
@@ -253,7 +266,12 @@ def training_loss(model: DigitsModel, x0: torch.Tensor, context: torch.Tensor, g
         x = x0 + s * noise
         target = noise
     denoised = model.apply_model(x, sigma, c_crossattn=context)
-    output = (x - denoised) / s
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        c_skip, c_out = v_coefficients(model, s)
+        target = (c_skip * x - x0) / c_out
+        output = (c_skip * x - denoised) / c_out
+    else:
+        output = (x - denoised) / s
     per_sample = (output.float() - target).pow(2).mean(dim=(1, 2, 3))
     weights = loss_weights(model, sigma) if weighted else torch.ones_like(sigma)
     return (weights * per_sample).mean()

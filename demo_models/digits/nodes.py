@@ -21,7 +21,8 @@ class NestedDigitsModel(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input("variant", options=list(VARIANTS), default="eps",
-                               tooltip="eps: SD1.5-style discrete eps model; flow: rectified flow (SD3/Flux-style)."),
+                               tooltip="eps: SD1.5-style discrete eps model; flow: rectified flow (SD3/Flux-style); "
+                                       "v: v-prediction on the SD1.5 schedule (SD2.x-style)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )

@@ -17,7 +17,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=["eps", "flow"])
+@pytest.fixture(scope="module", params=["eps", "flow", "v"])
 def digits(request, pack):
     from comfyui_nested_diffusion.demo_models.digits.nodes import NestedDigitsModel
 
@@ -82,8 +82,10 @@ def test_loader_builds_a_comfy_model_from_the_shipped_weights(digits, pack):
         assert isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow)
         assert sampling.shift == config["shift"] and float(sampling.sigma_max) == pytest.approx(1.0)
     else:
-        assert model.model.model_type == comfy.model_base.ModelType.EPS
+        expected = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[variant]
+        assert model.model.model_type == expected
         assert isinstance(sampling, comfy.model_sampling.EPS)
+        assert isinstance(sampling, comfy.model_sampling.V_PREDICTION) == (variant == "v")
         assert not isinstance(sampling, comfy.model_sampling.CONST)
         assert float(sampling.sigma_max) == pytest.approx(14.6146, rel=1e-3)  # the SD1.5 schedule
 
@@ -142,3 +144,49 @@ def test_sampler_custom_and_nested_ksampler_accept_the_model(digits, pack):
                                  sampler_name="euler", scheduler="normal", positive=prompt("2"), negative=prompt("any"),
                                  latent_image=latent(6), denoise=1.0)
     assert float((predict(samples["samples"]) == 2).double().mean()) >= 0.8
+
+
+def test_one_outer_step_of_nested_ksampler_is_exactly_ksampler(digits, pack):
+    from comfyui_nested_diffusion.nodes.nested_ksampler import NestedKSampler
+
+    import nodes
+
+    _, model = digits
+    positive, negative = prompt("3"), prompt("any")
+    vanilla = nodes.common_ksampler(model, 11, 8, 2.0, "euler", "normal", positive, negative, latent(3))[0]["samples"]
+    samples, _ = run_node(NestedKSampler, model=model, seed=11, outer_steps=1, inner_steps=8, cfg=2.0,
+                          sampler_name="euler", scheduler="normal", positive=positive, negative=negative,
+                          latent_image=latent(3), denoise=1.0)
+    assert torch.allclose(samples["samples"], vanilla, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["eps", "flow", "v"])
+def test_training_target_is_what_comfy_samples_with(variant, pack):
+    """The training loss's target, put through ComfyUI's own ``calculate_denoised`` at the training input, gives
+    back the clean latents: the network learns exactly the parametrisation the samplers read (eps, v or flow)."""
+    from comfyui_nested_diffusion.demo_models.digits import model as digits_model
+
+    base = digits_model.build_base_model(digits_model.default_config(variant), initialise=True)
+    sampling = base.model_sampling
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(8, 3, 16, 16, generator=generator), torch.randn(8, 3, 16, 16, generator=generator)
+    sigma = digits_model.sample_sigmas(base, 8, generator)
+    s = sigma.reshape(-1, 1, 1, 1)
+    if variant == "flow":
+        x, target = (1 - s) * x0 + s * noise, noise - x0
+    elif variant == "eps":
+        x, target = x0 + s * noise, noise
+    else:
+        x = x0 + s * noise
+        c_skip, c_out = digits_model.v_coefficients(base, s)
+        target = (c_skip * x - x0) / c_out
+        # SD2's v = alpha eps - sigma_t x0 of the variance-preserving state, in ComfyUI's sigma units
+        assert torch.allclose(target, (noise - s * x0) / (1 + s**2).sqrt(), atol=1e-4)
+    assert torch.allclose(sampling.calculate_denoised(sigma, target, x), x0, atol=1e-4)
+    # the loss compares the output recovered from the denoised estimate with that target: a model whose denoised
+    # estimate is exactly x0 scores zero, an untrained one does not
+    context = torch.zeros(8, 1, 10)
+    untrained = digits_model.training_loss(base, x0, context, torch.Generator().manual_seed(1))
+    base.apply_model = lambda x, sigma, **kwargs: x0  # this test's own model object, an oracle denoiser
+    oracle = digits_model.training_loss(base, x0, context, torch.Generator().manual_seed(1))
+    assert untrained.item() > 0.1 and oracle.item() < 1e-8, (untrained.item(), oracle.item())
