@@ -23,8 +23,9 @@ indices for every sampler and seed: they are paired by the truth), FIDs averaged
     # sample (restartable: finished task-seed files in --work are kept) and analyse; about 20 single-thread CPU
     # minutes (80 model calls per truth, task and seed at ~8 ms per image and call)
     OMP_NUM_THREADS=1 scripts/python.sh -m comfyui_nested_diffusion.bench.inverse_fid run --truths 200 --out bench/results/inverse_fid.json
-    # the small check the tests re-run (64 truths, super-resolution, 6 seeds)
+    # the small check the tests re-run (64 truths, super-resolution, 6 seeds), once per ComfyUI engine
     OMP_NUM_THREADS=1 scripts/python.sh -m comfyui_nested_diffusion.bench.inverse_fid check --out bench/results/inverse_fid_check.json
+    NESTED_ENGINE=0.33.0 OMP_NUM_THREADS=1 scripts/python.sh -m comfyui_nested_diffusion.bench.inverse_fid check --out bench/results/inverse_fid_check.json
     scripts/python.sh -m comfyui_nested_diffusion.bench.inverse_fid markdown bench/results/inverse_fid.json
 """
 from __future__ import annotations
@@ -49,7 +50,10 @@ CHECK_TASK, CHECK_TRUTHS, CHECK_SEEDS = "super_resolution", 64, tuple(range(6))
 
 
 def command_line() -> str:
-    return "scripts/python.sh -m comfyui_nested_diffusion.bench.inverse_fid " + shlex.join(sys.argv[1:])
+    import os
+
+    engine = f"NESTED_ENGINE={os.environ['NESTED_ENGINE']} " if os.environ.get("NESTED_ENGINE") else ""
+    return engine + "scripts/python.sh -m comfyui_nested_diffusion.bench.inverse_fid " + shlex.join(sys.argv[1:])
 
 
 def boundaries() -> list[int]:
@@ -254,7 +258,15 @@ def check_scores(model, cond, seed: int, count: int = CHECK_TRUTHS, task: str = 
             "psnr_first": inverse.psnr(previews[0], truth), "psnr_final": inverse.psnr(previews[-1], truth)}
 
 
+def comfy_version() -> str:
+    import comfyui_version
+
+    return comfyui_version.__version__
+
+
 def check(out: Path | None) -> dict:
+    """The check on this ComfyUI, saved under its version in ``out`` (the other engines' entries are kept: their
+    samplers differ enough to move the first image's PSNR by about a dB)."""
     model, cond = digits_model()
     scores = [check_scores(model, cond, seed) for seed in CHECK_SEEDS]
     result = {"command": command_line(), "task": CHECK_TASK, "truths": CHECK_TRUTHS, "outer": OUTER, "inner": INNER,
@@ -265,7 +277,10 @@ def check(out: Path | None) -> dict:
         result["intervals"][key] = [round(float(values.mean() - 4 * values.std(ddof=1)), 4),
                                     round(float(values.mean() + 4 * values.std(ddof=1)), 4)]
     if out:
-        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        saved = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
+        engines = saved.get("engines", {})
+        engines[comfy_version()] = result
+        out.write_text(json.dumps({"engines": engines}, indent=1) + "\n", encoding="utf-8")
     return result
 
 

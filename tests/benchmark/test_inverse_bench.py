@@ -39,8 +39,8 @@ def test_interval_is_a_t_interval_over_seeds(inverse_bench):
 
 # ---------------------------------------------------------------------------------------------- FID per boundary
 # bench/inverse_fid.py: the saved figures (bench/results/inverse_fid.json) mean what docs/inverse_problems.md says,
-# and a small run re-done here lands where the saved check (bench/results/inverse_fid_check.json) puts a single run:
-# a broken projection, outer step or noise moves its PSNR and FID far outside.
+# and a small run re-done here lands where the saved check (bench/results/inverse_fid_check.json, one entry per
+# ComfyUI engine) puts a single run: a broken projection, outer step or noise moves its PSNR and FID far outside.
 FID_TASKS = {"super_resolution", "inpainting", "denoising"}
 
 
@@ -105,9 +105,13 @@ def test_bootstrap_ratios_see_a_worse_sampler(inverse_fid):
     assert data["fid"]["nested_10"]["value"] < 0.5 < data["fid"]["ksampler_final"]["value"]
 
 
+def test_saved_check_covers_both_engines():
+    assert {"0.3.75", "0.33.0"} <= set(saved_json("inverse_fid_check.json")["engines"])
+
+
 @pytest.fixture(scope="module")
-def saved_check():
-    return saved_json("inverse_fid_check.json")
+def saved_check(inverse_fid):
+    return saved_json("inverse_fid_check.json")["engines"][inverse_fid.comfy_version()]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ def check_scores(inverse_fid, saved_check):
 def test_saved_check_is_the_run_the_test_repeats(inverse_fid, saved_check):
     assert (saved_check["task"], saved_check["truths"]) == (inverse_fid.CHECK_TASK, inverse_fid.CHECK_TRUTHS)
     assert (saved_check["outer"], saved_check["inner"]) == (inverse_fid.OUTER, inverse_fid.INNER)
-    assert len(saved_check["by_seed"]) >= 5 and saved_check["command"].startswith("scripts/python.sh")
+    assert len(saved_check["by_seed"]) >= 5 and "scripts/python.sh -m" in saved_check["command"]
     for key, (low, high) in saved_check["intervals"].items():
         assert low < sum(s[key] for s in saved_check["by_seed"]) / len(saved_check["by_seed"]) < high, key
 
