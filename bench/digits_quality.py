@@ -429,7 +429,9 @@ def derived(fids: dict, accuracy: dict) -> dict:
 
 
 def mean_over(dicts: list[dict]) -> dict:
-    return {key: float(np.mean([d[key] for d in dicts])) for key in dicts[0]}
+    """The mean over seeds of every key all seeds have (a baseline run for some seeds only is left out)."""
+    shared = set(dicts[0]).intersection(*dicts[1:])
+    return {key: float(np.mean([d[key] for d in dicts])) for key in dicts[0] if key in shared}
 
 
 def accuracies(run: dict, rows=None) -> dict:
@@ -447,8 +449,9 @@ def kid_summary(seeds: list[dict], ref: np.ndarray, names, draws: int, rng) -> d
     scale = standardiser(ref)
     ref = scale(ref)
     kyy = kernel(ref, ref)
-    mats = [{name: (kernel(scale(run[name]), scale(run[name])), kernel(scale(run[name]), ref)) for name in names
-             if name in run} for run in seeds]
+    names = [name for name in names if all(name in run for run in seeds)]
+    mats = [{name: (kernel(scale(run[name]), scale(run[name])), kernel(scale(run[name]), ref)) for name in names}
+            for run in seeds]
     point = {name: 1000 * np.mean([kid_from_kernels(m[name][0], kyy, m[name][1]) for m in mats]) for name in mats[0]}
     samples = {name: [] for name in mats[0]}
     for _ in range(draws):

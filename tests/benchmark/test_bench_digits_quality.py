@@ -94,3 +94,8 @@ def test_interval_is_recentred_on_the_estimate_with_the_draws_width():
     draws = np.linspace(10.0, 14.0, 401)  # median 12, 2.5th / 97.5th percentiles 10.1 / 13.9
     low, high = dq.interval(5.0, draws)
     assert low == pytest.approx(5.0 - 1.9) and high == pytest.approx(5.0 + 1.9)
+
+
+def test_a_baseline_run_for_some_seeds_only_is_left_out_of_the_mean():
+    seeds = [{"nested_final": 10.0, "restart_final": 12.0}, {"nested_final": 14.0}]
+    assert dq.mean_over(seeds) == {"nested_final": 12.0}
