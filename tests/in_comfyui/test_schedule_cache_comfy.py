@@ -94,6 +94,23 @@ def test_cancel_stops_planning(pack, samplings):
         comfy.model_management.interrupt_current_processing(False)
 
 
+def test_cancel_stops_the_inner_cost_measurement_at_its_next_stand_in_call(pack, samplings):
+    """Measuring a solver's cost runs it on a stand-in, which honours a pending Cancel at its next call instead of
+    letting the measurement run on to its time limit."""
+    import comfy.model_management
+    import comfy.samplers
+    from comfyui_nested_diffusion.nodes.solver_cost import measure_inner_cost
+
+    solver = comfy.samplers.sampler_object("dpmpp_3m_sde").sampler_function
+    sigmas = torch.linspace(14.0, 0.0, 613)  # a schedule no earlier test has measured (nothing cached)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            measure_inner_cost(solver, sigmas, False, samplings["eps"])
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
+
 # (outer, inner, scheduler, denoise): inputs that search over thousands of schedule lengths.
 SLOW_BEFORE = [(50, 200, "normal", 1.0), (20, 2000, "normal", 1.0), (100, 1000, "normal", 1.0), (4, 250, "normal", 0.01),
                (100, 10000, "karras", 0.01), (1000, 1, "ddim_uniform", 0.5), (100, 100, "beta", 1.0),
