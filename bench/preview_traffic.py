@@ -66,10 +66,9 @@ def first_item_exemplar(client, prompt_id: str) -> str:
     """The exemplar the first saved image (batch item 0) is nearest to."""
     import numpy
     import torch
-    from PIL import Image
-
     from comfyui_nested_diffusion.demo_models.exemplar.exemplars import EXEMPLAR_NAMES, default_exemplars, manifold_distance
     from comfyui_nested_diffusion.tools.api_graphs import SAVE
+    from PIL import Image
 
     item = client.history(prompt_id)["outputs"][SAVE]["images"][0]
     pixels = numpy.asarray(Image.open(io.BytesIO(client.fetch_output(item))).convert("RGB"), dtype=numpy.float32)
@@ -225,10 +224,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/preview_traffic.json")
     args = parser.parse_args()
 
+    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import EXEMPLAR_NAMES
     from comfyui_nested_diffusion.tools.comfy_api_client import ComfyAPIClient, widget_defaults
     from comfyui_nested_diffusion.tools.comfy_server import ComfyServer
-
-    from comfyui_nested_diffusion.demo_models.exemplar.exemplars import EXEMPLAR_NAMES
 
     rows = []
     with ComfyServer(env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}) as server:

@@ -77,12 +77,11 @@ def test_the_spread_of_wide_data_is_ksamplers(pack, prediction, shift):
 
 
 def test_path_with_update_seconds_or_connected_sigmas_is_a_clear_error(pack):
-    from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
-    from comfyui_nested_diffusion.bench.spread import gaussian_latent, gaussian_model
-    from comfyui_nested_diffusion.nodes.nested_sampler import NestedSampler
-
     import comfy.sample
     import comfy.samplers
+    from comfyui_nested_diffusion.bench.spread import gaussian_latent, gaussian_model
+    from comfyui_nested_diffusion.demo_models.exemplar.nodes import empty_conditioning
+    from comfyui_nested_diffusion.nodes.nested_sampler import NestedSampler
 
     model, cond = gaussian_model("eps", 1.0), empty_conditioning()
     with pytest.raises(NestedDiffusionError, match="outer_step path .* update_seconds"):
