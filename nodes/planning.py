@@ -287,13 +287,13 @@ def plan_nested_run(model_sampling: Any, spec: InnerSolverSpec, outer_steps: int
     inner_fn = schedule_function(model_sampling, spec.scheduler, spec.sampler_name)
     if path:
         outer_sigmas, inner_sigmas = path_schedules(inner_fn, steps, denoise)
-    elif outer_sigmas is None:
-        start = denoise_start_sigma(inner_fn, sum(steps), denoise, f"scheduler '{spec.scheduler}' for this model "
-                                    f"({outer_steps} outer_steps x {spec.steps_input})")
-        if start is None and outer_steps == 1:  # exactly KSampler with the inner steps
-            start = float(inner_fn(steps[0])[0])
-        outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
-    if not path:
+    else:
+        if outer_sigmas is None:
+            start = denoise_start_sigma(inner_fn, sum(steps), denoise, f"scheduler '{spec.scheduler}' for this model "
+                                        f"({outer_steps} outer_steps x {spec.steps_input})")
+            if start is None and outer_steps == 1:  # exactly KSampler with the inner steps
+                start = float(inner_fn(steps[0])[0])
+            outer_sigmas = build_outer_sigmas(model_sampling, outer_scheduler, outer_steps, start)
         inner_sigmas = build_inner_sigmas(inner_fn, spec, steps, outer_sigmas)
     solver, inpaint_options = inner_solver_function(spec)
     flow = is_flow_model(model_sampling)
